@@ -1,0 +1,5 @@
+import sys
+
+from churnlib.cli import main
+
+sys.exit(main())

@@ -1,0 +1,169 @@
+"""The ``churn`` command: thin shells over the library.
+
+Human output goes to stderr; ``--json`` prints one JSON object on stdout.
+Errors a user can cause end in ``error: <one line>`` and the error's exit code
+(2 for usage, config and input errors; 1 for runtime failures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from typing import Any, Callable, Sequence
+
+from churnlib.errors import ChurnError
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit 2 like every other user error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {self.prog}: {message}\n")
+
+
+def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
+    if config:
+        p.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML merged over the default (repeatable)")
+        p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override one key, e.g. xgboost.max_depth=8")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--verbose", action="store_true", help="show Ray's logs and full tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="churn", description="Churn prediction on Ray and MLflow")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p_data = sub.add_parser("data", help="generate or validate a churn table")
+    data_sub = p_data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    p_gen = data_sub.add_parser("generate", help="write a deterministic synthetic churn table")
+    p_gen.add_argument("--rows", type=int, required=True)
+    p_gen.add_argument("--out", required=True, help="output .csv or .parquet")
+    p_gen.add_argument("--seed", type=int, default=7)
+    _common(p_gen, config=False)
+    p_gen.set_defaults(func=cmd_data_generate)
+
+    p_val = data_sub.add_parser("validate", help="check a table against the configured schema")
+    p_val.add_argument("path", help="CSV or Parquet file or folder, local or s3://")
+    p_val.add_argument("--no-target", action="store_true", help="the table has no target column (scoring input)")
+    _common(p_val)
+    p_val.set_defaults(func=cmd_data_validate)
+
+    p_train = sub.add_parser("train", help="train XGBoost on Ray Train and log it to MLflow")
+    p_train.add_argument("--data", help="CSV or Parquet file or folder, local or s3:// (default: generated)")
+    p_train.add_argument("--run-name")
+    _common(p_train)
+    p_train.set_defaults(func=cmd_train)
+
+    p_cfg = sub.add_parser("config", help="print the resolved configuration")
+    _common(p_cfg)
+    p_cfg.set_defaults(func=cmd_config)
+    return parser
+
+
+def _load(args: argparse.Namespace):
+    from churnlib.config import load_config
+
+    return load_config(args.config, args.sets)
+
+
+def _emit(args: argparse.Namespace, payload: dict[str, Any], human: Callable[[], None]) -> None:
+    if args.json:
+        print(json.dumps(payload, default=str), flush=True)
+    else:
+        human()
+
+
+def cmd_data_generate(args: argparse.Namespace) -> int:
+    from churnlib.generate import generate
+
+    path = generate(args.rows, args.out, seed=args.seed)
+    _emit(args, {"path": str(path), "rows": args.rows, "seed": args.seed}, lambda: _say(f"wrote {args.rows} rows to {path}"))
+    return 0
+
+
+def cmd_data_validate(args: argparse.Namespace) -> int:
+    from churnlib import data as data_mod
+    from churnlib.features import FeatureSpec
+    from churnlib.runtime import ensure_ray
+
+    cfg = _load(args)
+    spec = FeatureSpec.from_config(cfg.features)
+    source = data_mod.resolve_source(args.path)
+    columns = data_mod.check_columns(source, spec, need_target=not args.no_target)
+    ensure_ray(cfg.ray, verbose=args.verbose)
+    report = data_mod.validate(source, spec, columns, with_target=not args.no_target)
+    payload = {"path": source.uri, "format": source.format, "files": len(source.files), "digest": source.digest, "valid": True, **report.to_dict()}
+
+    def human() -> None:
+        missing = {c: n for c, n in report.missing.items() if n}
+        _say(f"{source.uri}: valid ({source.format}, {len(source.files)} file(s), digest {source.digest})")
+        _say(f"  rows {report.rows}, empty rows (dropped at training) {report.empty_rows}, usable {report.usable_rows}")
+        if not args.no_target:
+            _say(f"  churn {report.positives}, no churn {report.negatives} (rate {report.positives / max(report.usable_rows, 1):.3f})")
+        _say("  missing values: " + (", ".join(f"{c} {n}" for c, n in missing.items()) if missing else "none"))
+
+    _emit(args, payload, human)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from churnlib.training import train
+
+    cfg = _load(args)
+    result = train(cfg, data_path=args.data, run_name=args.run_name, verbose=args.verbose, say=_say)
+
+    def human() -> None:
+        m = result.metrics
+        _say(
+            f"done: best iteration {result.best_iteration + 1} of {result.num_boosted_rounds}, "
+            f"{result.rows['train']} train / {result.rows['valid']} validation rows, {result.timings['total_s']:.1f} s"
+        )
+        _say(f"  model: {result.model_uri}")
+        # The two lines a user (or a script) looks for, on stdout.
+        print(f"run_id: {result.run_id}")
+        print(f"validation_auc: {m.get('best_valid_auc', float('nan')):.4f}")
+
+    _emit(args, result.to_dict(), human)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from churnlib.config import config_to_yaml
+
+    cfg = _load(args)
+    if args.json:
+        print(json.dumps(cfg.model_dump(mode="json")))
+    else:
+        sys.stdout.write(config_to_yaml(cfg))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ChurnError as exc:
+        if getattr(args, "verbose", False):
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr, flush=True)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - last resort: still one line unless --verbose
+        if getattr(args, "verbose", False):
+            traceback.print_exc()
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        print(f"error: unexpected {type(exc).__name__}: {lines[-1] if lines else ''} (run with --verbose for details)", file=sys.stderr, flush=True)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

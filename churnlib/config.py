@@ -1,0 +1,413 @@
+"""Configuration: the packaged YAML default, a user's file, environment, ``--set``.
+
+``load_config`` merges them in that order and validates the result into typed
+objects. Every problem (unknown key, bad type, impossible value) is a
+``ConfigError`` whose one-line message names the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from churnlib.errors import ConfigError
+
+# Metrics the evaluator computes; a gate on any other name is a config error.
+EVAL_METRICS_HIGHER_IS_BETTER = ("roc_auc", "pr_auc", "accuracy", "precision", "recall", "f1")
+EVAL_METRICS_LOWER_IS_BETTER = ("log_loss", "brier_score")
+EVAL_METRICS = EVAL_METRICS_HIGHER_IS_BETTER + EVAL_METRICS_LOWER_IS_BETTER
+
+XGB_EVAL_METRICS = ("auc", "aucpr", "logloss", "error", "map")
+XGB_MAXIMIZE = ("auc", "aucpr", "map")
+
+# Environment variable -> config key. Applied after the files, before --set.
+ENV_OVERRIDES = {
+    "MLFLOW_TRACKING_URI": "mlflow.tracking_uri",
+    "MLFLOW_REGISTRY_URI": "mlflow.registry_uri",
+    "MLFLOW_EXPERIMENT_NAME": "mlflow.experiment_name",
+    "MLFLOW_S3_ENDPOINT_URL": "mlflow.s3_endpoint_url",
+    "RAY_ADDRESS": "ray.address",
+    "CHURN_WORKSPACE": "workspace",
+}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class MlflowConfig(_Section):
+    tracking_uri: str | None = None
+    registry_uri: str | None = None
+    experiment_name: str = Field(min_length=1)
+    artifact_location: str | None = None
+    s3_endpoint_url: str | None = None
+    tags: dict[str, str] = {}
+
+
+class ModelConfig(_Section):
+    name: str = Field(min_length=1)
+    registered_name: str = Field(min_length=1)
+    validation_split: float = Field(gt=0.0, lt=1.0)
+    random_state: int = Field(ge=0)
+    decision_threshold: float = Field(gt=0.0, lt=1.0)
+
+
+class XGBoostConfig(_Section):
+    booster: Literal["gbtree", "dart"]
+    device: Literal["auto", "cpu", "cuda"]
+    tree_method: Literal["hist", "approx"]
+    max_depth: int = Field(ge=0, le=64)
+    eta: float = Field(gt=0.0, le=1.0)
+    objective: Literal["binary:logistic"]
+    eval_metric: list[str] = Field(min_length=1)
+    num_boost_round: int = Field(ge=1)
+    early_stopping_rounds: int = Field(ge=0)
+    early_stopping_metric: str
+    subsample: float = Field(gt=0.0, le=1.0)
+    colsample_bytree: float = Field(gt=0.0, le=1.0)
+    min_child_weight: float = Field(ge=0.0)
+    gamma: float = Field(ge=0.0)
+    reg_alpha: float = Field(ge=0.0)
+    reg_lambda: float = Field(ge=0.0)
+    max_bin: int = Field(ge=2)
+    seed: int = Field(ge=0)
+    nthread: int | None = Field(default=None, ge=1)
+
+    @field_validator("eval_metric")
+    @classmethod
+    def _known_metrics(cls, value: list[str]) -> list[str]:
+        for metric in value:
+            base = metric.split("@", 1)[0]
+            if base not in XGB_EVAL_METRICS:
+                raise ValueError(f"unknown metric {metric!r} (known: {', '.join(XGB_EVAL_METRICS)}, error@t)")
+            if "@" in metric:
+                try:
+                    float(metric.split("@", 1)[1])
+                except ValueError:
+                    raise ValueError(f"bad metric threshold in {metric!r}") from None
+        if len(set(value)) != len(value):
+            raise ValueError("metrics repeat")
+        return value
+
+    @model_validator(mode="after")
+    def _stopping_metric_is_evaluated(self) -> "XGBoostConfig":
+        if self.early_stopping_metric not in self.eval_metric:
+            raise ValueError(
+                f"early_stopping_metric {self.early_stopping_metric!r} is not in eval_metric {self.eval_metric}"
+            )
+        return self
+
+
+class TrainingConfig(_Section):
+    checkpoint_every: int = Field(ge=0)
+    max_failures: int = Field(ge=-1)
+    storage_path: str | None = None
+    batch_size: int = Field(ge=1)
+    materialize: bool
+    progress_interval_s: float = Field(ge=0.0)
+
+
+class DataConfig(_Section):
+    path: str | None = None
+    generate_rows: int = Field(ge=10)
+    generate_seed: int = Field(ge=0)
+
+
+class RayConfig(_Section):
+    address: str | None = None
+    num_workers: int = Field(ge=1)
+    cpus_per_worker: float = Field(gt=0.0)
+    use_gpu: bool
+    controller_poll_interval_s: float = Field(gt=0.0, le=60.0)
+    resources_timeout_s: float = Field(ge=0.0)
+
+
+class ShapConfig(_Section):
+    enabled: bool
+    explainer_type: Literal["tree", "exact", "tree_explainer"]
+    max_samples: int = Field(ge=1)
+    background_samples: int = Field(ge=1)
+    top_customers: int = Field(ge=0)
+
+
+class EvaluationConfig(_Section):
+    shap: ShapConfig
+    thresholds: dict[str, float] = {}
+    require_improvement: bool = False
+
+    @field_validator("thresholds")
+    @classmethod
+    def _known_gate_metrics(cls, value: dict[str, float]) -> dict[str, float]:
+        for name in value:
+            if name not in EVAL_METRICS:
+                raise ValueError(f"no metric named {name!r} is computed (known: {', '.join(EVAL_METRICS)})")
+        return value
+
+
+class TargetConfig(_Section):
+    column: str = Field(min_length=1)
+    positive: str | int | bool
+    negative: str | int | bool
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "TargetConfig":
+        if str(self.positive).strip().lower() == str(self.negative).strip().lower():
+            raise ValueError("positive and negative target values are the same")
+        return self
+
+
+class FeaturesConfig(_Section):
+    id_column: str | None = None
+    target: TargetConfig
+    numeric: list[str] = []
+    categorical: dict[str, list[str]] = {}
+
+    @field_validator("categorical")
+    @classmethod
+    def _levels(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for column, levels in value.items():
+            if not levels:
+                raise ValueError(f"categorical feature {column!r} has no levels")
+            if len(set(levels)) != len(levels):
+                raise ValueError(f"categorical feature {column!r} repeats a level")
+            if any(not str(level).strip() for level in levels):
+                raise ValueError(f"categorical feature {column!r} has an empty level")
+        return value
+
+    @model_validator(mode="after")
+    def _columns(self) -> "FeaturesConfig":
+        names = list(self.numeric) + list(self.categorical)
+        if not names:
+            raise ValueError("no features: give numeric and/or categorical columns")
+        seen: set[str] = set()
+        for name in names:
+            if name in seen:
+                raise ValueError(f"column {name!r} is listed twice")
+            seen.add(name)
+        for special in (self.target.column, self.id_column):
+            if special and special in seen:
+                raise ValueError(f"column {special!r} is both a feature and the target/id column")
+        if self.id_column and self.id_column == self.target.column:
+            raise ValueError("id_column and target column are the same")
+        return self
+
+
+class Config(_Section):
+    workspace: str
+    mlflow: MlflowConfig
+    model: ModelConfig
+    xgboost: XGBoostConfig
+    training: TrainingConfig
+    data: DataConfig
+    ray: RayConfig
+    evaluation: EvaluationConfig
+    features: FeaturesConfig
+
+    @model_validator(mode="after")
+    def _device(self) -> "Config":
+        if self.xgboost.device == "cuda" and not self.ray.use_gpu:
+            raise ValueError("xgboost.device is cuda but ray.use_gpu is false: workers would get no GPU")
+        if self.ray.use_gpu and self.xgboost.tree_method != "hist":
+            raise ValueError("ray.use_gpu needs xgboost.tree_method hist")
+        return self
+
+    # Derived values -------------------------------------------------------
+
+    @property
+    def workspace_path(self) -> Path:
+        return Path(self.workspace).expanduser().resolve()
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow.tracking_uri or f"sqlite:///{self.workspace_path / 'mlflow.db'}"
+
+    @property
+    def registry_uri(self) -> str:
+        return self.mlflow.registry_uri or self.tracking_uri
+
+    @property
+    def artifact_location(self) -> str | None:
+        if self.mlflow.artifact_location:
+            return self.mlflow.artifact_location
+        if self.mlflow.tracking_uri is None:
+            return (self.workspace_path / "artifacts").as_uri()
+        return None
+
+    @property
+    def storage_path(self) -> str:
+        return self.training.storage_path or str(self.workspace_path / "ray_results")
+
+    @property
+    def xgb_device(self) -> str:
+        """The XGBoost device the workers use: cuda exactly when they get GPUs."""
+        if self.xgboost.device == "auto":
+            return "cuda" if self.ray.use_gpu else "cpu"
+        return self.xgboost.device
+
+    @property
+    def xgb_nthread(self) -> int:
+        return self.xgboost.nthread or max(1, int(self.ray.cpus_per_worker))
+
+    def xgb_params(self) -> dict[str, Any]:
+        """Parameters for ``xgboost.train`` (everything but rounds and early stopping)."""
+        x = self.xgboost
+        return {
+            "booster": x.booster,
+            "device": self.xgb_device,
+            "tree_method": x.tree_method,
+            "max_depth": x.max_depth,
+            "eta": x.eta,
+            "objective": x.objective,
+            "eval_metric": list(x.eval_metric),
+            "subsample": x.subsample,
+            "colsample_bytree": x.colsample_bytree,
+            "min_child_weight": x.min_child_weight,
+            "gamma": x.gamma,
+            "reg_alpha": x.reg_alpha,
+            "reg_lambda": x.reg_lambda,
+            "max_bin": x.max_bin,
+            "seed": x.seed,
+            "nthread": self.xgb_nthread,
+        }
+
+    def flat(self) -> dict[str, Any]:
+        """Every resolved value under its dotted key (for MLflow params)."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict) and value and prefix not in _LEAF_MAPPINGS:
+                for key, sub in value.items():
+                    walk(f"{prefix}.{key}" if prefix else str(key), sub)
+            else:
+                out[prefix] = value
+
+        walk("", self.model_dump(mode="json"))
+        return out
+
+
+# Mappings that are values in their own right (logged whole, not key by key).
+_LEAF_MAPPINGS = {"features.categorical"}
+# Mappings a user's file replaces whole instead of merging into: another
+# table's categorical columns, or a smaller set of gates, must not inherit ours.
+_REPLACED_MAPPINGS = {"categorical", "thresholds"}
+
+
+def default_config_text() -> str:
+    return resources.files("churnlib").joinpath("default_config.yaml").read_text(encoding="utf-8")
+
+
+def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict) and key not in _REPLACED_MAPPINGS:
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, origin: str) -> None:
+    parts = dotted.split(".")
+    if not all(parts):
+        raise ConfigError(f"{origin}: bad key {dotted!r}")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{origin}: {'.'.join(parts[: i + 1])} is not a section, cannot set {dotted}")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_set(item: str) -> tuple[str, Any]:
+    """``section.key=value`` -> (key, YAML-parsed value)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML") from None
+    return key, value
+
+
+def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"config file {p} is not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p}: top level must be a mapping of sections")
+    return data
+
+
+def _format_validation_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "config"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"config: unknown key {loc}"
+    if kind == "missing":
+        return f"config: missing key {loc}"
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    got = err.get("input")
+    shown = "" if isinstance(got, (dict, list)) or kind == "value_error" else f" (got {got!r})"
+    return f"config: {loc}: {msg}{shown}"
+
+
+def load_config(
+    config_files: Sequence[str | os.PathLike] | str | os.PathLike | None = None,
+    overrides: Sequence[str] | Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Merge default <- files <- environment <- overrides and validate.
+
+    ``overrides`` is a list of ``key=value`` strings (as given to ``--set``) or a
+    mapping of dotted keys to values.
+    """
+    tree = yaml.safe_load(default_config_text())
+    if config_files is None:
+        files: list[str | os.PathLike] = []
+    elif isinstance(config_files, (str, os.PathLike)):
+        files = [config_files]
+    else:
+        files = list(config_files)
+    for path in files:
+        tree = _deep_merge(tree, _read_yaml(path))
+
+    environ = os.environ if env is None else env
+    for var, key in ENV_OVERRIDES.items():
+        value = environ.get(var)
+        if value:
+            _set_dotted(tree, key, value, f"environment {var}")
+
+    if overrides:
+        items = overrides.items() if isinstance(overrides, Mapping) else (parse_set(o) for o in overrides)
+        for key, value in items:
+            _set_dotted(tree, key, value, f"--set {key}")
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from None
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,123 @@
+"""The logged model: an MLflow pyfunc that takes RAW customer records.
+
+``predict(df)`` on a DataFrame with the original column names and category
+strings returns a DataFrame (same index) with
+
+- ``churn_probability``: P(churn = 1), float
+- ``churn_label``: 1 when the probability is at or above the model's decision
+  threshold, else 0
+
+The booster (only the trees up to the best iteration), the feature spec and
+the threshold are stored in the model's ``model_dir`` artifact, so the booster
+also loads on its own: ``xgboost.Booster(model_file=<model_dir>/booster.ubj)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+
+from churnlib.features import FeatureSpec, to_matrix
+
+BOOSTER_FILE = "booster.ubj"
+SPEC_FILE = "feature_spec.json"
+META_FILE = "model_meta.json"
+OUTPUT_COLUMNS = ("churn_probability", "churn_label")
+
+
+def save_model_dir(path: str | os.PathLike, booster: Any, spec: FeatureSpec, meta: dict[str, Any]) -> Path:
+    """Write booster, feature spec and metadata (threshold, ...) into ``path``."""
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    booster.save_model(str(out / BOOSTER_FILE))
+    (out / SPEC_FILE).write_text(spec.to_json(), encoding="utf-8")
+    (out / META_FILE).write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
+    return out
+
+
+class ChurnPredictor:
+    """Booster + feature spec + threshold; scores raw records. Used by the pyfunc and by serving."""
+
+    def __init__(self, booster: Any, spec: FeatureSpec, threshold: float, meta: dict[str, Any] | None = None):
+        self.booster = booster
+        self.spec = spec
+        self.threshold = float(threshold)
+        self.meta = meta or {}
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike) -> "ChurnPredictor":
+        import xgboost as xgb
+
+        d = Path(path)
+        booster = xgb.Booster(model_file=str(d / BOOSTER_FILE))
+        # Scoring runs in the caller's process; one thread per call keeps
+        # several concurrent callers (actors, replicas) from oversubscribing.
+        booster.set_param({"nthread": int(os.environ.get("CHURN_PREDICT_NTHREAD", "1"))})
+        spec = FeatureSpec.from_json((d / SPEC_FILE).read_text(encoding="utf-8"))
+        meta = json.loads((d / META_FILE).read_text(encoding="utf-8"))
+        return cls(booster, spec, meta["decision_threshold"], meta)
+
+    def predict_proba(self, records: Any) -> np.ndarray:
+        X = to_matrix(records, self.spec)
+        if len(X) == 0:
+            return np.empty(0, dtype=np.float32)
+        return self.booster.inplace_predict(X)
+
+    def predict(self, records: Any) -> pd.DataFrame:
+        proba = self.predict_proba(records)
+        index = records.index if isinstance(records, pd.DataFrame) else None
+        return pd.DataFrame(
+            {
+                "churn_probability": proba.astype(np.float64),
+                "churn_label": (proba >= self.threshold).astype(np.int64),
+            },
+            index=index,
+        )
+
+
+class ChurnModel(mlflow.pyfunc.PythonModel):
+    """MLflow pyfunc wrapper around ``ChurnPredictor``."""
+
+    def load_context(self, context: Any) -> None:
+        self._predictor = ChurnPredictor.from_dir(context.artifacts["model_dir"])
+
+    @property
+    def predictor(self) -> ChurnPredictor:
+        return self._predictor
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        return self._predictor.predict(model_input)
+
+
+def signature_for(spec: FeatureSpec):
+    """Input schema: every feature column required; categorical ones are strings.
+
+    Numeric columns are typed ``Any``: MLflow's enforcement refuses int64 where
+    it expects double, and real tables carry integer ages and tenures. Their
+    values are checked by ``to_matrix`` (numbers, numeric strings or empty).
+    """
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+    from mlflow.types.schema import AnyType
+
+    inputs = [ColSpec(AnyType(), c) for c in spec.numeric] + [
+        ColSpec("string", c) for c in spec.categorical_columns
+    ]
+    outputs = [ColSpec("double", "churn_probability"), ColSpec("long", "churn_label")]
+    return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
+
+
+def input_example(raw: pd.DataFrame, spec: FeatureSpec, rows: int = 3) -> pd.DataFrame:
+    """A few raw records, typed as the signature says."""
+    ex = raw[spec.input_columns].head(rows).copy()
+    for c in spec.numeric:
+        ex[c] = pd.to_numeric(ex[c], errors="coerce").astype("float64")
+    for c in spec.categorical_columns:
+        ex[c] = ex[c].astype(object)
+    return ex.reset_index(drop=True)

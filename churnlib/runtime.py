@@ -1,0 +1,102 @@
+"""Ray start-up, quiet by default, and resource checks that fail fast.
+
+Nothing here runs at import time: callers ask for Ray when they need it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from churnlib.errors import ResourceError
+
+_STARTED_HERE = False
+
+
+def quiet_logs(verbose: bool) -> None:
+    """Ray's and MLflow's chatter at warning level (or not at all) unless verbose."""
+    level = logging.INFO if verbose else logging.WARNING
+    for name in ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "mlflow"):
+        logging.getLogger(name).setLevel(level)
+    if not verbose:
+        # Said once per local start; the token stays on (see README).
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        # Ray Data's "progress bars disabled" notice, and MLflow's advice on
+        # pickled python models (ours is a class in an installed package).
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+        # A failed read is reported as one line by the caller; Ray Data would
+        # also log each failed task's traceback.
+        logging.getLogger("ray.data").setLevel(logging.CRITICAL)
+        logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        import warnings
+
+        warnings.filterwarnings("ignore", module="mlflow")
+
+
+def ensure_ray(ray_cfg: Any, verbose: bool = False) -> bool:
+    """Connect to ``ray.address`` (or RAY_ADDRESS), or start a local instance.
+
+    Returns True when this process started a local instance (whose resources
+    cannot grow, so a shortfall is an error at once rather than a wait).
+    """
+    global _STARTED_HERE
+    import ray
+
+    quiet_logs(verbose)
+    if ray.is_initialized():
+        return _STARTED_HERE
+    address = ray_cfg.address or os.environ.get("RAY_ADDRESS") or None
+    kwargs: dict[str, Any] = {
+        "logging_level": logging.INFO if verbose else logging.WARNING,
+        "log_to_driver": verbose,
+        "configure_logging": True,
+    }
+    if address:
+        ray.init(address=address, **kwargs)
+        _STARTED_HERE = False
+    else:
+        ray.init(include_dashboard=False, **kwargs)
+        _STARTED_HERE = True
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = verbose
+    ctx.print_on_execution_start = verbose
+    quiet_logs(verbose)  # ray.data configures its loggers on import
+    return _STARTED_HERE
+
+
+def check_resources(ray_cfg: Any, local: bool) -> None:
+    """Fail with one line when the cluster cannot place the training workers.
+
+    A local instance cannot grow, so a shortfall fails at once. On an existing
+    cluster an autoscaler may add nodes, so wait up to
+    ``ray.resources_timeout_s`` for them, then fail (never hang).
+    """
+    import ray
+
+    need_cpu = ray_cfg.num_workers * ray_cfg.cpus_per_worker
+    need_gpu = ray_cfg.num_workers if ray_cfg.use_gpu else 0
+    deadline = time.monotonic() + (0 if local else ray_cfg.resources_timeout_s)
+    while True:
+        total = ray.cluster_resources()
+        have_cpu, have_gpu = total.get("CPU", 0.0), total.get("GPU", 0.0)
+        if have_cpu >= need_cpu and have_gpu >= need_gpu:
+            return
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(1.0)
+    if have_gpu < need_gpu:
+        where = "this local Ray instance" if local else f"the cluster (waited {ray_cfg.resources_timeout_s:.0f} s)"
+        raise ResourceError(
+            f"ray.use_gpu asks for {need_gpu} GPU(s) ({ray_cfg.num_workers} workers x 1) but {where} has "
+            f"{have_gpu:g}; set ray.use_gpu=false or use a cluster with GPU workers"
+        )
+    raise ResourceError(
+        f"{ray_cfg.num_workers} workers x {ray_cfg.cpus_per_worker:g} CPU need {need_cpu:g} CPUs but the "
+        f"cluster has {have_cpu:g}; lower ray.num_workers or ray.cpus_per_worker"
+    )

@@ -1,0 +1,1 @@
+"""Entrypoints for `ray job submit`: each parses arguments, calls churnlib, prints a result line."""

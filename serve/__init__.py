@@ -1,0 +1,5 @@
+"""Ray Serve application for the champion model (see the serving issue).
+
+Serving scores raw records with `churnlib.model.ChurnPredictor`, the same
+feature function as training.
+"""

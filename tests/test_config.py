@@ -1,0 +1,147 @@
+"""Config: merging default <- file <- environment <- --set, and one-line errors naming the key."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from churnlib.config import load_config
+from churnlib.errors import ConfigError
+from tests.conftest import run_cli
+
+
+def write(tmp_path, text: str):
+    p = tmp_path / "user.yaml"
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def test_default_loads_with_documented_values():
+    cfg = load_config(env={})
+    assert cfg.model.registered_name == "xgboost_churn_model"
+    assert cfg.xgboost.eval_metric == ["auc", "logloss", "error@0.5"]
+    assert cfg.evaluation.thresholds == {"accuracy": 0.85, "roc_auc": 0.80}
+    assert cfg.features.numeric[0] == "Age"
+    assert list(cfg.features.categorical) == ["Gender", "Subscription Type", "Contract Length"]
+    assert cfg.tracking_uri.startswith("sqlite:///") and cfg.tracking_uri.endswith(".churn/mlflow.db")
+
+
+def test_user_file_merges_over_default(tmp_path):
+    f = write(
+        tmp_path,
+        """
+        xgboost:
+          max_depth: 3
+        mlflow:
+          tags: {team: retention}
+        """,
+    )
+    cfg = load_config([f], env={})
+    assert cfg.xgboost.max_depth == 3
+    assert cfg.xgboost.eta == 0.1  # untouched keys keep the default
+    assert cfg.mlflow.tags == {"project": "churn-prediction", "team": "retention"}
+
+
+def test_user_categorical_and_thresholds_replace_not_merge(tmp_path):
+    f = write(
+        tmp_path,
+        """
+        features:
+          numeric: [tenure]
+          categorical: {Contract: [Month-to-month, One year, Two year]}
+        evaluation:
+          thresholds: {roc_auc: 0.7}
+        """,
+    )
+    cfg = load_config([f], env={})
+    assert list(cfg.features.categorical) == ["Contract"]
+    assert cfg.evaluation.thresholds == {"roc_auc": 0.7}
+
+
+def test_precedence_default_file_env_set(tmp_path):
+    f = write(tmp_path, "mlflow:\n  tracking_uri: http://from-file:5000\n  experiment_name: from-file\n")
+    env = {"MLFLOW_TRACKING_URI": "http://from-env:5000"}
+    cfg = load_config([f], ["mlflow.tracking_uri=http://from-set:5000"], env=env)
+    assert cfg.tracking_uri == "http://from-set:5000"
+    cfg = load_config([f], env=env)
+    assert cfg.tracking_uri == "http://from-env:5000"
+    assert cfg.mlflow.experiment_name == "from-file"
+    assert cfg.registry_uri == "http://from-env:5000"  # follows tracking unless set
+    assert cfg.artifact_location is None  # a server decides where artifacts go
+
+
+def test_set_parses_yaml_scalars_and_lists():
+    cfg = load_config(
+        overrides=["xgboost.max_depth=8", "xgboost.eval_metric=[auc, logloss]", "ray.use_gpu=true", "xgboost.device=cuda"],
+        env={},
+    )
+    assert cfg.xgboost.max_depth == 8
+    assert cfg.xgboost.eval_metric == ["auc", "logloss"]
+    assert cfg.ray.use_gpu is True
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["xgboost.max_dept=8"], "unknown key xgboost.max_dept"),
+        (["nosuch.key=1"], "unknown key nosuch"),
+        (["xgboost.max_depth=deep"], "xgboost.max_depth"),
+        (["xgboost.eta=0"], "xgboost.eta"),
+        (["model.validation_split=1.5"], "model.validation_split"),
+        (["ray.num_workers=0"], "ray.num_workers"),
+        (["xgboost.eval_metric=[auc, rmse]"], "unknown metric 'rmse'"),
+        (["xgboost.early_stopping_metric=aucpr"], "early_stopping_metric"),
+        (["evaluation.thresholds={roc_auc: 0.8, acuracy: 0.9}"], "no metric named 'acuracy'"),
+        (["xgboost.device=cuda"], "ray.use_gpu is false"),
+        (["features.numeric=[Age, Age]"], "listed twice"),
+        (["features.numeric=[Churn]"], "both a feature and the target"),
+        (["features.categorical={Gender: []}"], "has no levels"),
+        (["xgboost.objective=reg:squarederror"], "xgboost.objective"),
+        (["xgboost.max_depth"], "expected section.key=value"),
+    ],
+)
+def test_bad_values_name_the_key(overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=overrides, env={})
+    message = str(err.value)
+    assert needle in message
+    assert "\n" not in message
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config([tmp_path / "nope.yaml"], env={})
+    bad = write(tmp_path, "xgboost: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config([bad], env={})
+    scalar = write(tmp_path, "just a string\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config([scalar], env={})
+
+
+def test_device_auto_follows_gpu_workers():
+    """GPU path (no GPU here): the mapping from config to XGBoost's device."""
+    cpu = load_config(env={})
+    assert cpu.xgb_device == "cpu" and cpu.xgb_params()["device"] == "cpu"
+    gpu = load_config(overrides=["ray.use_gpu=true"], env={})
+    assert gpu.xgb_device == "cuda" and gpu.xgb_params()["device"] == "cuda"
+    forced_cpu = load_config(overrides=["ray.use_gpu=true", "xgboost.device=cpu"], env={})
+    assert forced_cpu.xgb_device == "cpu"
+    assert cpu.xgb_params()["nthread"] == 1  # matches ray.cpus_per_worker
+
+
+def test_cli_config_error_is_one_line_exit_2(tmp_path):
+    res = run_cli("train", "--set", "xgboost.max_depth=deep", cwd=tmp_path)
+    assert res.returncode == 2
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert lines == [lines[0]] and lines[0].startswith("error: config: xgboost.max_depth")
+    assert "Traceback" not in res.stderr
+
+
+def test_cli_prints_resolved_config(tmp_path):
+    res = run_cli("config", "--set", "xgboost.max_depth=9", "--json", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    import json
+
+    assert json.loads(res.stdout)["xgboost"]["max_depth"] == 9
