@@ -144,9 +144,20 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_dotenv_file() -> None:
+    """Secrets and URIs from an ignored ./.env (variables already set win)."""
+    from pathlib import Path
+
+    if Path(".env").is_file():
+        from dotenv import load_dotenv
+
+        load_dotenv(".env", override=False)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    load_dotenv_file()
     try:
         return int(args.func(args) or 0)
     except ChurnError as exc:

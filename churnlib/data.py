@@ -193,7 +193,7 @@ def read_raw(source: Source, spec: FeatureSpec, columns: list[str], typed: bool 
     import ray.data
 
     if source.format == "parquet":
-        return ray.data.read_parquet(source.files, filesystem=source.filesystem, columns=columns)
+        return ray.data.read_parquet(source.files, filesystem=source.filesystem).select_columns(columns)
     import pyarrow.csv as pacsv
 
     types = {c: pa.string() for c in columns}

@@ -59,7 +59,9 @@ def ensure_ray(ray_cfg: Any, verbose: bool = False) -> bool:
         ray.init(address=address, **kwargs)
         _STARTED_HERE = False
     else:
-        ray.init(include_dashboard=False, **kwargs)
+        # "local" always starts a new instance; plain ray.init() would attach
+        # to any cluster `ray start` left recorded on this machine (even a dead one).
+        ray.init(address="local", include_dashboard=False, **kwargs)
         _STARTED_HERE = True
     import ray.data
 
@@ -70,7 +72,7 @@ def ensure_ray(ray_cfg: Any, verbose: bool = False) -> bool:
     return _STARTED_HERE
 
 
-def check_resources(ray_cfg: Any, local: bool) -> None:
+def check_resources(ray_cfg: Any, local: bool, streaming: bool = False) -> None:
     """Fail with one line when the cluster cannot place the training workers.
 
     A local instance cannot grow, so a shortfall fails at once. On an existing
@@ -80,12 +82,15 @@ def check_resources(ray_cfg: Any, local: bool) -> None:
     import ray
 
     need_cpu = ray_cfg.num_workers * ray_cfg.cpus_per_worker
+    # Streaming (training.materialize=false) reads while training: Ray Data's
+    # tasks need a CPU the workers do not hold, or both wait for ever.
+    data_cpu = 1.0 if streaming else 0.0
     need_gpu = ray_cfg.num_workers if ray_cfg.use_gpu else 0
     deadline = time.monotonic() + (0 if local else ray_cfg.resources_timeout_s)
     while True:
         total = ray.cluster_resources()
         have_cpu, have_gpu = total.get("CPU", 0.0), total.get("GPU", 0.0)
-        if have_cpu >= need_cpu and have_gpu >= need_gpu:
+        if have_cpu >= need_cpu + data_cpu and have_gpu >= need_gpu:
             return
         if time.monotonic() >= deadline:
             break
@@ -95,6 +100,12 @@ def check_resources(ray_cfg: Any, local: bool) -> None:
         raise ResourceError(
             f"ray.use_gpu asks for {need_gpu} GPU(s) ({ray_cfg.num_workers} workers x 1) but {where} has "
             f"{have_gpu:g}; set ray.use_gpu=false or use a cluster with GPU workers"
+        )
+    if have_cpu >= need_cpu:
+        raise ResourceError(
+            f"training.materialize=false streams the data while {ray_cfg.num_workers} workers x "
+            f"{ray_cfg.cpus_per_worker:g} CPU hold all {have_cpu:g} CPUs: Ray Data would get none and training "
+            f"would hang; set training.materialize=true or leave a CPU free (lower ray.cpus_per_worker)"
         )
     raise ResourceError(
         f"{ray_cfg.num_workers} workers x {ray_cfg.cpus_per_worker:g} CPU need {need_cpu:g} CPUs but the "

@@ -190,7 +190,8 @@ def _make_callback(config: dict[str, Any], state: dict[str, Any], rank: int, sin
             stop = bool(patience) and epoch - state["best_iteration"] >= patience
             state["stopped_early"] = stop
             now = time.perf_counter()
-            if rank == 0 and sink is not None and (stop or now - self.last_progress >= interval):
+            last = stop or epoch + 1 >= config["num_boost_round"]
+            if rank == 0 and sink is not None and (last or now - self.last_progress >= interval):
                 self.last_progress = now
                 sink.push.remote(
                     {
@@ -485,7 +486,7 @@ def train(
     columns = data_mod.check_columns(source, spec)
 
     local = ensure_ray(cfg.ray, verbose=verbose)
-    check_resources(cfg.ray, local)
+    check_resources(cfg.ray, local, streaming=not cfg.training.materialize)
     timings["ray_start_s"] = time.perf_counter() - t_start
 
     tags = {"churn.command": "train", "ray_version": _version("ray"), "xgboost_version": _version("xgboost")}

@@ -145,3 +145,14 @@ def test_cli_prints_resolved_config(tmp_path):
     import json
 
     assert json.loads(res.stdout)["xgboost"]["max_depth"] == 9
+
+
+def test_cli_reads_an_ignored_dotenv_but_the_environment_wins(tmp_path):
+    import json
+
+    (tmp_path / ".env").write_text("MLFLOW_EXPERIMENT_NAME=from-dotenv\nMLFLOW_TRACKING_URI=http://dotenv:5000\n")
+    res = run_cli("config", "--json", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": "http://env:5000"})
+    assert res.returncode == 0, res.stderr
+    cfg = json.loads(res.stdout)
+    assert cfg["mlflow"]["experiment_name"] == "from-dotenv"
+    assert cfg["mlflow"]["tracking_uri"] == "http://env:5000"

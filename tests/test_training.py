@@ -1,0 +1,218 @@
+"""Real training: 2 Ray Train workers, a real MLflow store, the logged pyfunc on raw records."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import xgboost as xgb
+from mlflow import MlflowClient
+
+from churnlib.errors import DataError, ResourceError
+from churnlib.features import FeatureSpec, to_matrix
+from churnlib.generate import generate, iter_chunks
+from churnlib.training import train
+from tests.conftest import KAGGLE_TEST, make_config, run_cli
+
+
+@pytest.fixture(scope="module")
+def trained(ray_session, tmp_path_factory):
+    ws = tmp_path_factory.mktemp("train")
+    cfg = make_config(ws)
+    messages: list[dict] = []
+    result = train(cfg, run_name="unit-train", say=lambda m: None, on_progress=messages.append)
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    return cfg, result, messages
+
+
+def test_run_is_finished_with_every_resolved_config_value_as_param(trained):
+    cfg, result, _ = trained
+    run = MlflowClient().get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "unit-train"
+    params = run.data.params
+    flat = cfg.flat()
+    assert set(flat) <= set(params)
+    assert params["xgboost.max_depth"] == "4" and params["ray.num_workers"] == "2"
+    assert json.loads(params["features.categorical"])["Contract Length"] == ["Monthly", "Quarterly", "Annual"]
+    assert run.data.tags["ray_version"] and run.data.tags["xgboost_version"] == xgb.__version__
+    assert run.data.tags["data.digest"] == result.data_digest
+
+
+def test_metric_history_has_one_point_per_iteration(trained):
+    _, result, _ = trained
+    client = MlflowClient()
+    n = result.num_boosted_rounds
+    for key in ("valid_auc", "valid_logloss", "valid_error", "train_auc"):
+        history = client.get_metric_history(result.run_id, key)
+        assert sorted(m.step for m in history) == list(range(n)), key
+    aucs = {m.step: m.value for m in client.get_metric_history(result.run_id, "valid_auc")}
+    best = result.best_iteration
+    assert aucs[best] == max(aucs.values())
+    metrics = client.get_run(result.run_id).data.metrics
+    assert metrics["best_valid_auc"] == pytest.approx(aucs[best])
+    assert metrics["best_iteration"] == best
+    assert metrics["train_rows"] + metrics["valid_rows"] == 4000 and metrics["dropped_empty_rows"] == 0
+    assert 0.8 < result.metrics["best_valid_auc"] <= 1.0
+
+
+def test_early_stopping_keeps_trees_up_to_the_best_iteration(trained):
+    cfg, result, _ = trained
+    client = MlflowClient()
+    path = client.download_artifacts(result.run_id, "booster/booster.ubj")
+    booster = xgb.Booster(model_file=path)
+    assert booster.num_boosted_rounds() == result.best_iteration + 1
+    stopped = client.get_run(result.run_id).data.metrics["stopped_early"] == 1.0
+    if stopped:
+        assert result.num_boosted_rounds == result.best_iteration + 1 + cfg.xgboost.early_stopping_rounds
+    else:
+        assert result.num_boosted_rounds == cfg.xgboost.num_boost_round
+
+
+def test_artifacts_importance_config_report_and_dataset(trained):
+    cfg, result, _ = trained
+    client = MlflowClient()
+    names = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"feature_importance.json", "feature_importance.png", "config", "data", "booster"} <= names
+    imp = json.loads(Path(client.download_artifacts(result.run_id, "feature_importance.json")).read_text())
+    spec = FeatureSpec.from_config(cfg.features)
+    assert set(imp) == {"gain", "weight", "cover"} and set(imp["gain"]) == set(spec.feature_names)
+    assert max(imp["gain"], key=imp["gain"].get) in ("Support Calls", "Contract Length", "Payment Delay", "Age")
+    resolved = Path(client.download_artifacts(result.run_id, "config/resolved_config.yaml")).read_text()
+    assert "max_depth: 4" in resolved
+    report = json.loads(Path(client.download_artifacts(result.run_id, "data/validation_report.json")).read_text())
+    assert report["rows"] == 4000
+    inputs = client.get_run(result.run_id).inputs.dataset_inputs
+    assert inputs and inputs[0].dataset.digest == result.data_digest
+    assert inputs[0].tags[0].value == "training"
+
+
+def test_pyfunc_predicts_on_raw_records(trained):
+    cfg, result, _ = trained
+    model = mlflow.pyfunc.load_model(result.model_uri)
+    raw = next(iter_chunks(50, seed=99, chunk_rows=50))  # ints, strings, an id and the target column
+    out = model.predict(raw)
+    assert list(out.columns) == ["churn_probability", "churn_label"] and len(out) == 50
+    assert out["churn_probability"].between(0, 1).all()
+    assert (out["churn_label"] == (out["churn_probability"] >= cfg.model.decision_threshold)).all()
+    # the same numbers as the booster alone on the same feature function
+    booster = xgb.Booster(model_file=MlflowClient().download_artifacts(result.run_id, "booster/booster.ubj"))
+    spec = FeatureSpec.from_config(cfg.features)
+    np.testing.assert_allclose(out["churn_probability"], booster.inplace_predict(to_matrix(raw, spec)), rtol=1e-6)
+    # missing values are fine; an unknown category is a clear error
+    holes = raw.head(3).astype(object)
+    holes.loc[0, "Age"] = None
+    assert model.predict(holes)["churn_probability"].notna().all()
+    bad = raw.head(3).copy()
+    bad.loc[1, "Gender"] = "Unknown"
+    with pytest.raises(Exception, match="unknown category"):
+        model.predict(bad)
+
+
+def test_pyfunc_on_the_real_kaggle_rows(trained):
+    _, result, _ = trained
+    if not KAGGLE_TEST.exists():
+        pytest.skip("shared dataset not present")
+    df = pd.read_csv(KAGGLE_TEST, nrows=200)
+    out = mlflow.pyfunc.load_model(result.model_uri).predict(df)
+    assert len(out) == 200 and out["churn_probability"].between(0, 1).all()
+
+
+def test_progress_reaches_the_driver(trained):
+    _, result, messages = trained
+    rounds = [m for m in messages if m["kind"] == "round"]
+    assert rounds and rounds[-1]["iteration"] == result.num_boosted_rounds - 1
+    assert all("valid-auc" in m["metrics"] for m in rounds)
+    checkpoints = [m["iteration"] for m in messages if m["kind"] == "checkpoint"]
+    assert checkpoints == [i for i in (9, 19, 29) if i < result.num_boosted_rounds - 1]
+
+
+def test_bad_data_marks_the_run_failed(ray_session, cfg_factory, workspace):
+    path = workspace / "bad.csv"
+    df = next(iter_chunks(300, seed=2, chunk_rows=300)).astype(object)
+    df.loc[5, "Churn"] = "maybe"
+    df.to_csv(path, index=False)
+    cfg = cfg_factory()
+    with pytest.raises(DataError, match="neither 1 nor 0"):
+        train(cfg, data_path=str(path), say=lambda m: None)
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    runs = mlflow.search_runs(experiment_names=[cfg.mlflow.experiment_name])
+    assert len(runs) == 1 and runs.iloc[0]["status"] == "FAILED"
+    assert "neither 1 nor 0" in runs.iloc[0]["tags.error"]
+
+
+def test_gpus_on_a_cluster_without_them_fail_at_once(ray_session, cfg_factory):
+    """ray.use_gpu on this GPU-less instance: a clear error, no hang, no run left behind."""
+    cfg = cfg_factory(ray__use_gpu=True, ray__resources_timeout_s=0)
+    with pytest.raises(ResourceError, match=r"ray.use_gpu asks for 2 GPU\(s\).*has 0"):
+        train(cfg, say=lambda m: None)
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    exp = mlflow.get_experiment_by_name(cfg.mlflow.experiment_name)
+    assert exp is None or mlflow.search_runs([exp.experiment_id]).empty
+
+
+def test_too_many_workers_fail_at_once(ray_session, cfg_factory):
+    cfg = cfg_factory(ray__num_workers=8, ray__resources_timeout_s=0)
+    with pytest.raises(ResourceError, match="need 8 CPUs"):
+        train(cfg, say=lambda m: None)
+
+
+def test_resume_after_a_killed_worker(ray_session, cfg_factory):
+    """Kill a real Ray Train worker process mid-training: it resumes from the last checkpoint."""
+    cfg = cfg_factory(
+        xgboost__num_boost_round=400,
+        xgboost__early_stopping_rounds=0,
+        xgboost__eta=0.02,
+        training__checkpoint_every=5,
+        training__progress_interval_s=0.0,
+        training__max_failures=2,
+    )
+    killed: dict = {}
+    lock = threading.Lock()
+
+    def on_progress(msg):
+        with lock:
+            if not killed and msg["kind"] == "checkpoint" and msg["iteration"] >= 9:
+                os.kill(msg["pid"], signal.SIGKILL)
+                killed.update(pid=msg["pid"], after=msg["iteration"])
+
+    result = train(cfg, say=lambda m: None, on_progress=on_progress)
+    assert killed, "the test never saw a checkpoint to kill after"
+    assert result.restarts == 1
+    assert result.num_boosted_rounds == 400
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    client = MlflowClient()
+    history = client.get_metric_history(result.run_id, "valid_auc")
+    assert sorted(m.step for m in history) == list(range(400))  # no gap, no duplicate
+    assert client.get_run(result.run_id).data.metrics["worker_restarts"] == 1
+
+
+def test_streaming_without_a_spare_cpu_is_refused_not_hung(ray_session, cfg_factory):
+    cfg = cfg_factory(training__materialize=False, ray__resources_timeout_s=0)
+    with pytest.raises(ResourceError, match="Ray Data would get none"):
+        train(cfg, say=lambda m: None)
+
+
+def test_cli_train_json_on_the_streaming_path(tmp_path):
+    """The real `churn train` command, streaming the table (workers of half a CPU leave one for Ray Data)."""
+    data = generate(3000, tmp_path / "t.csv", seed=11)
+    res = run_cli(
+        "train", "--data", str(data), "--json", "--run-name", "cli",
+        "--set", "xgboost.num_boost_round=20", "--set", "training.materialize=false",
+        "--set", "ray.cpus_per_worker=0.5", "--set", f"workspace={tmp_path / 'ws'}",
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout)
+    assert out["run_id"] and out["model_uri"] == f"runs:/{out['run_id']}/model"
+    assert out["rows"]["train"] + out["rows"]["valid"] == 3000
+    assert 0.5 < out["metrics"]["best_valid_auc"] <= 1.0
+    assert "round" in res.stderr  # progress for a person, on stderr
+    assert "INFO" not in res.stderr  # Ray's and MLflow's chatter stays quiet
