@@ -13,11 +13,8 @@ import sys
 import traceback
 from typing import Any, Callable, Sequence
 
+from churnlib.console import say
 from churnlib.errors import ChurnError
-
-
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -83,7 +80,7 @@ def cmd_data_generate(args: argparse.Namespace) -> int:
     from churnlib.generate import generate
 
     path = generate(args.rows, args.out, seed=args.seed)
-    _emit(args, {"path": str(path), "rows": args.rows, "seed": args.seed}, lambda: _say(f"wrote {args.rows} rows to {path}"))
+    _emit(args, {"path": str(path), "rows": args.rows, "seed": args.seed}, lambda: say(f"wrote {args.rows} rows to {path}"))
     return 0
 
 
@@ -102,11 +99,11 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
 
     def human() -> None:
         missing = {c: n for c, n in report.missing.items() if n}
-        _say(f"{source.uri}: valid ({source.format}, {len(source.files)} file(s), digest {source.digest})")
-        _say(f"  rows {report.rows}, empty rows (dropped at training) {report.empty_rows}, usable {report.usable_rows}")
+        say(f"{source.uri}: valid ({source.format}, {len(source.files)} file(s), digest {source.digest})")
+        say(f"  rows {report.rows}, empty rows (dropped at training) {report.empty_rows}, usable {report.usable_rows}")
         if not args.no_target:
-            _say(f"  churn {report.positives}, no churn {report.negatives} (rate {report.positives / max(report.usable_rows, 1):.3f})")
-        _say("  missing values: " + (", ".join(f"{c} {n}" for c, n in missing.items()) if missing else "none"))
+            say(f"  churn {report.positives}, no churn {report.negatives} (rate {report.positives / max(report.usable_rows, 1):.3f})")
+        say("  missing values: " + (", ".join(f"{c} {n}" for c, n in missing.items()) if missing else "none"))
 
     _emit(args, payload, human)
     return 0
@@ -116,15 +113,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from churnlib.training import train
 
     cfg = _load(args)
-    result = train(cfg, data_path=args.data, run_name=args.run_name, verbose=args.verbose, say=_say)
+    result = train(cfg, data_path=args.data, run_name=args.run_name, verbose=args.verbose, say=say)
 
     def human() -> None:
         m = result.metrics
-        _say(
+        say(
             f"done: best iteration {result.best_iteration + 1} of {result.num_boosted_rounds}, "
             f"{result.rows['train']} train / {result.rows['valid']} validation rows, {result.timings['total_s']:.1f} s"
         )
-        _say(f"  model: {result.model_uri}")
+        say(f"  model: {result.model_uri}")
         # The two lines a user (or a script) looks for, on stdout.
         print(f"run_id: {result.run_id}")
         print(f"validation_auc: {m.get('best_valid_auc', float('nan')):.4f}")

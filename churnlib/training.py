@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -25,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from churnlib.console import say
 from churnlib.errors import TrainingError
 
 STATE_FILE = "train_state.json"
@@ -237,20 +237,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     sink = config.get("progress_sink")
     names, types = config["feature_names"], config["feature_types"]
 
-    stamps = {"loop_start": time.time()}
-    t_data = time.perf_counter()
+    # Wall-clock marks (comparable across processes), for the driver's timings.
+    timeline = {"loop_start": time.time()}
     # Pulled through Ray Data once; kept in the object store for XGBoost's passes.
     local = ray.train.get_dataset_shard("data").materialize()
-    stamps["shard"] = time.time()
+    timeline["shard_ready"] = time.time()
     batch = config["batch_size"]
     dtrain = xgb.QuantileDMatrix(
         _split_iter(local, False, batch, names, types), max_bin=config["params"]["max_bin"], enable_categorical=True
     )
-    train_matrix_seconds = time.perf_counter() - t_data
-    stamps["train_matrix"] = time.time()
     dvalid = xgb.QuantileDMatrix(_split_iter(local, True, batch, names, types), ref=dtrain, enable_categorical=True)
-    data_seconds = time.perf_counter() - t_data
-    stamps["valid_matrix"] = time.time()
+    timeline["matrices_ready"] = time.time()
 
     state: dict[str, Any] = {
         "history": {},
@@ -267,9 +264,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         start_model, state = _load_checkpoint(checkpoint)
         state["restarts"] += 1
         state["resumed_from"].append(start_model.num_boosted_rounds())
-    state["data_seconds"] = data_seconds
-    state["train_matrix_seconds"] = train_matrix_seconds
-    state["worker_started_at"] = t_data
+    state["timeline"] = timeline
     state["worker_rows"] = {"train": dtrain.num_row(), "valid": dvalid.num_row()}
 
     done = start_model.num_boosted_rounds() if start_model is not None else 0
@@ -285,8 +280,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             verbose_eval=False,
             callbacks=[_make_callback(config, state, rank, sink)],
         )
-    stamps["boosted"] = time.time()
-    state["stamps"] = stamps
+    timeline["boosted"] = time.time()
     final = {"iteration": booster.num_boosted_rounds() - 1, "best_iteration": state["best_iteration"]}
     if rank != 0:
         ray.train.report(final)
@@ -369,9 +363,8 @@ def fit(trainer: Any) -> FitOutput:
     if result.checkpoint is None:
         raise TrainingError("training finished without a checkpoint (no model was reported)")
     booster, state = _load_checkpoint(result.checkpoint)
-    if "stamps" in state:
-        state["stamps"] = {k: round(v - t_fit, 3) for k, v in state["stamps"].items()}
-        state["stamps"]["fit_returned"] = round(time.time() - t_fit, 3)
+    # seconds since fit() was called, for the last (successful) worker group
+    state["timeline"] = {k: v - t_fit for k, v in state.get("timeline", {}).items()}
     full = booster.num_boosted_rounds()
     best = state["best_iteration"]
     if best is not None and best + 1 < full:
@@ -436,10 +429,6 @@ def default_data_path(cfg: Any) -> Path:
     return path
 
 
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def _progress_printer(say: Callable[[str], None], stopping_metric: str) -> Callable[[dict[str, Any]], None]:
     key = f"valid-{xgb_log_name(stopping_metric)}"
 
@@ -463,7 +452,7 @@ def train(
     data_path: str | None = None,
     run_name: str | None = None,
     verbose: bool = False,
-    say: Callable[[str], None] = _say,
+    say: Callable[[str], None] = say,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
     """Data -> validation -> Ray Train -> MLflow run with the model. The `churn train` command."""
@@ -472,7 +461,6 @@ def train(
     from churnlib import data as data_mod
     from churnlib import tracking
     from churnlib.features import FeatureSpec
-    from churnlib.model import ChurnModel, input_example, save_model_dir, signature_for
     from churnlib.runtime import check_resources, ensure_ray
 
     timings: dict[str, float] = {}
@@ -482,12 +470,14 @@ def train(
     if data_uri is None:
         say(f"data: generating {cfg.data.generate_rows} synthetic rows (seed {cfg.data.generate_seed})")
         data_uri = str(default_data_path(cfg))
+        timings["generate_s"] = time.perf_counter() - t_start
     source = data_mod.resolve_source(data_uri)
     columns = data_mod.check_columns(source, spec)
 
+    t0 = time.perf_counter()
     local = ensure_ray(cfg.ray, verbose=verbose)
     check_resources(cfg.ray, local, streaming=not cfg.training.materialize)
-    timings["ray_start_s"] = time.perf_counter() - t_start
+    timings["ray_start_s"] = time.perf_counter() - t0
 
     tags = {"churn.command": "train", "ray_version": _version("ray"), "xgboost_version": _version("xgboost")}
     with tracking.tracked_run(cfg, run_name, tags) as run:
@@ -512,7 +502,6 @@ def train(
         tracking.log_dataset(source, spec, context="training")
         mlflow.log_dict(report.to_dict(), "data/validation_report.json")
 
-
         say(
             f"train: Ray Train, {cfg.ray.num_workers} worker(s) x {cfg.ray.cpus_per_worker:g} CPU"
             f"{' + 1 GPU' if cfg.ray.use_gpu else ''}, device {cfg.xgb_device}, up to {cfg.xgboost.num_boost_round} rounds"
@@ -531,7 +520,11 @@ def train(
         timings["fit_s"] = time.perf_counter() - t0
         state = out.state
         timings["boosting_s"] = state["boosting_seconds"]
-        timings["worker_data_s"] = state.get("data_seconds", 0.0)
+        tl = state["timeline"]
+        if {"loop_start", "shard_ready", "matrices_ready"} <= set(tl):
+            timings["workers_up_s"] = tl["loop_start"]  # controller + worker group + collective
+            timings["worker_shard_s"] = tl["shard_ready"] - tl["loop_start"]
+            timings["worker_matrices_s"] = tl["matrices_ready"] - tl["shard_ready"]
 
         best = state["best_iteration"] if state["best_iteration"] is not None else out.full_rounds - 1
         rows = {
@@ -565,34 +558,7 @@ def train(
         mlflow.set_tags({"data.digest": source.digest, "data.source": source.uri})
 
         t0 = time.perf_counter()
-        with tracking.temp_dir() as tmp:
-            tmpdir = Path(tmp)
-            table = tracking.importance_table(out.booster, spec.feature_names)
-            tracking.write_json(tmpdir / "feature_importance.json", table)
-            tracking.importance_plot(table, tmpdir / "feature_importance.png")
-            mlflow.log_artifact(str(tmpdir / "feature_importance.json"))
-            mlflow.log_artifact(str(tmpdir / "feature_importance.png"))
-
-            meta = {
-                "decision_threshold": cfg.model.decision_threshold,
-                "model_name": cfg.model.name,
-                "best_iteration": best,
-                "feature_names": spec.feature_names,
-                "run_id": run_id,
-                "data_digest": source.digest,
-            }
-            model_dir = save_model_dir(tmpdir / "model_dir", out.booster, spec, meta)
-            mlflow.log_artifact(str(model_dir / "booster.ubj"), artifact_path="booster")
-            example = input_example(_sample_rows(source, columns), spec)
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=ChurnModel(),
-                artifacts={"model_dir": str(model_dir)},
-                signature=signature_for(spec),
-                input_example=example,
-                pip_requirements=_requirements(),
-                metadata={"churn_feature_spec": spec.to_dict(), "decision_threshold": cfg.model.decision_threshold},
-            )
+        logged_uri = _log_model(cfg, spec, source, columns, out.booster, best, run_id)
         timings["log_model_s"] = time.perf_counter() - t0
         timings["total_s"] = time.perf_counter() - t_start
         mlflow.log_metrics({f"time_{k}": v for k, v in timings.items()})
@@ -609,9 +575,45 @@ def train(
             timings=timings,
             data_digest=source.digest,
             restarts=state["restarts"],
-            extra={"logged_model_uri": info.model_uri, "checkpoint_path": out.checkpoint_path},
+            extra={"logged_model_uri": logged_uri, "checkpoint_path": out.checkpoint_path},
         )
     return result
+
+
+def _log_model(cfg: Any, spec: Any, source: Any, columns: list[str], booster: Any, best: int, run_id: str) -> str:
+    """Feature importance (JSON + PNG), the booster and the raw-records pyfunc model, into the active run."""
+    import mlflow
+
+    from churnlib import tracking
+    from churnlib.model import ChurnModel, input_example, save_model_dir, signature_for
+
+    with tracking.temp_dir() as tmp:
+        tmpdir = Path(tmp)
+        table = tracking.importance_table(booster, spec.feature_names)
+        tracking.write_json(tmpdir / "feature_importance.json", table)
+        tracking.importance_plot(table, tmpdir / "feature_importance.png")
+        mlflow.log_artifact(str(tmpdir / "feature_importance.json"))
+        mlflow.log_artifact(str(tmpdir / "feature_importance.png"))
+        meta = {
+            "decision_threshold": cfg.model.decision_threshold,
+            "model_name": cfg.model.name,
+            "best_iteration": best,
+            "feature_names": spec.feature_names,
+            "run_id": run_id,
+            "data_digest": source.digest,
+        }
+        model_dir = save_model_dir(tmpdir / "model_dir", booster, spec, meta)
+        mlflow.log_artifact(str(model_dir / "booster.ubj"), artifact_path="booster")
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=ChurnModel(),
+            artifacts={"model_dir": str(model_dir)},
+            signature=signature_for(spec),
+            input_example=input_example(_sample_rows(source, columns), spec),
+            pip_requirements=_requirements(),
+            metadata={"churn_feature_spec": spec.to_dict(), "decision_threshold": cfg.model.decision_threshold},
+        )
+    return info.model_uri
 
 
 def _sample_rows(source: Any, columns: list[str], n: int = 5):

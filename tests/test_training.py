@@ -23,13 +23,19 @@ from tests.conftest import KAGGLE_TEST, make_config, run_cli
 
 
 @pytest.fixture(scope="module")
-def trained(ray_session, tmp_path_factory):
+def trained_once(ray_session, tmp_path_factory):
     ws = tmp_path_factory.mktemp("train")
     cfg = make_config(ws)
     messages: list[dict] = []
     result = train(cfg, run_name="unit-train", say=lambda m: None, on_progress=messages.append)
-    mlflow.set_tracking_uri(cfg.tracking_uri)
     return cfg, result, messages
+
+
+@pytest.fixture
+def trained(trained_once):
+    """The shared small run, with MLflow pointed at its store (other tests point it elsewhere)."""
+    mlflow.set_tracking_uri(trained_once[0].tracking_uri)
+    return trained_once
 
 
 def test_run_is_finished_with_every_resolved_config_value_as_param(trained):
@@ -216,3 +222,35 @@ def test_cli_train_json_on_the_streaming_path(tmp_path):
     assert 0.5 < out["metrics"]["best_valid_auc"] <= 1.0
     assert "round" in res.stderr  # progress for a person, on stderr
     assert "INFO" not in res.stderr  # Ray's and MLflow's chatter stays quiet
+
+
+def test_gpu_setting_reaches_the_trainer_and_xgboost(ray_session, cfg_factory):
+    """No GPU here: check what a GPU run would ask Ray for and tell XGBoost."""
+    import ray.data
+
+    from churnlib.training import build_trainer, loop_config
+
+    cfg = cfg_factory(ray__use_gpu=True)
+    spec = FeatureSpec.from_config(cfg.features)
+    trainer = build_trainer(cfg, {"data": ray.data.range(4)}, loop_config(cfg, spec))
+    scaling = trainer.scaling_config
+    assert scaling.use_gpu is True and scaling.num_workers == 2
+    assert scaling.resources_per_worker == {"CPU": 1.0, "GPU": 1}
+    assert loop_config(cfg, spec)["params"]["device"] == "cuda"
+    cpu = cfg_factory()
+    cpu_trainer = build_trainer(cpu, {"data": ray.data.range(4)}, loop_config(cpu, spec))
+    assert cpu_trainer.scaling_config.use_gpu is False
+    assert loop_config(cpu, spec)["params"]["device"] == "cpu"
+
+
+def test_model_has_signature_and_input_example(trained):
+    _, result, _ = trained
+    from mlflow.models import Model
+
+    info = mlflow.models.get_model_info(result.model_uri)
+    inputs = [c["name"] for c in info.signature.inputs.to_dict()]
+    assert inputs == ["Age", "Tenure", "Usage Frequency", "Support Calls", "Payment Delay", "Total Spend",
+                      "Last Interaction", "Gender", "Subscription Type", "Contract Length"]
+    assert [c["name"] for c in info.signature.outputs.to_dict()] == ["churn_probability", "churn_label"]
+    example = Model.load(result.model_uri).load_input_example(mlflow.artifacts.download_artifacts(result.model_uri))
+    assert len(example) >= 1 and set(inputs) <= set(example.columns)
