@@ -152,10 +152,22 @@ def _load_checkpoint(checkpoint: Any) -> tuple[Any, dict[str, Any]]:
     return booster, state
 
 
-def _make_callback(config: dict[str, Any], state: dict[str, Any], rank: int, sink: Any):
+def _report_checkpoint(rank: int, booster: Any, state: dict[str, Any], metrics: dict[str, Any]) -> None:
+    """Every worker reports (Ray Train needs all ranks); rank 0 attaches model + state."""
     import ray.train
-    import xgboost as xgb
     from ray.train import Checkpoint
+
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        booster.save_model(os.path.join(d, MODEL_FILE))
+        Path(d, STATE_FILE).write_text(json.dumps(state))
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+
+
+def _make_callback(config: dict[str, Any], state: dict[str, Any], rank: int, sink: Any):
+    import xgboost as xgb
 
     metric = f"valid-{xgb_log_name(config['stopping_metric'])}"
     maximize = config["stopping_metric"].split("@")[0] in XGB_MAXIMIZE
@@ -212,15 +224,8 @@ def _make_callback(config: dict[str, Any], state: dict[str, Any], rank: int, sin
         def _checkpoint(self, model: Any, epoch: int) -> None:
             state["boosting_seconds"] += time.perf_counter() - self.t0
             self.t0 = time.perf_counter()
-            metrics = {"iteration": epoch, metric: state["history"][metric][-1]}
-            if rank != 0:
-                ray.train.report(metrics)
-                return
-            with tempfile.TemporaryDirectory() as d:
-                model.save_model(os.path.join(d, MODEL_FILE))
-                Path(d, STATE_FILE).write_text(json.dumps(state))
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
-            if sink is not None:
+            _report_checkpoint(rank, model, state, {"iteration": epoch, metric: state["history"][metric][-1]})
+            if rank == 0 and sink is not None:
                 sink.push.remote({"kind": "checkpoint", "iteration": epoch, "pid": os.getpid()})
 
     return Loop()
@@ -230,7 +235,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
     import xgboost as xgb
-    from ray.train import Checkpoint
 
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
@@ -282,13 +286,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         )
     timeline["boosted"] = time.time()
     final = {"iteration": booster.num_boosted_rounds() - 1, "best_iteration": state["best_iteration"]}
-    if rank != 0:
-        ray.train.report(final)
-        return
-    with tempfile.TemporaryDirectory() as d:
-        booster.save_model(os.path.join(d, MODEL_FILE))
-        Path(d, STATE_FILE).write_text(json.dumps(state))
-        ray.train.report(final, checkpoint=Checkpoint.from_directory(d))
+    _report_checkpoint(rank, booster, state, final)
 
 
 # The trainer, built in one place -----------------------------------------------
