@@ -165,6 +165,7 @@ def _header(source: Source, path: str) -> list[str]:
 def check_columns(source: Source, spec: FeatureSpec, need_target: bool = True) -> list[str]:
     """Raise a DataError naming the configured columns a file lacks; return the columns to read."""
     wanted = spec.feature_names + ([spec.target] if need_target else [])
+    id_everywhere = bool(spec.id_column)
     for path in source.files:
         try:
             have = set(_header(source, path))
@@ -175,12 +176,9 @@ def check_columns(source: Source, spec: FeatureSpec, need_target: bool = True) -
         absent = [c for c in wanted if c not in have]
         if absent:
             raise DataError(f"{path}: missing column(s) {', '.join(map(repr, absent))}")
-    cols = list(wanted)
-    if spec.id_column:
-        first = set(_header(source, source.files[0]))
-        if spec.id_column in first:
-            cols.insert(0, spec.id_column)
-    return cols
+        id_everywhere = id_everywhere and spec.id_column in have
+    # The id is optional: read it (for the split and for outputs) only when every file has it.
+    return ([spec.id_column] if id_everywhere else []) + wanted
 
 
 def read_raw(source: Source, spec: FeatureSpec, columns: list[str], typed: bool = True):

@@ -303,3 +303,24 @@ def test_reads_csv_from_s3(ray_session, s3_server, tmp_path, monkeypatch):
     assert report.rows == 400
     with pytest.raises(DataError, match="not found"):
         data_mod.resolve_source("s3://churn-data/nothing-here.csv")
+
+
+def test_cli_validate_scoring_input_without_target(tmp_path):
+    path = _table(tmp_path, "score.csv", edit=lambda df: df.drop(columns=["Churn"]))
+    res = run_cli("data", "validate", str(path), cwd=tmp_path)
+    assert res.returncode == 2 and "missing column(s) 'Churn'" in res.stderr
+    res = run_cli("data", "validate", str(path), "--no-target", "--json", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["rows"] == 300 and out["positives"] == 0 and out["negatives"] == 0
+
+
+def test_id_column_is_optional_but_read_only_when_every_file_has_it(tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    _table(folder, "a.csv", rows=50, seed=1)
+    _table(folder, "b.csv", rows=50, seed=2, edit=lambda df: df.drop(columns=["CustomerID"]))
+    src = data_mod.resolve_source(str(folder))
+    assert "CustomerID" not in data_mod.check_columns(src, SPEC)
+    src_a = data_mod.resolve_source(str(folder / "a.csv"))
+    assert data_mod.check_columns(src_a, SPEC)[0] == "CustomerID"
