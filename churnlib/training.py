@@ -472,6 +472,10 @@ def train(
     source = data_mod.resolve_source(data_uri)
     columns = data_mod.check_columns(source, spec)
 
+    # A tracking server that is down fails here, in seconds, before Ray starts.
+    tracking.configure(cfg)
+    tracking.check_reachable(cfg)
+
     t0 = time.perf_counter()
     local = ensure_ray(cfg.ray, verbose=verbose)
     check_resources(cfg.ray, local, streaming=not cfg.training.materialize)

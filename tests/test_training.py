@@ -254,3 +254,13 @@ def test_model_has_signature_and_input_example(trained):
     assert [c["name"] for c in info.signature.outputs.to_dict()] == ["churn_probability", "churn_label"]
     example = Model.load(result.model_uri).load_input_example(mlflow.artifacts.download_artifacts(result.model_uri))
     assert len(example) >= 1 and set(inputs) <= set(example.columns)
+
+
+def test_unreachable_tracking_server_is_one_line_exit_1(tmp_path):
+    from tests.conftest import free_port
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    res = run_cli("train", "--set", f"mlflow.tracking_uri={uri}", "--set", "data.generate_rows=200", cwd=tmp_path, timeout=120)
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines()[-1] == f"error: MLflow tracking server unreachable at {uri}"
+    assert "Traceback" not in res.stderr
