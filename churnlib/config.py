@@ -24,6 +24,7 @@ EVAL_METRICS_LOWER_IS_BETTER = ("log_loss", "brier_score")
 EVAL_METRICS = EVAL_METRICS_HIGHER_IS_BETTER + EVAL_METRICS_LOWER_IS_BETTER
 
 XGB_EVAL_METRICS = ("auc", "aucpr", "logloss", "error", "map")
+# Of those, the ones early stopping should maximise.
 XGB_MAXIMIZE = ("auc", "aucpr", "map")
 
 # Environment variable -> config key. Applied after the files, before --set.

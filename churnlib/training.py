@@ -29,7 +29,6 @@ from churnlib.errors import TrainingError
 
 STATE_FILE = "train_state.json"
 MODEL_FILE = "model.ubj"
-XGB_MAXIMIZE = ("auc", "aucpr", "map", "ndcg", "pre")
 
 
 def xgb_log_name(metric: str) -> str:
@@ -170,6 +169,8 @@ def _make_callback(config: dict[str, Any], state: dict[str, Any], rank: int, sin
     import xgboost as xgb
 
     metric = f"valid-{xgb_log_name(config['stopping_metric'])}"
+    from churnlib.config import XGB_MAXIMIZE
+
     maximize = config["stopping_metric"].split("@")[0] in XGB_MAXIMIZE
     patience = config["early_stopping_rounds"]
     every = config["checkpoint_every"]

@@ -264,3 +264,31 @@ def test_unreachable_tracking_server_is_one_line_exit_1(tmp_path):
     assert res.returncode == 1
     assert res.stderr.strip().splitlines()[-1] == f"error: MLflow tracking server unreachable at {uri}"
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize(("metric", "xgb_name"), [("auc", "auc"), ("logloss", "logloss"), ("error@0.5", "error")])
+def test_early_stopping_matches_xgboosts_own(metric, xgb_name):
+    """Our restartable early stopping picks the same best iteration as XGBoost's EarlyStopping."""
+    from churnlib.data import encode_batch
+    from churnlib.training import _make_callback
+
+    cfg = make_config(Path("."), xgboost__eta=0.3, xgboost__max_depth=3)
+    spec = FeatureSpec.from_config(cfg.features)
+    raw = next(iter_chunks(3000, seed=21, chunk_rows=3000))
+    enc = encode_batch(raw, spec, spec.feature_names + ["Churn"], 0.3, 1)
+    kw = dict(feature_names=spec.feature_names, feature_types=spec.feature_types, enable_categorical=True)
+    tr, va = ~enc["is_valid"], enc["is_valid"]
+    dtrain = xgb.DMatrix(enc["X"][tr], label=enc["y"][tr], **kw)
+    dvalid = xgb.DMatrix(enc["X"][va], label=enc["y"][va], **kw)
+    params = {**cfg.xgb_params(), "eval_metric": [metric], "subsample": 1.0, "colsample_bytree": 1.0}
+    state = {"history": {}, "best_iteration": None, "best_score": None, "stopped_early": False,
+             "boosting_seconds": 0.0, "restarts": 0}
+    config = {"stopping_metric": metric, "early_stopping_rounds": 5, "checkpoint_every": 0,
+              "progress_interval_s": 0.0, "num_boost_round": 300}
+    ours = xgb.train(params, dtrain, 300, evals=[(dvalid, "valid")], verbose_eval=False,
+                     callbacks=[_make_callback(config, state, 0, None)])
+    theirs = xgb.train(params, dtrain, 300, evals=[(dvalid, "valid")], verbose_eval=False,
+                       callbacks=[xgb.callback.EarlyStopping(rounds=5, metric_name=xgb_name)])
+    assert state["stopped_early"] and ours.num_boosted_rounds() < 300
+    assert state["best_iteration"] == theirs.best_iteration
+    assert ours.num_boosted_rounds() == theirs.num_boosted_rounds()
