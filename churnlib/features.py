@@ -76,12 +76,6 @@ class FeatureSpec:
         """Columns a scoring request must carry (features only)."""
         return self.feature_names
 
-    @property
-    def table_columns(self) -> list[str]:
-        """Columns a training table must carry."""
-        cols = self.feature_names + [self.target]
-        return cols
-
     # Serialisation (stored with the model) ------------------------------------
 
     def to_dict(self) -> dict[str, Any]:

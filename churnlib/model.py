@@ -72,11 +72,9 @@ class ChurnPredictor:
     def predict(self, records: Any) -> pd.DataFrame:
         proba = self.predict_proba(records)
         index = records.index if isinstance(records, pd.DataFrame) else None
+        probability, label = OUTPUT_COLUMNS
         return pd.DataFrame(
-            {
-                "churn_probability": proba.astype(np.float64),
-                "churn_label": (proba >= self.threshold).astype(np.int64),
-            },
+            {probability: proba.astype(np.float64), label: (proba >= self.threshold).astype(np.int64)},
             index=index,
         )
 
@@ -86,10 +84,6 @@ class ChurnModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: Any) -> None:
         self._predictor = ChurnPredictor.from_dir(context.artifacts["model_dir"])
-
-    @property
-    def predictor(self) -> ChurnPredictor:
-        return self._predictor
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         return self._predictor.predict(model_input)
@@ -109,7 +103,7 @@ def signature_for(spec: FeatureSpec):
     inputs = [ColSpec(AnyType(), c) for c in spec.numeric] + [
         ColSpec("string", c) for c in spec.categorical_columns
     ]
-    outputs = [ColSpec("double", "churn_probability"), ColSpec("long", "churn_label")]
+    outputs = [ColSpec("double", OUTPUT_COLUMNS[0]), ColSpec("long", OUTPUT_COLUMNS[1])]
     return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
 
 
