@@ -19,7 +19,7 @@ from churnlib.errors import DataError, ResourceError
 from churnlib.features import FeatureSpec, to_matrix
 from churnlib.generate import generate, iter_chunks
 from churnlib.training import train
-from tests.conftest import KAGGLE_TEST, make_config, run_cli
+from tests.conftest import KAGGLE_TEST, make_config, require_shared, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -123,9 +123,7 @@ def test_pyfunc_predicts_on_raw_records(trained):
 
 def test_pyfunc_on_the_real_kaggle_rows(trained):
     _, result, _ = trained
-    if not KAGGLE_TEST.exists():
-        pytest.skip("shared dataset not present")
-    df = pd.read_csv(KAGGLE_TEST, nrows=200)
+    df = pd.read_csv(require_shared(KAGGLE_TEST), nrows=200)
     out = mlflow.pyfunc.load_model(result.model_uri).predict(df)
     assert len(out) == 200 and out["churn_probability"].between(0, 1).all()
 
