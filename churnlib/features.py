@@ -125,12 +125,8 @@ def _blank_mask(series: pd.Series) -> np.ndarray:
 
 def parse_numeric(series: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """-> (float64 values with NaN for missing, missing mask, non-numeric mask)."""
-    if series.dtype.kind in "biuf":
+    if series.dtype.kind in "biuf":  # numbers and booleans (numpy or nullable)
         values = series.to_numpy(dtype=np.float64, na_value=np.nan)
-        missing = np.isnan(values)
-        return values, missing, np.zeros(len(values), dtype=bool)
-    if series.dtype.kind == "b" or str(series.dtype) == "boolean":
-        values = series.astype("Float64").to_numpy(dtype=np.float64, na_value=np.nan)
         missing = np.isnan(values)
         return values, missing, np.zeros(len(values), dtype=bool)
     missing = _blank_mask(series)

@@ -9,9 +9,8 @@ import contextlib
 import json
 import os
 import subprocess
-import tempfile
 import time
-from pathlib import Path
+import warnings
 from typing import Any, Iterator
 
 from churnlib.errors import ChurnError, TrackingError
@@ -83,13 +82,19 @@ def git_commit(path: str | os.PathLike = ".") -> str | None:
     return out.stdout.strip() or None
 
 
-@contextlib.contextmanager
-def tracked_run(cfg: Any, run_name: str | None, tags: dict[str, str] | None = None, nested: bool = False) -> Iterator[Any]:
-    """Start a run; end it FINISHED, or FAILED (KILLED on Ctrl-C) with the error as a tag."""
-    import mlflow
+def connect(cfg: Any) -> None:
+    """Point MLflow at the configured store and fail fast when its server is down.
 
+    Commands call this first, before starting anything slow (Ray)."""
     configure(cfg)
     check_reachable(cfg)
+
+
+@contextlib.contextmanager
+def tracked_run(cfg: Any, run_name: str | None, tags: dict[str, str] | None = None, nested: bool = False) -> Iterator[Any]:
+    """Start a run (after ``connect``); end it FINISHED, or FAILED (KILLED on Ctrl-C) with the error as a tag."""
+    import mlflow
+
     experiment_id = ensure_experiment(cfg)
     all_tags = {**cfg.mlflow.tags, **(tags or {})}
     commit = git_commit()
@@ -146,7 +151,7 @@ def importance_table(booster: Any, feature_names: list[str]) -> dict[str, dict[s
     return out
 
 
-def importance_plot(table: dict[str, dict[str, float]], path: str | os.PathLike) -> None:
+def importance_figure(table: dict[str, dict[str, float]]):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -161,7 +166,18 @@ def importance_plot(table: dict[str, dict[str, float]], path: str | os.PathLike)
         ax.barh(order, [values[f] for f in order], color="#4477aa")
         ax.set_title(f"importance: {kind}")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    return fig
+
+
+def log_importance(booster: Any, feature_names: list[str]) -> None:
+    """Feature importance (gain, weight, cover) as feature_importance.json and .png in the active run."""
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    table = importance_table(booster, feature_names)
+    mlflow.log_dict(table, "feature_importance.json")
+    fig = importance_figure(table)
+    mlflow.log_figure(fig, "feature_importance.png")
     plt.close(fig)
 
 
@@ -177,25 +193,8 @@ def log_dataset(source: Any, spec: Any, context: str) -> None:
         + [ColSpec("string", c) for c in spec.categorical_columns]
         + [ColSpec("string", spec.target)]
     )
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ds_source = resolve_dataset_source(source.uri)
     dataset = MetaDataset(source=ds_source, name=source.name, digest=source.digest, schema=schema)
     mlflow.log_input(dataset, context=context)
-
-
-def log_text_artifact(text: str, artifact_file: str) -> None:
-    import mlflow
-
-    mlflow.log_text(text, artifact_file)
-
-
-def temp_dir() -> tempfile.TemporaryDirectory:
-    return tempfile.TemporaryDirectory(prefix="churn-")
-
-
-def write_json(path: Path, data: Any) -> Path:
-    path.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
-    return path

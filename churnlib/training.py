@@ -459,6 +459,7 @@ def train(
 
     from churnlib import data as data_mod
     from churnlib import tracking
+    from churnlib.config import config_to_yaml
     from churnlib.features import FeatureSpec
     from churnlib.runtime import check_resources, ensure_ray
 
@@ -474,8 +475,7 @@ def train(
     columns = data_mod.check_columns(source, spec)
 
     # A tracking server that is down fails here, in seconds, before Ray starts.
-    tracking.configure(cfg)
-    tracking.check_reachable(cfg)
+    tracking.connect(cfg)
 
     t0 = time.perf_counter()
     local = ensure_ray(cfg.ray, verbose=verbose)
@@ -487,7 +487,7 @@ def train(
         run_id, experiment_id = run.info.run_id, run.info.experiment_id
         say(f"mlflow: run {run_id} in experiment {cfg.mlflow.experiment_name!r} at {cfg.tracking_uri}")
         tracking.log_params_flat(cfg.flat())
-        tracking.log_text_artifact(_config_yaml(cfg), "config/resolved_config.yaml")
+        mlflow.log_text(config_to_yaml(cfg), "config/resolved_config.yaml")
 
         t0 = time.perf_counter()
         say(f"data: reading and validating {source.uri} ({len(source.files)} {source.format} file(s), {source.size_bytes / 1e6:.1f} MB)")
@@ -590,13 +590,9 @@ def _log_model(cfg: Any, spec: Any, source: Any, columns: list[str], booster: An
     from churnlib import tracking
     from churnlib.model import ChurnModel, input_example, save_model_dir, signature_for
 
-    with tracking.temp_dir() as tmp:
+    tracking.log_importance(booster, spec.feature_names)
+    with tempfile.TemporaryDirectory(prefix="churn-") as tmp:
         tmpdir = Path(tmp)
-        table = tracking.importance_table(booster, spec.feature_names)
-        tracking.write_json(tmpdir / "feature_importance.json", table)
-        tracking.importance_plot(table, tmpdir / "feature_importance.png")
-        mlflow.log_artifact(str(tmpdir / "feature_importance.json"))
-        mlflow.log_artifact(str(tmpdir / "feature_importance.png"))
         meta = {
             "decision_threshold": cfg.model.decision_threshold,
             "model_name": cfg.model.name,
@@ -631,12 +627,6 @@ def _sample_rows(source: Any, columns: list[str], n: int = 5):
     with source.filesystem.open_input_stream(path, compression="detect") as stream:
         reader = pacsv.open_csv(stream, convert_options=pacsv.ConvertOptions(include_columns=columns))
         return reader.read_next_batch().to_pandas().head(n)
-
-
-def _config_yaml(cfg: Any) -> str:
-    from churnlib.config import config_to_yaml
-
-    return config_to_yaml(cfg)
 
 
 def _version(package: str) -> str:
