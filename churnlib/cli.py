@@ -57,10 +57,23 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p_train)
     p_train.set_defaults(func=cmd_train)
 
+    p_eval = sub.add_parser("evaluate", help="metrics, SHAP, baseline comparison and deployment gates for a model")
+    add_evaluate_arguments(p_eval)
+    p_eval.set_defaults(func=cmd_evaluate)
+
     p_cfg = sub.add_parser("config", help="print the resolved configuration")
     _common(p_cfg)
     p_cfg.set_defaults(func=cmd_config)
     return parser
+
+
+def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-uri", required=True, help="runs:/<id>/model, models:/<name>/<version> or models:/<name>@<alias>")
+    p.add_argument("--data", required=True, help="test table with the target column: CSV or Parquet, local or s3://")
+    p.add_argument("--compare-baseline", metavar="URI", help="score this model on the same rows too, e.g. models:/xgboost_churn_model@champion")
+    p.add_argument("--gate", action="store_true", help="exit 3 when a gate fails (after logging everything)")
+    p.add_argument("--run-name")
+    _common(p)
 
 
 def _load(args: argparse.Namespace):
@@ -127,6 +140,32 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"validation_auc: {m.get('best_valid_auc', float('nan')):.4f}")
 
     _emit(args, result.to_dict(), human)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from churnlib.errors import GateFailedError
+    from churnlib.evaluation import evaluate
+
+    cfg = _load(args)
+    result = evaluate(
+        cfg, args.model_uri, args.data, baseline_uri=args.compare_baseline, run_name=args.run_name,
+        verbose=args.verbose, say=say,
+    )
+
+    def human() -> None:
+        m = result.metrics
+        print(f"eval_run_id: {result.run_id}")
+        for key in ("roc_auc", "pr_auc", "log_loss", "brier_score", "accuracy", "precision", "recall", "f1"):
+            print(f"{key}: {m[key]:.4f}")
+        if result.comparison is not None:
+            print(f"comparison: {result.comparison.verdict}")
+        print(f"gate: {result.gate.status}")
+
+    _emit(args, result.to_dict(), human)
+    if args.gate and not result.gate.passed:
+        failed = "; ".join(c.line() for c in result.gate.failures)
+        raise GateFailedError(f"gate failed: {failed} (evaluation run {result.run_id})")
     return 0
 
 

@@ -137,10 +137,19 @@ class ShapConfig(_Section):
     top_customers: int = Field(ge=0)
 
 
+class BootstrapConfig(_Section):
+    resamples: int = Field(ge=10)
+    confidence: float = Field(gt=0.5, lt=1.0)
+    max_rows: int = Field(ge=100)
+    seed: int = Field(ge=0)
+
+
 class EvaluationConfig(_Section):
     shap: ShapConfig
     thresholds: dict[str, float] = {}
     require_improvement: bool = False
+    calibration_bins: int = Field(ge=2, le=1000)
+    bootstrap: BootstrapConfig
 
     @field_validator("thresholds")
     @classmethod
@@ -149,6 +158,12 @@ class EvaluationConfig(_Section):
             if name not in EVAL_METRICS:
                 raise ValueError(f"no metric named {name!r} is computed (known: {', '.join(EVAL_METRICS)})")
         return value
+
+
+class ScoringConfig(_Section):
+    batch_size: int = Field(ge=1)
+    actors: int = Field(ge=1)
+    cpus_per_actor: float = Field(gt=0.0)
 
 
 class TargetConfig(_Section):
@@ -207,6 +222,7 @@ class Config(_Section):
     training: TrainingConfig
     data: DataConfig
     ray: RayConfig
+    scoring: ScoringConfig
     evaluation: EvaluationConfig
     features: FeaturesConfig
 

@@ -387,9 +387,13 @@ ROW_EMPTY = 1  # every configured cell empty: dropped, counted
 ROW_PROBLEM = 2  # a non-numeric value, unknown level or bad label: fails validation
 
 
-def split_mask(df: pd.DataFrame, spec: FeatureSpec, columns: list[str], validation_split: float, random_state: int) -> np.ndarray:
-    """True for validation rows: a seeded hash of the id (or of the whole row), so
-    the split depends on neither block boundaries, file order nor worker count."""
+def row_uniform(df: pd.DataFrame, spec: FeatureSpec, columns: list[str], seed: int) -> np.ndarray:
+    """A seeded pseudo-uniform number in [0, 1) per row, from the id (or the whole row).
+
+    The same row gets the same number in any block, file order or worker
+    count: the train/validation split and evaluation's explanation sample
+    are thresholds on it.
+    """
     if spec.id_column and spec.id_column in df.columns:
         key = df[spec.id_column]
         if key.dtype.kind not in "iu":
@@ -399,9 +403,15 @@ def split_mask(df: pd.DataFrame, spec: FeatureSpec, columns: list[str], validati
         key = df[columns]
     h = pd.util.hash_pandas_object(key, index=False).to_numpy()
     # pandas seeds only its string hashing; mix the seed in for every key type
-    seed = pd.util.hash_array(np.array([random_state], dtype=np.uint64))[0]
-    h = pd.util.hash_array(h ^ seed)
-    return (h % np.uint64(1_000_000)).astype(np.float64) < validation_split * 1_000_000
+    mixed = pd.util.hash_array(np.array([seed], dtype=np.uint64))[0]
+    h = pd.util.hash_array(h ^ mixed)
+    return (h % np.uint64(1_000_000)).astype(np.float64) / 1_000_000
+
+
+def split_mask(df: pd.DataFrame, spec: FeatureSpec, columns: list[str], validation_split: float, random_state: int) -> np.ndarray:
+    """True for validation rows: a seeded hash of the id (or of the whole row), so
+    the split depends on neither block boundaries, file order nor worker count."""
+    return row_uniform(df, spec, columns, random_state) < validation_split
 
 
 def encode_batch(

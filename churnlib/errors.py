@@ -54,3 +54,19 @@ class TrackingError(ChurnError):
     """The MLflow tracking server or artifact store cannot be used (exit 1)."""
 
     exit_code = 1
+
+
+class ModelNotFoundError(ChurnError):
+    """A model URI that does not resolve: no such run, version, alias or model (exit 2)."""
+
+    exit_code = 2
+
+
+class NoSuchAliasError(ModelNotFoundError):
+    """The registered model, or the alias on it, does not exist yet (e.g. no champion yet)."""
+
+
+class GateFailedError(ChurnError):
+    """A deployment gate refused the model; everything was logged first (exit 3)."""
+
+    exit_code = 3

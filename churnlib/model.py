@@ -63,6 +63,23 @@ class ChurnPredictor:
         meta = json.loads((d / META_FILE).read_text(encoding="utf-8"))
         return cls(booster, spec, meta["decision_threshold"], meta)
 
+    def to_payload(self) -> dict[str, Any]:
+        """Everything needed to rebuild this predictor in another process (a few MB at most).
+
+        Scoring actors get the model this way from the driver, so workers never
+        need MLflow credentials or a connection to the tracking server.
+        """
+        return {"booster": bytes(self.booster.save_raw("ubj")), "spec": self.spec.to_dict(), "meta": self.meta,
+                "threshold": self.threshold}
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any], nthread: int = 1) -> "ChurnPredictor":
+        import xgboost as xgb
+
+        booster = xgb.Booster(model_file=bytearray(payload["booster"]))
+        booster.set_param({"nthread": nthread})
+        return cls(booster, FeatureSpec.from_dict(payload["spec"]), payload["threshold"], payload["meta"])
+
     def predict_proba(self, records: Any) -> np.ndarray:
         X = to_matrix(records, self.spec)
         if len(X) == 0:

@@ -35,6 +35,9 @@ def quiet_logs(verbose: bool) -> None:
         import warnings
 
         warnings.filterwarnings("ignore", module="mlflow")
+        # "the operator only received 1 input(s)": a one-file table is one
+        # block, scored by one actor; nothing a user can act on.
+        warnings.filterwarnings("ignore", message=".*won't fully utilize the available concurrency.*")
 
 
 def ensure_ray(ray_cfg: Any, verbose: bool = False) -> bool:

@@ -103,3 +103,43 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
         text=True,
         timeout=timeout,
     )
+
+
+def log_local_model(cfg, data_path, rounds: int = 40, run_name: str = "local-model", **params: Any) -> str:
+    """Train a booster in this process on ``data_path`` and log it as `churn train` logs its model.
+
+    The model (pyfunc on raw records, booster, feature spec, signature) is the
+    real artifact format: ``churnlib.training._log_model`` writes it. Only the
+    fitting skips Ray Train, which test_training covers, so a test can make
+    several models of known quality in seconds. Returns the run id.
+    """
+    import pandas as pd
+    import xgboost as xgb
+
+    from churnlib import tracking
+    from churnlib.data import check_columns, encode_batch, resolve_source
+    from churnlib.features import FeatureSpec
+    from churnlib.training import _log_model
+
+    spec = FeatureSpec.from_config(cfg.features)
+    source = resolve_source(str(data_path))
+    columns = check_columns(source, spec)
+    raw = pd.read_parquet(data_path) if str(data_path).endswith(".parquet") else pd.read_csv(data_path)
+    enc = encode_batch(raw, spec, columns, cfg.model.validation_split, cfg.model.random_state)
+    ok = enc["flags"] == 0
+    dtrain = xgb.DMatrix(enc["X"][ok], label=enc["y"][ok], feature_names=spec.feature_names,
+                         feature_types=spec.feature_types, enable_categorical=True)
+    booster = xgb.train({**cfg.xgb_params(), "nthread": 1, **params}, dtrain, rounds)
+    tracking.connect(cfg)
+    with tracking.tracked_run(cfg, run_name, {"churn.command": "train"}) as run:
+        _log_model(cfg, spec, source, columns, booster, rounds - 1, run.info.run_id)
+    return run.info.run_id
+
+
+def no_running_runs(cfg) -> bool:
+    """True when the store holds no run left RUNNING (every path ends its run)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string="attributes.status = 'RUNNING'", output_format="list")
+    return not runs

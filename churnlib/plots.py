@@ -1,0 +1,103 @@
+"""Evaluation plots (matplotlib, Agg): ROC, PR, calibration, confusion matrix.
+
+Each function takes what the evaluator already computed and returns a figure;
+the caller logs it with ``mlflow.log_figure`` and closes it. Curves are drawn
+from at most ``MAX_POINTS`` points so a test set of millions of rows still
+makes a small PNG.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+MAX_POINTS = 2000
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _thin(*arrays: np.ndarray) -> list[np.ndarray]:
+    n = len(arrays[0])
+    if n <= MAX_POINTS:
+        return list(arrays)
+    idx = np.unique(np.linspace(0, n - 1, MAX_POINTS).astype(np.int64))
+    return [a[idx] for a in arrays]
+
+
+def roc_figure(curves: dict[str, tuple[np.ndarray, np.ndarray, float]]):
+    """curves: label -> (y, p, auc)."""
+    from sklearn.metrics import roc_curve
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for label, (y, p, auc) in curves.items():
+        fpr, tpr, _ = roc_curve(y, p)
+        fpr, tpr = _thin(fpr, tpr)
+        ax.plot(fpr, tpr, label=f"{label} (AUC {auc:.4f})")
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC curve")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def pr_figure(curves: dict[str, tuple[np.ndarray, np.ndarray, float]]):
+    """curves: label -> (y, p, average precision)."""
+    from sklearn.metrics import precision_recall_curve
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    base_rate = None
+    for label, (y, p, ap) in curves.items():
+        precision, recall, _ = precision_recall_curve(y, p)
+        recall, precision = _thin(recall, precision)
+        ax.step(recall, precision, where="post", label=f"{label} (AP {ap:.4f})")
+        base_rate = float(np.mean(y))
+    if base_rate is not None:
+        ax.axhline(base_rate, ls="--", color="grey", lw=1, label=f"churn rate {base_rate:.3f}")
+    ax.set(xlabel="recall", ylabel="precision", title="Precision-recall curve", ylim=(0, 1.02))
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+def calibration_figure(tables: dict[str, list[dict[str, float]]]):
+    """tables: label -> calibration rows (see ``metrics.calibration_table``)."""
+    plt = _plt()
+    fig, (ax, hist) = plt.subplots(2, 1, figsize=(5.5, 7), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfectly calibrated")
+    for label, rows in tables.items():
+        used = [r for r in rows if r["count"] > 0]
+        ax.plot([r["mean_predicted"] for r in used], [r["observed_rate"] for r in used], marker="o", label=label)
+        width = rows[0]["bin_high"] - rows[0]["bin_low"]
+        hist.bar([r["bin_low"] for r in rows], [r["count"] for r in rows], width=width, align="edge", alpha=0.5, label=label)
+    ax.set(ylabel="observed churn rate", title="Calibration (reliability diagram)", xlim=(0, 1), ylim=(0, 1))
+    ax.legend(loc="lower right")
+    hist.set(xlabel="predicted P(churn)", ylabel="rows")
+    fig.tight_layout()
+    return fig
+
+
+def confusion_figure(confusion: dict[str, Any], threshold: float):
+    plt = _plt()
+    m = np.array([[confusion["tn"], confusion["fp"]], [confusion["fn"], confusion["tp"]]], dtype=np.float64)
+    fig, ax = plt.subplots(figsize=(4.8, 4.2))
+    ax.imshow(m, cmap="Blues")
+    total = m.sum() or 1.0
+    for i in range(2):
+        for j in range(2):
+            ax.text(j, i, f"{int(m[i, j])}\n{m[i, j] / total:.1%}", ha="center", va="center",
+                    color="white" if m[i, j] > m.max() / 2 else "black")
+    ax.set_xticks([0, 1], labels=["no churn", "churn"])
+    ax.set_yticks([0, 1], labels=["no churn", "churn"])
+    ax.set(xlabel="predicted", ylabel="actual", title=f"Confusion matrix at P >= {threshold:g}")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,280 @@
+"""`churn evaluate`: metrics against scikit-learn, gates that pass and fail, the baseline
+comparison, SHAP additivity, bad input, on real models and a real MLflow store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+from sklearn import metrics as skm
+
+from churnlib.config import load_config
+from churnlib.errors import ConfigError, DataError, ModelNotFoundError
+from churnlib.evaluation import evaluate
+from churnlib.generate import generate, iter_chunks
+from tests.conftest import KAGGLE_TEST, log_local_model, make_config, no_running_runs, require_shared, run_cli
+
+QUIET = {"say": lambda m: None}
+# Gates this good model clears and the weak one does not.
+GATES = {"evaluation.thresholds": {"roc_auc": 0.85, "accuracy": 0.75}}
+
+
+@pytest.fixture(scope="module")
+def store(ray_session, tmp_path_factory):
+    """A workspace with a good and a weak model (real logged models) and a multi-file test set."""
+    ws = tmp_path_factory.mktemp("evaluate")
+    cfg = make_config(ws, **GATES)
+    train_path = generate(6000, ws / "train.parquet", seed=3)
+    good = log_local_model(cfg, train_path, rounds=60, run_name="good", max_depth=4)
+    weak = log_local_model(cfg, train_path, rounds=2, run_name="weak", max_depth=1)
+    test_dir = ws / "test"
+    test_dir.mkdir()
+    for k, chunk in enumerate(iter_chunks(4500, seed=77, chunk_rows=1500)):
+        chunk.to_parquet(test_dir / f"part-{k}.parquet", index=False)
+    return {"ws": ws, "cfg": cfg, "good": f"runs:/{good}/model", "weak": f"runs:/{weak}/model",
+            "good_run": good, "test": test_dir}
+
+
+def _cfg(store, **overrides):
+    values = {**GATES, **overrides}
+    return make_config(store["ws"], **values)
+
+
+@pytest.fixture(scope="module")
+def good_eval(store):
+    cfg = _cfg(store)
+    return evaluate(cfg, store["good"], str(store["test"]), run_name="eval-good", **QUIET)
+
+
+def test_every_metric_matches_scikit_learn(store, good_eval):
+    mlflow.set_tracking_uri(store["cfg"].tracking_uri)
+    test = pd.concat([pd.read_parquet(p) for p in sorted(store["test"].glob("*.parquet"))])
+    p = mlflow.pyfunc.load_model(store["good"]).predict(test)["churn_probability"].to_numpy()
+    y = test["Churn"].to_numpy()
+    pred = (p >= 0.5).astype(int)
+    m = good_eval.metrics
+    assert m["roc_auc"] == pytest.approx(skm.roc_auc_score(y, p), abs=1e-9)
+    assert m["pr_auc"] == pytest.approx(skm.average_precision_score(y, p), abs=1e-9)
+    assert m["log_loss"] == pytest.approx(skm.log_loss(y, p), rel=1e-6)
+    assert m["brier_score"] == pytest.approx(skm.brier_score_loss(y, p), rel=1e-6)
+    assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
+    assert m["precision"] == pytest.approx(skm.precision_score(y, pred))
+    assert m["recall"] == pytest.approx(skm.recall_score(y, pred))
+    assert m["f1"] == pytest.approx(skm.f1_score(y, pred))
+    tn, fp, fn, tp = skm.confusion_matrix(y, pred).ravel()
+    assert good_eval.confusion == {"tp": tp, "fp": fp, "tn": tn, "fn": fn}
+    assert m["churn_rate_actual"] == pytest.approx(y.mean()) and m["churn_rate_predicted"] == pytest.approx(pred.mean())
+    assert good_eval.rows["evaluated"] == 4500
+
+
+def test_evaluation_run_is_nested_under_training_run_with_artifacts(store, good_eval):
+    client = MlflowClient(store["cfg"].tracking_uri)
+    run = client.get_run(good_eval.run_id)
+    assert run.info.status == "FINISHED"
+    tags = run.data.tags
+    assert tags["mlflow.parentRunId"] == store["good_run"] == tags["churn.training_run_id"]
+    assert tags["churn.model_uri"] == store["good"]
+    assert tags["churn.gate.status"] == "passed"
+    assert run.data.metrics["roc_auc"] == pytest.approx(good_eval.metrics["roc_auc"])
+    paths = {a.path for d in ("plots", "shap") for a in client.list_artifacts(good_eval.run_id, d)}
+    assert {"plots/roc_curve.png", "plots/pr_curve.png", "plots/calibration_curve.png",
+            "plots/confusion_matrix.png", "shap/summary_beeswarm.png", "shap/mean_abs_shap_bar.png",
+            "shap/mean_abs_shap.json", "shap/top_customers.json"} <= paths
+    assert len([p for p in paths if p.startswith("shap/waterfall_")]) == 5
+    mean_abs = json.loads(Path(client.download_artifacts(good_eval.run_id, "shap/mean_abs_shap.json")).read_text())
+    assert set(mean_abs) == set(store["cfg"].features.numeric) | set(store["cfg"].features.categorical)
+    assert run.data.metrics["shap_mean_abs_Contract_Length"] == pytest.approx(mean_abs["Contract Length"])
+    top = json.loads(Path(client.download_artifacts(good_eval.run_id, "shap/top_customers.json")).read_text())
+    probs = [c["probability"] for c in top["customers"]]
+    assert probs == sorted(probs, reverse=True) and probs[0] > 0.9
+    # contributions are in raw units: a category is its level, not a code
+    first = {c["feature"]: c["value"] for c in top["customers"][0]["contributions"]}
+    assert first["Contract Length"] in ("Monthly", "Quarterly", "Annual")
+
+
+def test_shap_sample_is_capped_by_max_samples(store):
+    cfg = _cfg(store, evaluation__shap__max_samples=1000, evaluation__shap__top_customers=2)
+    res = evaluate(cfg, store["good"], str(store["test"]), **QUIET)
+    assert res.shap["rows"] == 1000 and res.shap["top_customers"] == 2
+
+
+@pytest.mark.parametrize(("challenger", "baseline", "verdict"), [
+    ("good", "weak", "better"),
+    ("weak", "good", "worse"),
+    ("good", "good", "not significantly different"),
+])
+def test_comparison_with_a_baseline(store, challenger, baseline, verdict):
+    cfg = _cfg(store, evaluation__shap__enabled=False, evaluation__bootstrap__resamples=200)
+    res = evaluate(cfg, store[challenger], str(store["test"]), baseline_uri=store[baseline], **QUIET)
+    comp = res.comparison
+    assert comp.verdict == verdict
+    assert comp.auc_diff == pytest.approx(res.metrics["roc_auc"] - res.baseline_metrics["roc_auc"])
+    lo, hi = comp.auc_ci
+    assert lo <= comp.auc_diff <= hi
+    if challenger == baseline:
+        assert comp.auc_diff == 0 and comp.auc_ci == (0.0, 0.0) and comp.log_loss_diff == 0
+    tags = MlflowClient(cfg.tracking_uri).get_run(res.run_id).data.tags
+    assert tags["churn.comparison.verdict"] == verdict and tags["churn.baseline_uri"] == store[baseline]
+
+
+def test_require_improvement_fails_a_model_that_is_not_better(store):
+    cfg = _cfg(store, evaluation__require_improvement=True, evaluation__shap__enabled=False,
+               evaluation__bootstrap__resamples=200)
+    res = evaluate(cfg, store["good"], str(store["test"]), baseline_uri=store["good"], **QUIET)
+    assert not res.gate.passed
+    assert [c.name for c in res.gate.failures] == ["improvement"]
+    better = evaluate(cfg, store["good"], str(store["test"]), baseline_uri=store["weak"], **QUIET)
+    assert better.gate.passed
+
+
+def test_baseline_without_champion_is_a_first_model(store):
+    """No champion yet: one line, and the model is judged alone (improvement vacuously met)."""
+    cfg = _cfg(store, evaluation__require_improvement=True, evaluation__shap__enabled=False)
+    said: list[str] = []
+    res = evaluate(cfg, store["good"], str(store["test"]), baseline_uri="models:/nobody_registered_this@champion",
+                   say=said.append)
+    assert res.comparison is None and res.gate.passed
+    assert any(m.startswith("baseline:") and "first model" in m for m in said)
+    assert "first model" in res.gate.tags()["churn.gate.improvement"]
+
+
+def test_baseline_that_is_not_there_fails_the_improvement_gate(store):
+    cfg = _cfg(store, evaluation__require_improvement=True, evaluation__shap__enabled=False)
+    res = evaluate(cfg, store["good"], str(store["test"]), baseline_uri="runs:/0123456789abcdef0123456789abcdef/model",
+                   **QUIET)
+    assert not res.gate.passed and res.gate.failures[0].name == "improvement"
+    # without the requirement, the same missing baseline only costs the comparison
+    cfg = _cfg(store, evaluation__shap__enabled=False)
+    res = evaluate(cfg, store["good"], str(store["test"]), baseline_uri="runs:/0123456789abcdef0123456789abcdef/model",
+                   **QUIET)
+    assert res.gate.passed and res.comparison is None
+
+
+def test_gate_outcome_is_tagged_on_a_registry_version(store):
+    cfg = _cfg(store, evaluation__shap__enabled=False, evaluation__thresholds={"roc_auc": 0.999, "log_loss": 0.9})
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    version = mlflow.register_model(store["good"], "eval_gate_model").version
+    res = evaluate(cfg, f"models:/eval_gate_model/{version}", str(store["test"]), **QUIET)
+    assert not res.gate.passed and res.model_version == str(version)
+    vtags = MlflowClient().get_model_version("eval_gate_model", version).tags
+    assert vtags["churn.gate.status"] == "failed" and vtags["churn.eval.run_id"] == res.run_id
+    assert vtags["churn.gate.roc_auc"].startswith("failed: ") and "< 0.999" in vtags["churn.gate.roc_auc"]
+    assert vtags["churn.gate.log_loss"].startswith("passed: ") and "<= 0.9" in vtags["churn.gate.log_loss"]
+
+
+def test_ray_job_gate_failure_exits_3_after_logging(store):
+    """`python -m ray_jobs.evaluate` (what `ray job submit` runs) takes churn evaluate's arguments."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    res = subprocess.run(
+        [sys.executable, "-m", "ray_jobs.evaluate", "--model-uri", store["weak"], "--data", str(store["test"]),
+         "--gate", "--json", "--set", f"workspace={store['ws'] / '.churn'}", "--set", "evaluation.shap.enabled=false"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")},
+    )
+    assert res.returncode == 3, res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: gate failed: ") and "roc_auc: failed" in last and "Traceback" not in res.stderr
+    payload = json.loads(res.stdout)
+    assert payload["gate"]["status"] == "failed"
+    run = MlflowClient(store["cfg"].tracking_uri).get_run(payload["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["churn.gate.status"] == "failed"
+    assert "failed" in run.data.tags["churn.gate.roc_auc"]
+
+
+def test_cli_gate_pass_exits_0(store):
+    res = run_cli(
+        "evaluate", "--model-uri", store["good"], "--data", str(store["test"]), "--gate",
+        "--set", f"workspace={store['ws'] / '.churn'}", "--set", "evaluation.shap.max_samples=500",
+        "--set", "evaluation.thresholds={roc_auc: 0.85}", cwd=store["ws"],
+    )
+    assert res.returncode == 0, res.stderr
+    assert "gate: passed" in res.stdout and "roc_auc: 0.9" in res.stdout
+
+
+def test_gate_on_unknown_metric_is_rejected_when_the_config_loads(store):
+    with pytest.raises(ConfigError, match="no metric named 'auc'"):
+        load_config(overrides={"evaluation.thresholds": {"auc": 0.8}}, env={})
+    res = run_cli("evaluate", "--model-uri", store["good"], "--data", str(store["test"]),
+                  "--set", "evaluation.thresholds={roc_auc: 0.8, f2: 0.5}", cwd=store["ws"])
+    assert res.returncode == 2
+    assert res.stderr.strip() == (
+        "error: config: evaluation.thresholds: no metric named 'f2' is computed "
+        "(known: roc_auc, pr_auc, accuracy, precision, recall, f1, log_loss, brier_score)"
+    )
+
+
+# Bad input: one line, non-zero exit, no RUNNING run -----------------------------------------
+
+
+def _bad_data(store, name: str, frame: pd.DataFrame) -> Path:
+    path = store["ws"] / name
+    frame.to_csv(path, index=False)
+    return path
+
+
+@pytest.mark.parametrize("case", ["missing_column", "one_class", "unknown_category", "empty_file", "no_model"])
+def test_bad_input_is_one_line_and_leaves_no_running_run(store, case):
+    cfg = _cfg(store)
+    raw = next(iter_chunks(400, seed=5, chunk_rows=400))
+    uri = store["good"]
+    if case == "missing_column":
+        path, match, err = _bad_data(store, "nocol.csv", raw.drop(columns=["Tenure"])), "missing column", DataError
+    elif case == "one_class":
+        raw["Churn"] = 0
+        path, match, err = _bad_data(store, "oneclass.csv", raw), "one class", DataError
+    elif case == "unknown_category":
+        raw = raw.astype({"Gender": object})
+        raw.loc[7, "Gender"] = "Robot"
+        path, match, err = _bad_data(store, "unknown.csv", raw), "unknown category", DataError
+    elif case == "empty_file":
+        path = store["ws"] / "empty.csv"
+        path.write_text("")
+        match, err = "empty", DataError
+    else:
+        path, match, err = _bad_data(store, "fine.csv", raw), "does not resolve", ModelNotFoundError
+        uri = "runs:/ffffffffffffffffffffffffffffffff/model"
+    with pytest.raises(err, match=match) as info:
+        evaluate(cfg, uri, str(path), **QUIET)
+    assert "\n" not in str(info.value)
+    assert no_running_runs(cfg)
+
+
+def test_cli_missing_model_exits_2_before_anything_starts(store):
+    res = run_cli("evaluate", "--model-uri", "models:/no_such_model/3", "--data", str(store["test"]),
+                  "--set", f"workspace={store['ws'] / '.churn'}", cwd=store["ws"])
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("error: model models:/no_such_model/3 does not resolve")
+    assert no_running_runs(store["cfg"])
+
+
+def test_evaluate_on_the_real_kaggle_test_file(store):
+    path = require_shared(KAGGLE_TEST)
+    cfg = _cfg(store, evaluation__shap__max_samples=2000)
+    res = evaluate(cfg, store["good"], str(path), **QUIET)
+    # 64,374 real rows; the file's distribution differs from the generator's, so only sanity here
+    assert res.rows["evaluated"] == 64374 and res.rows["positives"] == 30493
+    assert 0.5 < res.metrics["roc_auc"] <= 1.0 and res.shap["rows"] == 2000
+    assert MlflowClient(cfg.tracking_uri).get_run(res.run_id).data.tags["data.source"] == str(path)
+
+
+def test_metrics_need_no_raw_table_on_the_driver(store):
+    """The sums from many blocks equal the sums of the whole: streaming is exact."""
+    from churnlib.metrics import batch_sums, merge_sums, threshold_metrics
+
+    rng = np.random.default_rng(0)
+    p, y = rng.random(10_000), (rng.random(10_000) < 0.4).astype(float)
+    whole = threshold_metrics(merge_sums([batch_sums(p, y, 0.5, 10)], 10))
+    parts = threshold_metrics(merge_sums([batch_sums(p[i:i + 997], y[i:i + 997], 0.5, 10) for i in range(0, 10_000, 997)], 10))
+    assert parts == pytest.approx(whole)
+    assert whole["log_loss"] == pytest.approx(skm.log_loss(y, p))
