@@ -61,6 +61,41 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_arguments(p_eval)
     p_eval.set_defaults(func=cmd_evaluate)
 
+    p_models = sub.add_parser("models", help="the model registry: register, aliases, promote, rollback, list, info")
+    m_sub = p_models.add_subparsers(dest="models_command", required=True, parser_class=_Parser)
+    p_reg = m_sub.add_parser("register", help="a registry version from a training run's model (idempotent)")
+    p_reg.add_argument("--run-id", required=True)
+    p_reg.add_argument("--alias", help="also point this alias at the version, e.g. staging")
+    p_reg.add_argument("--description")
+    _common(p_reg)
+    p_reg.set_defaults(func=cmd_models_register)
+    p_set = m_sub.add_parser("set-alias", help="point an alias at a version")
+    p_set.add_argument("--version", required=True)
+    p_set.add_argument("--alias", required=True)
+    _common(p_set)
+    p_set.set_defaults(func=cmd_models_set_alias)
+    p_del = m_sub.add_parser("delete-alias", help="remove an alias")
+    p_del.add_argument("--alias", required=True)
+    _common(p_del)
+    p_del.set_defaults(func=cmd_models_delete_alias)
+    p_pro = m_sub.add_parser("promote", help="champion -> this version (default: staging) if its latest evaluation passed")
+    p_pro.add_argument("--version")
+    p_pro.add_argument("--force", action="store_true", help="promote even with no evaluation on record (recorded as a tag)")
+    _common(p_pro)
+    p_pro.set_defaults(func=cmd_models_promote)
+    p_rb = m_sub.add_parser("rollback", help="champion -> previous")
+    _common(p_rb)
+    p_rb.set_defaults(func=cmd_models_rollback)
+    p_list = m_sub.add_parser("list", help="versions with aliases, source run, AUC and gate status")
+    _common(p_list)
+    p_list.set_defaults(func=cmd_models_list)
+    p_info = m_sub.add_parser("info", help="one version in full (default: champion)")
+    which = p_info.add_mutually_exclusive_group()
+    which.add_argument("--version")
+    which.add_argument("--alias")
+    _common(p_info)
+    p_info.set_defaults(func=cmd_models_info)
+
     p_cfg = sub.add_parser("config", help="print the resolved configuration")
     _common(p_cfg)
     p_cfg.set_defaults(func=cmd_config)
@@ -166,6 +201,116 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.gate and not result.gate.passed:
         failed = "; ".join(c.line() for c in result.gate.failures)
         raise GateFailedError(f"gate failed: {failed} (evaluation run {result.run_id})")
+    return 0
+
+
+def _registry(args: argparse.Namespace):
+    from churnlib.registry import Registry
+    from churnlib.runtime import quiet_logs
+
+    quiet_logs(args.verbose)
+    return Registry(_load(args), say=say)
+
+
+def cmd_models_register(args: argparse.Namespace) -> int:
+    reg = _registry(args)
+    info, created = reg.register(args.run_id, alias=args.alias, description=args.description)
+
+    def human() -> None:
+        what = "registered" if created else "already registered as"
+        say(f"{what} {reg.name} version {info.version} from run {args.run_id}"
+            + (f", alias {args.alias}" if args.alias else ""))
+        print(f"version: {info.version}")
+
+    _emit(args, {**info.to_dict(), "created": created}, human)
+    return 0
+
+
+def cmd_models_set_alias(args: argparse.Namespace) -> int:
+    reg = _registry(args)
+    info = reg.set_alias(args.version, args.alias)
+    _emit(args, info.to_dict(), lambda: say(f"{reg.name}@{args.alias} -> version {info.version}"))
+    return 0
+
+
+def cmd_models_delete_alias(args: argparse.Namespace) -> int:
+    reg = _registry(args)
+    version = reg.delete_alias(args.alias)
+    _emit(args, {"alias": args.alias, "was": version},
+          lambda: say(f"deleted {reg.name}@{args.alias} (was version {version})"))
+    return 0
+
+
+def cmd_models_promote(args: argparse.Namespace) -> int:
+    reg = _registry(args)
+    result = reg.promote(args.version, force=args.force)
+
+    def human() -> None:
+        if result["changed"]:
+            prev = f"; previous -> version {result['previous']}" if result["previous"] else ""
+            say(f"promoted {reg.name} version {result['version']} to champion{prev}")
+        print(f"champion: {result['version']}")
+
+    _emit(args, result, human)
+    return 0
+
+
+def cmd_models_rollback(args: argparse.Namespace) -> int:
+    reg = _registry(args)
+    result = reg.rollback()
+
+    def human() -> None:
+        say(f"rolled back {reg.name}: champion -> version {result['champion']} (version {result['demoted']} demoted)")
+        print(f"champion: {result['champion']}")
+
+    _emit(args, result, human)
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    reg = _registry(args)
+    versions = reg.versions()
+
+    def human() -> None:
+        if not versions:
+            say(f"{reg.name}: no versions registered")
+            return
+        rows = [("version", "aliases", "created (UTC)", "source run", "AUC", "gate")]
+        for v in versions:
+            auc, kind = v.auc
+            rows.append((v.version, ",".join(v.aliases) or "-", v.created, (v.run_id or "-")[:12],
+                         f"{auc:.4f} ({kind})" if auc is not None else "-", v.gate))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        print(f"{reg.name}")
+        for r in rows:
+            print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+
+    _emit(args, {"name": reg.name, "versions": [v.to_dict() for v in versions]}, human)
+    return 0
+
+
+def cmd_models_info(args: argparse.Namespace) -> int:
+    from churnlib.errors import RegistryError
+
+    reg = _registry(args)
+    if args.version:
+        info = reg.version(args.version)
+    else:
+        alias = args.alias or "champion"
+        info = reg.alias(alias)
+        if info is None:
+            raise RegistryError(f"{reg.name} has no alias {alias!r}")
+
+    def human() -> None:
+        d = info.to_dict()
+        print(f"{info.name} version {info.version}")
+        for key in ("aliases", "created", "run_id", "source", "description", "auc", "gate"):
+            value = ", ".join(d[key]) if isinstance(d[key], list) else d[key]
+            print(f"  {key}: {value if value not in (None, '') else '-'}")
+        for key, value in sorted(info.tags.items()):
+            print(f"  tag {key}: {value}")
+
+    _emit(args, info.to_dict(), human)
     return 0
 
 

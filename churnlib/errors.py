@@ -70,3 +70,15 @@ class GateFailedError(ChurnError):
     """A deployment gate refused the model; everything was logged first (exit 3)."""
 
     exit_code = 3
+
+
+class RegistryError(ChurnError):
+    """A registry request that cannot be done: unknown version, no staging version, nothing to roll back to (exit 2)."""
+
+    exit_code = 2
+
+
+class PromotionRefusedError(ChurnError):
+    """A promotion refused by its gates (or for want of an evaluation); no alias moved (exit 3)."""
+
+    exit_code = 3

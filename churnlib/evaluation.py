@@ -48,6 +48,7 @@ TAG_MODEL_NAME = "churn.model_name"
 TAG_MODEL_VERSION = "churn.model_version"
 TAG_BASELINE_URI = "churn.baseline_uri"
 TAG_BASELINE_VERSION = "churn.baseline_version"
+TAG_BASELINE_NAME = "churn.baseline_name"
 TAG_VERDICT = "churn.comparison.verdict"
 TAG_EVAL_RUN = "churn.eval.run_id"
 
@@ -375,6 +376,8 @@ def _log_evaluation(
     if baseline_uri:
         tags[TAG_BASELINE_URI] = baseline_uri
         tags[TAG_BASELINE_VERSION] = str(baseline.ref.version) if baseline is not None and baseline.ref.version else "none"
+        if baseline is not None and baseline.ref.name:
+            tags[TAG_BASELINE_NAME] = baseline.ref.name
     if comparison is not None:
         tags[TAG_VERDICT] = comparison.verdict
     name = run_name or f"evaluate-{ref.name + '-v' + str(ref.version) if ref.name else (ref.run_id or 'model')[:8]}"
@@ -461,8 +464,7 @@ def _log_evaluation(
             },
             "evaluation.json",
         )
-        if ref.name and ref.version:
-            _tag_version(client, ref, gate, run_id, tags)
+        _tag_versions(client, cfg, ref, tags, metrics, run_id)
 
 
 def _slice(expl, idx):
@@ -471,11 +473,36 @@ def _slice(expl, idx):
     return Explanation(expl.values[idx], expl.base_values[idx], expl.X[idx], expl.feature_names, expl.kind)
 
 
-def _tag_version(client: Any, ref: Any, gate: Any, run_id: str, run_tags: dict[str, str]) -> None:
-    """The gate outcome on the registry version, so `churn models` shows and checks it."""
-    tags = {**gate.tags(), TAG_EVAL_RUN: run_id, "churn.eval.time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+def version_tags(run_tags: dict[str, str], metrics: dict[str, float], run_id: str) -> dict[str, str]:
+    """What a registry version carries of its latest evaluation: gate outcome, headline metrics, baseline."""
+    tags = {k: v for k, v in run_tags.items() if k.startswith("churn.gate.")}
+    tags[TAG_EVAL_RUN] = run_id
+    for key in ("roc_auc", "accuracy", "log_loss"):
+        if key in metrics:
+            tags[f"churn.eval.{key}"] = f"{metrics[key]:.6g}"
     for key in (TAG_BASELINE_URI, TAG_BASELINE_VERSION, TAG_VERDICT):
         if key in run_tags:
             tags[key] = run_tags[key]
-    for key, value in tags.items():
-        client.set_model_version_tag(ref.name, ref.version, key, value)
+    return tags
+
+
+def _tag_versions(client: Any, cfg: Any, ref: Any, run_tags: dict[str, str], metrics: dict[str, float], run_id: str) -> None:
+    """The outcome on the registry version evaluated, so `churn models` shows it.
+
+    A ``runs:/`` URI names no version; the versions registered from that run
+    (under ``model.registered_name``) are the same model and get the tags too.
+    """
+    tags = version_tags(run_tags, metrics, run_id)
+    if ref.name and ref.version:
+        targets = [(ref.name, ref.version)]
+    elif ref.run_id:
+        try:
+            found = client.search_model_versions(f"name = '{cfg.model.registered_name}' and run_id = '{ref.run_id}'")
+        except Exception:  # noqa: BLE001 - no registered model yet
+            found = []
+        targets = [(mv.name, mv.version) for mv in found]
+    else:
+        targets = []
+    for name, version in targets:
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, value)

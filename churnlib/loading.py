@@ -82,7 +82,8 @@ def resolve(uri: str) -> ModelRef:
             try:
                 mv = client.get_model_version_by_alias(name, alias)
             except MlflowException as exc:
-                if getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+                # no such registered model, or no such alias on it (stores differ in the code)
+                if getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
                     raise NoSuchAliasError(f"model {uri} does not resolve: {name!r} has no alias {alias!r}") from None
                 raise
             return ModelRef(uri, f"models:/{name}/{mv.version}", mv.run_id, name, str(mv.version), alias, getattr(mv, "model_id", None))

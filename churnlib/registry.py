@@ -1,0 +1,404 @@
+"""The model registry lifecycle: register, aliases, gated promotion, rollback.
+
+Aliases and tags only (MLflow stages are deprecated). The aliases the system
+uses are ``staging`` (candidate), ``champion`` (what serving answers with),
+``production`` (free for a team's own use) and ``previous`` (the champion
+before the last promotion: what ``rollback`` returns to).
+
+``promote`` moves ``champion`` only when the version's LATEST evaluation (the
+newest finished ``churn evaluate`` run of the version's training run) passed
+its gates, and, with ``evaluation.require_improvement``, was judged
+significantly better than the CURRENT champion. Everything is checked before
+the first alias moves; a refusal changes nothing and exits 3.
+
+Concurrency: on a local store (SQLite or files) promotions and rollbacks take
+an exclusive file lock, so two racing processes run one after the other. On a
+tracking server there is no lock to take (MLflow has no transactions on
+aliases); there every alias write still points at a version that passed its
+gates, which is the invariant that matters, and the command re-reads the
+aliases afterwards and reports a lost race.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import getpass
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from churnlib.console import say as default_say
+from churnlib.errors import PromotionRefusedError, RegistryError, TrackingError
+from churnlib.evaluation import (
+    TAG_BASELINE_NAME,
+    TAG_BASELINE_VERSION,
+    TAG_COMMAND,
+    TAG_TRAINING_RUN,
+    TAG_VERDICT,
+    version_tags,
+)
+from churnlib.gates import TAG_STATUS, TAG_SUMMARY
+
+STAGING, CHAMPION, PRODUCTION, PREVIOUS = "staging", "champion", "production", "previous"
+SYSTEM_ALIASES = (STAGING, CHAMPION, PRODUCTION, PREVIOUS)
+
+TAG_PROMOTED_AT = "churn.promoted_at"
+TAG_PROMOTED_BY = "churn.promoted_by"
+TAG_PROMOTED_FROM = "churn.promoted_from"
+TAG_FORCED = "churn.promotion.forced"
+TAG_ROLLED_BACK = "churn.rolled_back"
+# Training metrics copied onto a version when it is registered.
+KEY_METRICS = ("best_valid_auc", "best_valid_logloss", "best_valid_error", "best_iteration", "train_rows", "valid_rows")
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _who() -> str:
+    try:
+        user = getpass.getuser()
+    except Exception:  # noqa: BLE001 - no login name in some containers
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+@contextlib.contextmanager
+def mlflow_errors(what: str) -> Iterator[None]:
+    """MLflow failures inside a registry command -> one line (not found: exit 2; anything else: exit 1)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as exc:
+        first = (str(exc.message).strip().splitlines() or ["?"])[0][:300]
+        if getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+            raise RegistryError(f"{what}: {first}") from None
+        if getattr(exc, "error_code", "") == "INVALID_PARAMETER_VALUE":
+            raise RegistryError(f"{what}: {first}") from None
+        raise TrackingError(f"{what}: MLflow: {first}") from None
+    except OSError as exc:
+        raise TrackingError(f"{what}: {exc}") from None
+
+
+@dataclass
+class VersionInfo:
+    name: str
+    version: str
+    aliases: list[str]
+    run_id: str | None
+    created: str
+    source: str
+    description: str
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, mv: Any) -> "VersionInfo":
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(mv.creation_timestamp / 1000)) if mv.creation_timestamp else ""
+        return cls(
+            name=mv.name, version=str(mv.version), aliases=sorted(mv.aliases or []), run_id=mv.run_id, created=created,
+            source=mv.source, description=mv.description or "", tags=dict(mv.tags or {}),
+        )
+
+    @property
+    def auc(self) -> tuple[float | None, str]:
+        """The latest evaluation's ROC AUC if there is one, else the training validation AUC."""
+        for key, kind in (("churn.eval.roc_auc", "eval"), ("train.best_valid_auc", "valid")):
+            if key in self.tags:
+                try:
+                    return float(self.tags[key]), kind
+                except ValueError:
+                    pass
+        return None, ""
+
+    @property
+    def gate(self) -> str:
+        return self.tags.get(TAG_STATUS, "not evaluated")
+
+    def to_dict(self) -> dict[str, Any]:
+        auc, kind = self.auc
+        return {"name": self.name, "version": self.version, "aliases": self.aliases, "run_id": self.run_id,
+                "created": self.created, "source": self.source, "description": self.description,
+                "auc": auc, "auc_source": kind, "gate": self.gate, "tags": self.tags}
+
+
+class Registry:
+    """The registered model ``model.registered_name`` on the configured registry."""
+
+    def __init__(self, cfg: Any, say: Callable[[str], None] = default_say):
+        from mlflow import MlflowClient
+
+        from churnlib import tracking
+
+        tracking.connect(cfg)  # a server that is down: one line, exit 1, before anything
+        self.cfg = cfg
+        self.name = cfg.model.registered_name
+        self.client = MlflowClient(tracking_uri=cfg.tracking_uri, registry_uri=cfg.registry_uri)
+        self.say = say
+
+    # Reading -----------------------------------------------------------------------------
+
+    def version(self, version: str | int) -> VersionInfo:
+        from mlflow.exceptions import MlflowException
+
+        with mlflow_errors(f"{self.name} version {version}"):
+            try:
+                return VersionInfo.of(self.client.get_model_version(self.name, str(version)))
+            except MlflowException as exc:
+                if getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                    raise RegistryError(f"{self.name} has no version {version}") from None
+                raise
+
+    def alias(self, alias: str) -> VersionInfo | None:
+        """The version behind ``alias``, or None when the alias (or the model) does not exist."""
+        from mlflow.exceptions import MlflowException
+
+        with mlflow_errors(f"{self.name}@{alias}"):
+            try:
+                return VersionInfo.of(self.client.get_model_version_by_alias(self.name, alias))
+            except MlflowException as exc:
+                if getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                    return None
+                raise
+
+    def versions(self) -> list[VersionInfo]:
+        with mlflow_errors(f"listing {self.name}"):
+            found = self.client.search_model_versions(f"name = '{self.name}'")
+        # search results do not carry aliases on every store: take them from the registered model
+        by_version: dict[str, list[str]] = {}
+        for alias, version in self.aliases().items():
+            by_version.setdefault(version, []).append(alias)
+        out = []
+        for mv in found:
+            info = VersionInfo.of(mv)
+            info.aliases = sorted(by_version.get(info.version, []))
+            out.append(info)
+        return sorted(out, key=lambda v: int(v.version), reverse=True)
+
+    def aliases(self) -> dict[str, str]:
+        from mlflow.exceptions import MlflowException
+
+        with mlflow_errors(f"reading {self.name}"):
+            try:
+                rm = self.client.get_registered_model(self.name)
+            except MlflowException as exc:
+                if getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+                    return {}
+                raise
+        return {a: str(v) for a, v in (rm.aliases or {}).items()}
+
+    def latest_evaluation(self, run_id: str) -> Any | None:
+        """The newest finished `churn evaluate` run of a training run (any experiment)."""
+        import mlflow
+
+        with mlflow_errors(f"searching evaluations of run {run_id}"):
+            runs = mlflow.search_runs(
+                search_all_experiments=True,
+                filter_string=(
+                    f"tags.`{TAG_TRAINING_RUN}` = '{run_id}' and tags.`{TAG_COMMAND}` = 'evaluate' "
+                    "and attributes.status = 'FINISHED'"
+                ),
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+                output_format="list",
+            )
+        return runs[0] if runs else None
+
+    # Writing ------------------------------------------------------------------------------
+
+    def register(self, run_id: str, alias: str | None = None, description: str | None = None) -> tuple[VersionInfo, bool]:
+        """A version from the run's model (the existing one when the run is already registered).
+
+        -> (version, created). The version is created with all its tags in one
+        call, so a failure never leaves a half-tagged version behind.
+        """
+        from mlflow.exceptions import MlflowException
+
+        from churnlib.loading import logged_model_uri
+
+        if alias is not None:
+            _check_alias_name(alias)
+        source = logged_model_uri(run_id)  # one line when the run or its model does not exist
+        with mlflow_errors(f"registering run {run_id}"):
+            existing = self.client.search_model_versions(f"name = '{self.name}' and run_id = '{run_id}'")
+            if existing:
+                mv = min(existing, key=lambda v: int(v.version))
+                info, created = VersionInfo.of(mv), False
+            else:
+                try:
+                    self.client.create_registered_model(self.name, tags={"churn.project": "churn-prediction"})
+                except MlflowException as exc:
+                    if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+                        raise
+                mv = self.client.create_model_version(
+                    self.name, source=source, run_id=run_id, tags=self._registration_tags(run_id),
+                    description=description, model_id=source.split("/")[-1],
+                )
+                info, created = VersionInfo.of(mv), True
+            if alias is not None:
+                self.client.set_registered_model_alias(self.name, alias, info.version)
+                info = self.version(info.version)
+        return info, created
+
+    def _registration_tags(self, run_id: str) -> dict[str, str]:
+        run = self.client.get_run(run_id)
+        tags = {f"train.{k}": f"{run.data.metrics[k]:.6g}" for k in KEY_METRICS if k in run.data.metrics}
+        for key in ("data.digest", "data.source"):
+            if key in run.data.tags:
+                tags[key] = run.data.tags[key]
+        tags["churn.registered_by"] = _who()
+        tags["churn.registered_at"] = _now()
+        latest = self.latest_evaluation(run_id)
+        if latest is not None:
+            tags.update(version_tags(latest.data.tags, latest.data.metrics, latest.info.run_id))
+        return tags
+
+    def set_alias(self, version: str | int, alias: str) -> VersionInfo:
+        _check_alias_name(alias)
+        self.version(version)  # one line when the version does not exist
+        with mlflow_errors(f"setting {self.name}@{alias}"):
+            self.client.set_registered_model_alias(self.name, alias, str(version))
+        return self.version(version)
+
+    def delete_alias(self, alias: str) -> str:
+        current = self.alias(alias)
+        if current is None:
+            raise RegistryError(f"{self.name} has no alias {alias!r}")
+        with mlflow_errors(f"deleting {self.name}@{alias}"):
+            self.client.delete_registered_model_alias(self.name, alias)
+        return current.version
+
+    # Promotion ----------------------------------------------------------------------------
+
+    def promote(self, version: str | int | None = None, force: bool = False) -> dict[str, Any]:
+        with self._lock():
+            if version is None:
+                staged = self.alias(STAGING)
+                if staged is None:
+                    raise RegistryError(f"{self.name} has no {STAGING!r} version: give --version N or set the alias first")
+                target = staged
+            else:
+                target = self.version(version)
+            champion = self.alias(CHAMPION)
+            if champion is not None and champion.version == target.version:
+                self.say(f"promote: version {target.version} is already {CHAMPION}; nothing to do")
+                return {"version": target.version, "previous": None, "changed": False}
+            evidence = self._check_promotion(target, champion, force)
+            # Everything checked: now the aliases move (previous first, so a
+            # failure in between leaves champion where it was).
+            with mlflow_errors(f"promoting {self.name} version {target.version}"):
+                if champion is not None:
+                    self.client.set_registered_model_alias(self.name, PREVIOUS, champion.version)
+                self.client.set_registered_model_alias(self.name, CHAMPION, target.version)
+                stamp = {TAG_PROMOTED_AT: _now(), TAG_PROMOTED_BY: _who(),
+                         TAG_PROMOTED_FROM: champion.version if champion is not None else "none"}
+                if evidence is None:
+                    stamp[TAG_FORCED] = f"forced without an evaluation by {stamp[TAG_PROMOTED_BY]} at {stamp[TAG_PROMOTED_AT]}"
+                for key, value in stamp.items():
+                    self.client.set_model_version_tag(self.name, target.version, key, value)
+        after = self.alias(CHAMPION)
+        if after is None or after.version != target.version:
+            self.say(f"promote: another promotion moved {CHAMPION} to version {after.version if after else 'none'} meanwhile")
+        return {
+            "version": target.version,
+            "previous": champion.version if champion is not None else None,
+            "changed": True,
+            "forced": evidence is None,
+            "evaluation_run_id": evidence.info.run_id if evidence is not None else None,
+        }
+
+    def _check_promotion(self, target: VersionInfo, champion: VersionInfo | None, force: bool) -> Any | None:
+        """The evaluation that allows the promotion, or a PromotionRefusedError; None when forced."""
+        if not target.run_id:
+            raise RegistryError(f"{self.name} version {target.version} has no source run to find its evaluation")
+        evaluation = self.latest_evaluation(target.run_id)
+        if evaluation is None:
+            if force:
+                self.say(f"promote: no evaluation of version {target.version} on record; promoting anyway (--force)")
+                return None
+            raise PromotionRefusedError(
+                f"refused: {self.name} version {target.version} has no evaluation on record "
+                f"(run churn evaluate --model-uri models:/{self.name}/{target.version} --data ..., or give --force)"
+            )
+        tags = evaluation.data.tags
+        status = tags.get(TAG_STATUS)
+        if status != "passed":
+            raise PromotionRefusedError(
+                f"refused: the latest evaluation of {self.name} version {target.version} "
+                f"(run {evaluation.info.run_id}) failed its gates: {tags.get(TAG_SUMMARY, status or 'no gate result')}"
+            )
+        if self.cfg.evaluation.require_improvement and champion is not None:
+            against = tags.get(TAG_BASELINE_VERSION)
+            same_model = tags.get(TAG_BASELINE_NAME, self.name) == self.name
+            if against != champion.version or not same_model:
+                raise PromotionRefusedError(
+                    f"refused: evaluation.require_improvement is on and the latest evaluation of version "
+                    f"{target.version} (run {evaluation.info.run_id}) was not compared with the current champion "
+                    f"(version {champion.version}); evaluate with --compare-baseline models:/{self.name}@{CHAMPION}"
+                )
+            if tags.get(TAG_VERDICT) != "better":
+                raise PromotionRefusedError(
+                    f"refused: version {target.version} is {tags.get(TAG_VERDICT, 'not shown to be better')} "
+                    f"compared with the champion (version {champion.version}); evaluation.require_improvement is on"
+                )
+        return evaluation
+
+    def rollback(self) -> dict[str, Any]:
+        """``champion`` back to ``previous``; the demoted version is tagged as rolled back."""
+        with self._lock():
+            champion, previous = self.alias(CHAMPION), self.alias(PREVIOUS)
+            if previous is None:
+                raise RegistryError(f"{self.name} has no {PREVIOUS!r} version to roll back to")
+            if champion is not None and champion.version == previous.version:
+                raise RegistryError(f"{CHAMPION} and {PREVIOUS} are both version {previous.version}: nothing to roll back")
+            # The version before `previous` (if it is still a sound one) becomes the new `previous`.
+            earlier = previous.tags.get(TAG_PROMOTED_FROM)
+            with mlflow_errors(f"rolling back {self.name}"):
+                self.client.set_registered_model_alias(self.name, CHAMPION, previous.version)
+                if champion is not None:
+                    self.client.set_model_version_tag(
+                        self.name, champion.version, TAG_ROLLED_BACK,
+                        f"rolled back to version {previous.version} by {_who()} at {_now()}",
+                    )
+                next_previous = None
+                if earlier and earlier not in ("none", previous.version) and (champion is None or earlier != champion.version):
+                    candidate = self.client.get_model_version(self.name, earlier)
+                    if TAG_ROLLED_BACK not in (candidate.tags or {}):
+                        next_previous = earlier
+                if next_previous:
+                    self.client.set_registered_model_alias(self.name, PREVIOUS, next_previous)
+                else:
+                    self.client.delete_registered_model_alias(self.name, PREVIOUS)
+        return {"champion": previous.version, "demoted": champion.version if champion else None, "previous": next_previous}
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        """Exclusive across processes for a local store; a no-op for a server (see module doc)."""
+        uri = self.cfg.registry_uri
+        if uri.startswith("sqlite:///"):
+            lock_path = Path(uri[len("sqlite:///"):] + ".registry.lock")
+        elif uri.startswith("file:") or "://" not in uri:
+            lock_path = Path(uri.removeprefix("file://").removeprefix("file:")) / ".registry.lock"
+        else:
+            yield
+            return
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock_path, "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _check_alias_name(alias: str) -> None:
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9_\-]+", alias) or alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
+        raise RegistryError(
+            f"invalid alias {alias!r}: letters, digits, '_' and '-' only, not 'latest' or a version like 'v3'"
+        )
+
