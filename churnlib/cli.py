@@ -96,6 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p_info)
     p_info.set_defaults(func=cmd_models_info)
 
+    p_serve = sub.add_parser("serve", help="serve the champion over HTTP with Ray Serve (blocks until Ctrl-C)")
+    p_serve.add_argument("--port", type=int, help="HTTP port (default: serve.port, 8000)")
+    p_serve.add_argument("--alias", help="alias to serve and follow (default: serve.alias, champion)")
+    p_serve.add_argument("--replicas", type=int, help="replicas (default: serve.replicas)")
+    p_serve.add_argument("--model-uri", help="serve this one model instead of following an alias")
+    _common(p_serve)
+    p_serve.set_defaults(func=cmd_serve)
+
     p_cfg = sub.add_parser("config", help="print the resolved configuration")
     _common(p_cfg)
     p_cfg.set_defaults(func=cmd_config)
@@ -311,6 +319,16 @@ def cmd_models_info(args: argparse.Namespace) -> int:
             print(f"  tag {key}: {value}")
 
     _emit(args, info.to_dict(), human)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from churnlib.serving import run_until_interrupted
+
+    cfg = _load(args)
+    builder_args = {"config": args.config, "set": args.sets, "alias": args.alias, "replicas": args.replicas,
+                    "model_uri": args.model_uri}
+    run_until_interrupted(cfg, builder_args, port=args.port or cfg.serve.port, verbose=args.verbose, say=say)
     return 0
 
 

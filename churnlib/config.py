@@ -166,6 +166,22 @@ class ScoringConfig(_Section):
     cpus_per_actor: float = Field(gt=0.0)
 
 
+class ServeConfig(_Section):
+    import_path: str = Field(pattern=r"^[\w.]+:[\w]+$")
+    alias: str = Field(min_length=1)
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    replicas: int = Field(ge=1)
+    cpus_per_replica: float = Field(gt=0.0)
+    gpus_per_replica: float = Field(ge=0.0)
+    poll_interval_s: float = Field(gt=0.0)
+    max_batch_size: int = Field(ge=1)
+    batch_wait_timeout_s: float = Field(ge=0.0)
+    max_ongoing_requests: int = Field(ge=1)
+    max_records: int = Field(ge=1)
+    top_reasons: int = Field(ge=1)
+
+
 class TargetConfig(_Section):
     column: str = Field(min_length=1)
     positive: str | int | bool
@@ -224,6 +240,7 @@ class Config(_Section):
     ray: RayConfig
     scoring: ScoringConfig
     evaluation: EvaluationConfig
+    serve: ServeConfig
     features: FeaturesConfig
 
     @model_validator(mode="after")

@@ -119,6 +119,8 @@ def _blank_mask(series: pd.Series) -> np.ndarray:
         return series.isna().to_numpy(dtype=bool, na_value=True)
     # Work on the distinct values (few, for the columns this sees), then map back.
     codes, uniques = pd.factorize(series, use_na_sentinel=True)
+    if len(uniques) == 0:  # every cell null (an object column of None)
+        return codes < 0
     blank_unique = _is_blank_text(np.asarray(uniques, dtype=object))
     return (codes < 0) | blank_unique[np.maximum(codes, 0)] & (codes >= 0)
 
@@ -232,6 +234,12 @@ def to_matrix(records: pd.DataFrame | Mapping[str, Any] | list[Mapping[str, Any]
     for a missing column, a non-numeric value in a numeric column, or a level the
     config does not list. Empty cells are missing values (NaN), not errors.
     """
+    if not isinstance(records, pd.DataFrame):
+        rows = [records] if isinstance(records, Mapping) else records
+        if isinstance(rows, list) and all(isinstance(r, Mapping) for r in rows):
+            fast = _records_fast(rows, spec)
+            if fast is not None:
+                return fast
     df = _as_frame(records)
     absent = [c for c in spec.feature_names if c not in df.columns]
     if absent:
@@ -251,6 +259,54 @@ def to_matrix(records: pd.DataFrame | Mapping[str, Any] | list[Mapping[str, Any]
         raise FeatureError(
             f"column {col!r}: {what}, first at row {rows[0]}: {first!r}{allowed}", column=col, rows=rows.tolist()
         )
+    return X
+
+
+def _records_fast(rows: list[Mapping[str, Any]], spec: FeatureSpec) -> np.ndarray | None:
+    """``to_matrix`` for a few clean records without building a DataFrame (serving's path).
+
+    Handles exactly the cells whose meaning is plain: numbers (not bools) or
+    None/NaN in numeric columns, level strings (matched after stripping) or
+    None in categorical ones, every column present in at least one record.
+    Anything else (numeric text, a blank-like string, an unknown level, a
+    column absent from every record) returns None and the DataFrame path
+    decides, with its exact rules and error messages. A test checks both
+    paths agree cell for cell.
+    """
+    n = len(rows)
+    if n == 0 or n > 256:
+        return None
+    names = spec.feature_names
+    for col in names:
+        if not any(col in r for r in rows):
+            return None
+    X = np.empty((n, len(names)), dtype=np.float32)
+    n_num = len(spec.numeric)
+    for i, r in enumerate(rows):
+        for j in range(n_num):
+            v = r.get(names[j])
+            if v is None:
+                X[i, j] = np.nan
+            elif type(v) is float or type(v) is int:
+                if v != v:
+                    X[i, j] = np.nan
+                elif v in (float("inf"), float("-inf")):
+                    return None
+                else:
+                    X[i, j] = float(v)  # via float64, as the DataFrame path rounds
+            else:
+                return None
+        for k, (col, _) in enumerate(spec.categorical):
+            v = r.get(col)
+            if v is None or (type(v) is float and v != v):
+                X[i, n_num + k] = np.nan
+            elif type(v) is str:
+                code = spec._levels[col].get(v.strip())
+                if code is None:
+                    return None
+                X[i, n_num + k] = code
+            else:
+                return None
     return X
 
 

@@ -121,3 +121,39 @@ def test_target_outside_the_two_classes_is_invalid():
 def test_spec_round_trips_through_json(spec):
     again = FeatureSpec.from_json(spec.to_json())
     assert again == spec and again.feature_names == spec.feature_names
+
+
+def test_records_fast_path_agrees_with_the_dataframe_path(spec):
+    """Lists of dicts skip pandas when every cell is plain; the answer (or error) is the same."""
+    import random
+
+    from churnlib.features import _records_fast
+
+    rng = random.Random(3)
+    plain_numbers = [None, float("nan"), 0, 7, -3, 2.5, 1e9 + 1, 16777217]
+    odd_numbers = ["12", " 4 ", "", "abc", True, float("inf")]
+    plain_levels = {c: list(lv) + [None, float("nan"), " Male "] for c, lv in spec.categorical}
+    odd_levels = ["", "n/a", "Unknown", 3]
+
+    def cell(plain: list, odd: list):
+        return rng.choice(odd) if rng.random() < 0.03 else rng.choice(plain)
+
+    fast_used = 0
+    for _ in range(400):
+        rows = []
+        for _ in range(rng.randint(1, 4)):
+            r = {c: cell(plain_numbers, odd_numbers) for c in spec.numeric}
+            r.update({c: cell(v, odd_levels) for c, v in plain_levels.items()})
+            if rng.random() < 0.1:
+                r.pop(rng.choice(spec.feature_names))
+            rows.append(r)
+        fast_used += _records_fast(rows, spec) is not None
+        try:
+            expected = to_matrix(pd.DataFrame(rows), spec)
+        except FeatureError as exc:
+            with pytest.raises(FeatureError) as info:
+                to_matrix(rows, spec)
+            assert str(info.value) == str(exc)
+            continue
+        np.testing.assert_array_equal(to_matrix(rows, spec), expected)
+    assert fast_used > 20  # the fast path really ran, not only the fallback

@@ -1,0 +1,395 @@
+"""Ray Serve on the session's Ray instance with small real models: every endpoint, every 4xx,
+the alias moving under a stream of requests, a version that fails to load, no champion at
+start, the API key, Prometheus metrics, serve/config.yaml and `churn serve`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import requests
+import yaml
+
+from churnlib.generate import generate, iter_chunks
+from churnlib.registry import Registry
+from tests.conftest import REPO, free_port, log_local_model, make_config, run_cli
+
+QUIET = {"say": lambda m: None}
+# Replicas share the session's 2 CPUs with everything else.
+SERVE_TEST = {"serve.cpus_per_replica": 0.25, "serve.poll_interval_s": 0.5, "serve.max_records": 50}
+
+
+@pytest.fixture(scope="module")
+def http(ray_session):
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def lab(ray_session, tmp_path_factory):
+    ws = tmp_path_factory.mktemp("serve")
+    cfg = make_config(ws)
+    data = generate(4000, ws / "train.parquet", seed=9)
+    runs = {
+        "a": log_local_model(cfg, data, rounds=30, run_name="a", max_depth=4),
+        "b": log_local_model(cfg, data, rounds=8, run_name="b", max_depth=2),
+    }
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+
+    class NotAChurnModel(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input, params=None):
+            return model_input
+
+    with mlflow.start_run(run_name="broken") as run:
+        mlflow.pyfunc.log_model(name="model", python_model=NotAChurnModel())
+    runs["broken"] = run.info.run_id
+    records = next(iter_chunks(40, seed=21, chunk_rows=40))
+    return {"ws": ws, "cfg": cfg, "runs": runs, "records": records}
+
+
+def overrides(lab, **extra) -> list[str]:
+    values = {"workspace": str(lab["ws"] / ".churn"), **SERVE_TEST, **extra}
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+@pytest.fixture
+def deploy(http):
+    """Deploy an app under its own route prefix; deleted after the test."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    names = []
+
+    def _deploy(name: str, args: dict) -> str:
+        serve.run(build_app(args), name=name, route_prefix=f"/{name}")
+        names.append(name)
+        return f"{http}/{name}"
+
+    yield _deploy
+    for name in names:
+        serve.delete(name)
+
+
+def raw(lab, i: int = 0) -> dict:
+    rec = lab["records"].drop(columns=["Churn"]).iloc[i].to_dict()
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in rec.items()}
+
+
+@pytest.fixture(scope="module")
+def pinned(lab, http):
+    """Model `a` served by a UriLoader (injected): no registry involved. One app for the module."""
+    from ray import serve
+
+    from serve.app import UriLoader, build_app
+
+    loader = UriLoader(f"runs:/{lab['runs']['a']}/model", lab["cfg"].tracking_uri)
+    serve.run(build_app({"set": overrides(lab), "loader": loader}), name="pinned", route_prefix="/pinned")
+    yield f"{http}/pinned"
+    serve.delete("pinned")
+
+
+def test_predict_single_and_list_match_the_pyfunc(lab, pinned):
+    records = [raw(lab, i) for i in range(10)]
+    expected = mlflow.pyfunc.load_model(f"runs:/{lab['runs']['a']}/model").predict(lab["records"].head(10))
+    one = requests.post(f"{pinned}/predict", json=records[0], timeout=30)
+    assert one.status_code == 200
+    body = one.json()
+    assert body["churn_probability"] == pytest.approx(expected["churn_probability"].iloc[0], rel=1e-6)
+    assert body["churn_label"] == int(expected["churn_label"].iloc[0])
+    assert body["customer_id"] == records[0]["CustomerID"] and body["model_name"] == "xgboost_churn"
+    many = requests.post(f"{pinned}/predict", json=records, timeout=30).json()
+    assert [a["churn_probability"] for a in many] == pytest.approx(expected["churn_probability"].tolist(), rel=1e-6)
+    assert [a["customer_id"] for a in many] == [r["CustomerID"] for r in records]
+    # the id is optional; a missing value (null) is fine
+    no_id = {k: v for k, v in records[1].items() if k != "CustomerID"}
+    no_id["Age"] = None
+    res = requests.post(f"{pinned}/predict", json=no_id, timeout=30).json()
+    assert "customer_id" not in res and 0 <= res["churn_probability"] <= 1
+
+
+def test_concurrent_single_records_are_batched_and_correct(lab, pinned):
+    from concurrent.futures import ThreadPoolExecutor
+
+    records = [raw(lab, i) for i in range(40)]
+    expected = mlflow.pyfunc.load_model(f"runs:/{lab['runs']['a']}/model").predict(lab["records"])
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda r: requests.post(f"{pinned}/predict", json=r, timeout=60).json(), records))
+    got = {a["customer_id"]: a["churn_probability"] for a in answers}
+    for rec, p in zip(records, expected["churn_probability"]):
+        assert got[rec["CustomerID"]] == pytest.approx(p, rel=1e-6)
+
+
+def test_explain_is_additive_and_sorted(lab, pinned):
+    records = [raw(lab, i) for i in range(5)]
+    answers = requests.post(f"{pinned}/explain", json=records, timeout=30).json()
+    for a, rec in zip(answers, records):
+        margin = a["base_value"] + sum(a["contributions"].values())
+        assert 1 / (1 + math.exp(-margin)) == pytest.approx(a["churn_probability"], abs=1e-5)
+        assert set(a["contributions"]) == set(lab["cfg"].features.numeric) | set(lab["cfg"].features.categorical)
+        sizes = [abs(r["contribution"]) for r in a["top_reasons"]]
+        assert len(sizes) == 3 and sizes == sorted(sizes, reverse=True)
+        for reason in a["top_reasons"]:  # raw values: category strings, not codes
+            assert reason["value"] == rec[reason["feature"]] or reason["value"] == pytest.approx(rec[reason["feature"]])
+    single = requests.post(f"{pinned}/explain", json=records[0], timeout=30).json()
+    assert single["contributions"] == pytest.approx(answers[0]["contributions"])
+
+
+def test_model_healthz_and_docs(lab, pinned):
+    info = requests.get(f"{pinned}/model", timeout=30).json()
+    assert info["run_id"] == lab["runs"]["a"] and info["decision_threshold"] == 0.5 and info["loaded_at"]
+    health = requests.get(f"{pinned}/healthz", timeout=30)
+    assert health.status_code == 200 and health.json()["status"] == "ready"
+    assert requests.get(f"{pinned}/docs", timeout=30).status_code == 200
+    spec = requests.get(f"{pinned}/openapi.json", timeout=30).json()
+    assert {"/predict", "/explain", "/healthz", "/model"} <= set(spec["paths"])
+    schema = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert "Contract Length" in schema["anyOf"][0]["properties"]
+
+
+@pytest.mark.parametrize(("mutate", "status", "detail"), [
+    (lambda r: r.pop("Tenure"), 422, "record 0, field 'Tenure': Field required"),
+    (lambda r: r.update({"Age": "old"}), 422, "record 0, field 'Age': Input should be a valid number"),
+    (lambda r: r.update({"Gender": "Robot"}), 422, "record 0, field 'Gender': Input should be 'Female' or 'Male'"),
+    (lambda r: r.update({"Total Spend": 1e400}), 422, "record 0, field 'Total Spend': Input should be a finite number"),
+])
+def test_bad_single_records_are_422_naming_the_field(lab, pinned, mutate, status, detail):
+    rec = raw(lab)
+    mutate(rec)
+    body = json.dumps(rec)  # Python's json writes Infinity, as some clients do
+    for endpoint in ("predict", "explain"):
+        res = requests.post(f"{pinned}/{endpoint}", data=body, timeout=30)
+        assert res.status_code == status and res.json()["detail"].startswith(detail), res.text
+
+
+def test_bad_lists_and_bodies(lab, pinned):
+    good = raw(lab)
+    bad = dict(good, **{"Contract Length": "Weekly"})
+    res = requests.post(f"{pinned}/predict", json=[good, good, bad], timeout=30)
+    assert res.status_code == 422 and res.json()["detail"].startswith("record 2, field 'Contract Length'")
+    assert res.json()["errors"][0] == {"record": 2, "field": "Contract Length", "type": "literal_error",
+                                       "message": "Input should be 'Monthly', 'Quarterly' or 'Annual'"}
+    res = requests.post(f"{pinned}/predict", json=[], timeout=30)
+    assert res.status_code == 422 and res.json()["detail"].startswith("empty list")
+    res = requests.post(f"{pinned}/predict", json=[good] * 51, timeout=30)
+    assert res.status_code == 413 and "at most 50" in res.json()["detail"]
+    for body in (b"{not json", b"42", b"", b'["a record?"]'):
+        res = requests.post(f"{pinned}/predict", data=body, timeout=30)
+        assert res.status_code == 422, body
+    # nothing a client sends makes a 500
+    import random
+
+    rng = random.Random(0)
+    for _ in range(30):
+        rec = dict(good)
+        rec[rng.choice(list(rec))] = rng.choice([None, "", [], {}, -1e308, "NaN", True, "Male", 3])
+        assert requests.post(f"{pinned}/predict", json=rec, timeout=30).status_code in (200, 422)
+
+
+def _registry(lab, name: str) -> Registry:
+    cfg = make_config(lab["ws"], **{"model.registered_name": name})
+    return Registry(cfg, **QUIET)
+
+
+def test_the_alias_moves_under_a_stream_of_requests(lab, deploy):
+    reg = _registry(lab, "serve_follow")
+    v1, _ = reg.register(lab["runs"]["a"])
+    v2, _ = reg.register(lab["runs"]["b"])
+    reg.promote(v1.version, force=True)
+    url = deploy("follow", {"set": overrides(lab, **{"model.registered_name": "serve_follow"})})
+    rec = raw(lab, 3)
+    seen: list[tuple[float, int, str]] = []
+    stop = threading.Event()
+
+    def stream() -> None:
+        while not stop.is_set():
+            r = requests.post(f"{url}/predict", json=rec, timeout=30)
+            seen.append((time.monotonic(), r.status_code, r.json().get("model_version")))
+
+    threads = [threading.Thread(target=stream) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(2)
+        reg.promote(v2.version, force=True)
+        moved = time.monotonic()
+        _wait(lambda: seen and seen[-1][2] == v2.version, 20)
+        switched = time.monotonic()
+        time.sleep(1)
+        reg.rollback()
+        _wait(lambda: seen[-1][2] == v1.version, 20)
+        time.sleep(1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert all(code == 200 for _, code, _ in seen), {code for _, code, _ in seen}
+    versions = [v for _, _, v in seen]
+    assert versions[0] == v1.version and v2.version in versions and versions[-1] == v1.version
+    assert switched - moved < 5  # poll interval 0.5 s here (10 s by default)
+    assert requests.get(f"{url}/model", timeout=30).json()["version"] == v1.version
+
+
+def test_a_version_that_fails_to_load_leaves_the_old_one_serving(lab, deploy):
+    reg = _registry(lab, "serve_broken")
+    good, _ = reg.register(lab["runs"]["a"])
+    broken, _ = reg.register(lab["runs"]["broken"])
+    reg.promote(good.version, force=True)
+    url = deploy("broken", {"set": overrides(lab, **{"model.registered_name": "serve_broken"})})
+    reg.promote(broken.version, force=True)
+    _wait(lambda: requests.get(f"{url}/healthz", timeout=30).json()["status"] == "degraded", 20)
+    health = requests.get(f"{url}/healthz", timeout=30).json()
+    assert health["model"]["version"] == good.version
+    assert health["last_load_error"].startswith(f"version {broken.version} failed to load: ")
+    assert "not a churn model" in health["last_load_error"]
+    answer = requests.post(f"{url}/predict", json=raw(lab), timeout=30)
+    assert answer.status_code == 200 and answer.json()["model_version"] == good.version
+    reg.rollback()  # champion back to the good version: healthy again
+    _wait(lambda: requests.get(f"{url}/healthz", timeout=30).json()["status"] == "ready", 20)
+
+
+def test_no_champion_at_start_then_one_appears(lab, deploy):
+    reg = _registry(lab, "serve_empty")
+    url = deploy("empty", {"set": overrides(lab, **{"model.registered_name": "serve_empty"})})
+    health = requests.get(f"{url}/healthz", timeout=30)
+    assert health.status_code == 503 and health.json()["status"] == "not_ready"
+    assert "has no alias 'champion'" in health.json()["reason"]
+    res = requests.post(f"{url}/predict", json=raw(lab), timeout=30)
+    assert res.status_code == 503 and "has no alias 'champion'" in res.json()["detail"]
+    assert requests.get(f"{url}/model", timeout=30).status_code == 503
+    v, _ = reg.register(lab["runs"]["b"])
+    reg.promote(v.version, force=True)
+    _wait(lambda: requests.get(f"{url}/healthz", timeout=30).status_code == 200, 20)
+    assert requests.post(f"{url}/predict", json=raw(lab), timeout=30).json()["model_version"] == v.version
+
+
+def test_api_key_guards_predict_and_explain_only(lab, deploy, monkeypatch):
+    from serve.app import UriLoader
+
+    monkeypatch.setenv("CHURN_API_KEY", "s3cret-key")
+    loader = UriLoader(f"runs:/{lab['runs']['a']}/model", lab["cfg"].tracking_uri)
+    url = deploy("keyed", {"set": overrides(lab), "loader": loader})
+    rec = raw(lab)
+    for endpoint in ("predict", "explain"):
+        assert requests.post(f"{url}/{endpoint}", json=rec, timeout=30).status_code == 401
+        wrong = requests.post(f"{url}/{endpoint}", json=rec, headers={"Authorization": "Bearer nope"}, timeout=30)
+        assert wrong.status_code == 401 and wrong.headers["WWW-Authenticate"] == "Bearer"
+        ok = requests.post(f"{url}/{endpoint}", json=rec, headers={"Authorization": "Bearer s3cret-key"}, timeout=30)
+        assert ok.status_code == 200
+    assert requests.get(f"{url}/healthz", timeout=30).status_code == 200
+    # the key itself is not in the deployment's arguments, only its hash
+    from serve.app import settings_from_config
+
+    assert "s3cret-key" not in str(settings_from_config(lab["cfg"]))
+
+
+def test_prometheus_metrics_by_version_and_label(lab, pinned):
+    import ray
+
+    for i in range(6):
+        requests.post(f"{pinned}/predict", json=raw(lab, i), timeout=30)
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    found: dict[str, list[str]] = {}
+
+    def scrape() -> bool:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        for name in ("ray_churn_predictions_total", "ray_churn_model_latency_ms_count"):
+            found[name] = [line for line in text.splitlines()
+                           if line.startswith(name + "{") and 'application="pinned"' in line]
+        found["serve"] = [line for line in text.splitlines() if line.startswith("ray_serve_num_http_requests_total{")]
+        return all(found.values())
+
+    _wait(scrape, 40)
+    labels = " ".join(found["ray_churn_predictions_total"])
+    assert 'label="1"' in labels or 'label="0"' in labels
+    assert 'model_version="' in labels
+
+
+def test_serve_config_yaml_is_valid_for_serve_deploy(lab, monkeypatch):
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.app import build_app
+
+    doc = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(doc)
+    app = schema.applications[0]
+    assert app.import_path == "serve.app:build_app"
+    dep = app.deployments[0]
+    assert dep.name == "ChurnService" and dep.autoscaling_config["max_replicas"] >= 2
+    assert "MLFLOW_TRACKING_URI" not in str(doc)  # from the cluster's environment
+    # the builder accepts the file's args and builds the application
+    monkeypatch.setenv("CHURN_WORKSPACE", str(lab["ws"] / ".churn"))
+    built = build_app(app.args)
+    assert type(built).__name__ == "Application"
+
+
+def test_churn_serve_runs_until_interrupted(lab):
+    reg = _registry(lab, "xgboost_churn_model")
+    v, _ = reg.register(lab["runs"]["a"])
+    reg.promote(v.version, force=True)
+    port = free_port()
+    env = {k: val for k, val in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env["PYTHONPATH"] = str(REPO)
+    log = lab["ws"] / f"churn-serve-{port}.log"
+    with open(log, "w") as err_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "churnlib", "serve", "--port", str(port), "--set", f"workspace={lab['ws'] / '.churn'}"],
+            cwd=lab["ws"], env=env, stdout=subprocess.DEVNULL, stderr=err_file, text=True, start_new_session=True,
+        )
+    try:
+        # up when it says so (after serve.run returns), not merely when the proxy answers
+        _wait(lambda: "serve: " in log.read_text() or proc.poll() is not None, 180)
+        assert proc.poll() is None, log.read_text()[-3000:]
+        res = requests.post(f"http://127.0.0.1:{port}/predict", json=raw(lab), timeout=30)
+        assert res.status_code == 200 and res.json()["model_version"] == v.version
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the whole process group
+        proc.wait(timeout=120)
+    err = log.read_text()
+    assert proc.returncode == 0, err[-4000:]
+    assert f"serve: xgboost_churn_model version {v.version} at http://127.0.0.1:{port}" in err
+    assert "serve: stopping" in err
+
+
+def test_churn_serve_refuses_a_busy_port(lab):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        res = run_cli("serve", "--port", str(port), "--set", f"workspace={lab['ws'] / '.churn'}", cwd=lab["ws"])
+    assert res.returncode == 1 and res.stderr.strip() == f"error: port {port} on 127.0.0.1 is in use; choose another with --port"
+
+
+def _ready(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=5).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def _wait(predicate, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except (requests.RequestException, IndexError):
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"condition not met within {timeout} s")
