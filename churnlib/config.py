@@ -180,6 +180,8 @@ class ServeConfig(_Section):
     max_ongoing_requests: int = Field(ge=1)
     max_records: int = Field(ge=1)
     top_reasons: int = Field(ge=1)
+    access_log: bool
+    high_throughput: Literal["auto", "on", "off"]
 
 
 class TargetConfig(_Section):

