@@ -14,7 +14,7 @@ import traceback
 from typing import Any, Callable, Sequence
 
 from churnlib.console import say
-from churnlib.errors import ChurnError
+from churnlib.errors import ChurnError, ConfigError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("--run-name")
     _common(p_train)
     p_train.set_defaults(func=cmd_train)
+
+    p_tune = sub.add_parser("tune", help="a Ray Tune sweep over the trainer, every trial in MLflow")
+    add_tune_arguments(p_tune)
+    p_tune.set_defaults(func=cmd_tune)
 
     p_eval = sub.add_parser("evaluate", help="metrics, SHAP, baseline comparison and deployment gates for a model")
     add_evaluate_arguments(p_eval)
@@ -108,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p_cfg)
     p_cfg.set_defaults(func=cmd_config)
     return parser
+
+
+def add_tune_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="CSV or Parquet file or folder, local or s3:// (default: generated)")
+    p.add_argument("--num-samples", type=int, help="trials (default: tune.num_samples)")
+    p.add_argument("--max-concurrent", type=int, help="trials at once (default: what the cluster fits)")
+    p.add_argument("--register-best", action="store_true", help="log the best trial's model and register it at staging")
+    p.add_argument("--resume", metavar="NAME", help="resume the interrupted sweep NAME (its folder under training.storage_path)")
+    _common(p)
 
 
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
@@ -181,6 +194,29 @@ def cmd_train(args: argparse.Namespace) -> int:
         # The two lines a user (or a script) looks for, on stdout.
         print(f"run_id: {result.run_id}")
         print(f"validation_auc: {m.get('best_valid_auc', float('nan')):.4f}")
+
+    _emit(args, result.to_dict(), human)
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from churnlib.tuning import tune
+
+    cfg = _load(args)
+    for flag in ("num_samples", "max_concurrent"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1 (got {value})")
+    result = tune(cfg, data_path=args.data, num_samples=args.num_samples, max_concurrent=args.max_concurrent,
+                  register_best=args.register_best, resume=args.resume, verbose=args.verbose, say=say)
+
+    def human() -> None:
+        print(f"sweep: {result.sweep}")
+        print(f"parent_run_id: {result.parent_run_id}")
+        print(f"best_trial_run_id: {result.best['run_id']}")
+        print(f"{result.metric}: {result.best['score']:.4f}")
+        if result.registered_version:
+            print(f"registered_version: {result.registered_version}")
 
     _emit(args, result.to_dict(), human)
     return 0
@@ -353,6 +389,21 @@ def load_dotenv_file() -> None:
         load_dotenv(".env", override=False)
 
 
+def _service_error(exc: BaseException) -> str | None:
+    """A failure of MLflow or of the S3 artifact store mid-command, as one line (else None)."""
+    from churnlib.tracking import _first_line
+
+    for e in (exc, exc.__cause__, exc.__context__):
+        if e is None:
+            continue
+        module = type(e).__module__
+        if module.startswith("mlflow"):
+            return f"MLflow: {_first_line(e)}"
+        if module.startswith(("botocore", "boto3", "s3transfer")):
+            return f"S3 artifact store: {_first_line(e)}"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -370,6 +421,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - last resort: still one line unless --verbose
         if getattr(args, "verbose", False):
             traceback.print_exc()
+        service = _service_error(exc)
+        if service:
+            print(f"error: {service}", file=sys.stderr, flush=True)
+            return 1
         lines = [line for line in str(exc).splitlines() if line.strip()]
         print(f"error: unexpected {type(exc).__name__}: {lines[-1] if lines else ''} (run with --verbose for details)", file=sys.stderr, flush=True)
         return 1

@@ -11,7 +11,7 @@ import copy
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Annotated, Any, Literal, Mapping, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -166,6 +166,79 @@ class ScoringConfig(_Section):
     cpus_per_actor: float = Field(gt=0.0)
 
 
+# XGBoost parameters a sweep may tune (fields of XGBoostConfig).
+TUNABLE = ("eta", "max_depth", "subsample", "colsample_bytree", "min_child_weight", "gamma", "reg_alpha",
+           "reg_lambda", "max_bin", "booster")
+
+
+class DistributionConfig(_Section):
+    """One tuned parameter: uniform / loguniform (floats), randint (ints, both bounds
+    included) between low and high, or choice among values."""
+
+    distribution: Literal["uniform", "loguniform", "randint", "choice"]
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "DistributionConfig":
+        if self.distribution == "choice":
+            if not self.values:
+                raise ValueError("choice needs a non-empty list of values")
+            if self.low is not None or self.high is not None:
+                raise ValueError("choice takes values, not low/high")
+            return self
+        if self.values is not None:
+            raise ValueError(f"{self.distribution} takes low and high, not values")
+        if self.low is None or self.high is None:
+            raise ValueError(f"{self.distribution} needs low and high")
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low:g}) must be below high ({self.high:g})")
+        if self.distribution == "loguniform" and self.low <= 0:
+            raise ValueError(f"loguniform needs low > 0 (got {self.low:g})")
+        if self.distribution == "randint" and (self.low != int(self.low) or self.high != int(self.high)):
+            raise ValueError("randint needs whole-number bounds")
+        return self
+
+    def candidates(self) -> list[Any]:
+        """The values that bound what can be drawn (checked against XGBoost's own limits)."""
+        if self.distribution == "choice":
+            return list(self.values or [])
+        cast = int if self.distribution == "randint" else float
+        return [cast(self.low), cast(self.high)]
+
+
+class TuneSettings(_Section):
+    num_samples: int = Field(ge=1)
+    max_concurrent: int | None = Field(default=None, ge=1)
+    search: Literal["optuna", "random"]
+    scheduler: Literal["asha", "none"]
+    grace_period: int = Field(ge=1)
+    reduction_factor: float = Field(gt=1.0)
+    report_every: int = Field(ge=1)
+    name: str | None = None
+    seed: int = Field(ge=0)
+    search_space: dict[str, DistributionConfig] = Field(min_length=1)
+
+    @field_validator("search_space")
+    @classmethod
+    def _tunable(cls, value: dict[str, DistributionConfig]) -> dict[str, DistributionConfig]:
+        from pydantic import TypeAdapter
+
+        for key, dist in value.items():
+            if key not in TUNABLE:
+                raise ValueError(f"{key!r} cannot be tuned (tunable: {', '.join(TUNABLE)})")
+            field = XGBoostConfig.model_fields[key]
+            adapter = TypeAdapter(Annotated[field.annotation, field])  # type: ignore[name-defined]
+            for candidate in dist.candidates():
+                try:
+                    adapter.validate_python(candidate)
+                except ValidationError as exc:
+                    msg = exc.errors()[0]["msg"]
+                    raise ValueError(f"{key}: {candidate!r} is not a valid xgboost.{key}: {msg}") from None
+        return value
+
+
 class ServeConfig(_Section):
     import_path: str = Field(pattern=r"^[\w.]+:[\w]+$")
     alias: str = Field(min_length=1)
@@ -242,6 +315,7 @@ class Config(_Section):
     ray: RayConfig
     scoring: ScoringConfig
     evaluation: EvaluationConfig
+    tune: TuneSettings
     serve: ServeConfig
     features: FeaturesConfig
 
@@ -328,10 +402,10 @@ class Config(_Section):
 
 
 # Mappings that are values in their own right (logged whole, not key by key).
-_LEAF_MAPPINGS = {"features.categorical"}
+_LEAF_MAPPINGS = {"features.categorical", "tune.search_space"}
 # Mappings a user's file replaces whole instead of merging into: another
 # table's categorical columns, or a smaller set of gates, must not inherit ours.
-_REPLACED_MAPPINGS = {"categorical", "thresholds"}
+_REPLACED_MAPPINGS = {"categorical", "thresholds", "search_space"}
 
 
 def default_config_text() -> str:

@@ -205,7 +205,7 @@ def evaluate(
     quiet_logs(verbose)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    tracking.connect(cfg)
+    tracking.preflight(cfg)  # store, experiment and artifact store answer, before any slow work
     model = loading.load(model_uri)
     ref = model.ref
     say(f"model: {ref.describe()} (training run {ref.run_id})")

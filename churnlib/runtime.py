@@ -64,7 +64,11 @@ def ensure_ray(ray_cfg: Any, verbose: bool = False) -> bool:
     else:
         # "local" always starts a new instance; plain ray.init() would attach
         # to any cluster `ray start` left recorded on this machine (even a dead one).
-        ray.init(address="local", include_dashboard=False, **kwargs)
+        # The dashboard stays on, on loopback: Ray's State API lives there, and
+        # Ray Train's placement-group cleaner needs it to free the CPUs of a run
+        # whose controller was killed (a trial that ASHA stopped).
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=_free_port(), **kwargs)
         _STARTED_HERE = True
     import ray.data
 
@@ -73,6 +77,14 @@ def ensure_ray(ray_cfg: Any, verbose: bool = False) -> bool:
     ctx.print_on_execution_start = verbose
     quiet_logs(verbose)  # ray.data configures its loggers on import
     return _STARTED_HERE
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def check_resources(ray_cfg: Any, local: bool, streaming: bool = False) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import time
 import warnings
@@ -37,17 +38,130 @@ def configure(cfg: Any) -> None:
     mlflow.set_registry_uri(cfg.registry_uri)
 
 
-def check_reachable(cfg: Any) -> None:
-    """For an HTTP tracking server, fail fast with one line when it is unreachable."""
-    uri = cfg.tracking_uri
-    if not uri.startswith(("http://", "https://")):
-        return
-    import requests
+_DB_SCHEMES = ("postgresql", "mysql", "mssql")
 
-    try:
-        requests.get(uri.rstrip("/") + "/health", timeout=5)
-    except requests.RequestException:
-        raise TrackingError(f"MLflow tracking server unreachable at {uri}") from None
+
+def redact(uri: str) -> str:
+    """A URI without its password (postgresql://user:secret@host/db -> postgresql://user:***@host/db)."""
+    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", uri)
+
+
+def check_reachable(cfg: Any) -> None:
+    """Fail fast, in one line, when the tracking store cannot be reached.
+
+    An HTTP server must answer its health check; a database store (MLflow
+    can track straight into PostgreSQL) must accept a connection.
+    """
+    uri = cfg.tracking_uri
+    if uri.startswith(("http://", "https://")):
+        import requests
+
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=5)
+        except requests.RequestException:
+            raise TrackingError(f"MLflow tracking server unreachable at {uri}") from None
+        # Up is not enough: its API needs its database. One request, no retries, a
+        # short timeout (the client's own retries would take minutes to say the same).
+        from mlflow.tracking._tracking_service.utils import get_default_host_creds
+        from mlflow.utils.rest_utils import http_request
+
+        try:
+            response = http_request(get_default_host_creds(uri), "/api/2.0/mlflow/experiments/search", "POST",
+                                    max_retries=0, timeout=10, raise_on_status=False, json={"max_results": 1})
+            failed = f"HTTP {response.status_code}" if response.status_code >= 500 else None
+        except Exception as exc:  # noqa: BLE001 - timeouts and connection errors alike
+            failed = "no answer within 10 s" if "timeout" in str(exc).lower() else _first_line(exc)
+        if failed:
+            raise TrackingError(
+                f"MLflow tracking server at {uri} is up but its API fails ({failed}): its backend store "
+                f"(database) is likely down or unreachable; see the server's log"
+            )
+    elif uri.split(":", 1)[0].split("+", 1)[0] in _DB_SCHEMES:
+        # One connection attempt with a short timeout: MLflow's own engine set-up
+        # retries with back-off for over a minute before it gives up.
+        import sqlalchemy
+
+        connect_args = {"connect_timeout": 5} if uri.startswith("postgresql") else {}
+        try:
+            engine = sqlalchemy.create_engine(uri, connect_args=connect_args)
+            with engine.connect():
+                pass
+            engine.dispose()
+        except Exception as exc:  # noqa: BLE001 - sqlalchemy/driver errors of every kind
+            raise TrackingError(f"MLflow backend store unreachable at {redact(uri)}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    """The most telling line of a (possibly wrapped, multi-line) error."""
+    text = str(getattr(exc, "message", None) or exc)
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("(Background")]
+    for line in lines:
+        if any(word in line for word in ("refused", "denied", "does not exist", "NoSuchBucket", "InvalidAccessKeyId",
+                                         "SignatureDoesNotMatch", "AccessDenied", "timeout", "timed out")):
+            return line[:300]
+    return (lines[0] if lines else type(exc).__name__)[:300]
+
+
+def _server_message(exc: BaseException) -> str:
+    """The message an MLflow server put in its error response, else the error's first line."""
+    response = getattr(exc, "response", None)
+    if response is not None:
+        try:
+            return str(response.json().get("message") or "")[:300] or _first_line(exc)
+        except ValueError:
+            pass
+    return _first_line(exc)
+
+
+def check_artifact_store(cfg: Any, experiment_id: str) -> None:
+    """Fail fast, in one line, when the experiment's artifact store cannot be written.
+
+    Direct S3 (``s3://`` artifact location): the bucket must exist and the
+    credentials must be good (``head_bucket``). Proxied (``mlflow-artifacts:``):
+    the tracking server lists the location, which makes it reach its own
+    artifact store. A local folder needs no check.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    location = mlflow.get_experiment(experiment_id).artifact_location or ""
+    if location.startswith("s3://"):
+        import boto3
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket = location[len("s3://"):].split("/", 1)[0]
+        endpoint = cfg.mlflow.s3_endpoint_url or os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None
+        try:
+            boto3.client("s3", endpoint_url=endpoint).head_bucket(Bucket=bucket)
+        except ClientError as exc:
+            err = exc.response.get("Error", {})
+            code = err.get("Code", "?")
+            reason = {"404": "no such bucket", "NoSuchBucket": "no such bucket", "403": "access denied (check the credentials)"}
+            raise TrackingError(
+                f"artifact store {location}: {reason.get(code, err.get('Message') or code)} (S3 {code} on bucket {bucket!r})"
+            ) from None
+        except BotoCoreError as exc:
+            raise TrackingError(f"artifact store {location}: {_first_line(exc)}") from None
+    elif location.startswith("mlflow-artifacts:"):
+        import requests
+
+        try:
+            mlflow.artifacts.list_artifacts(artifact_uri=location)
+        except (MlflowException, requests.RequestException) as exc:
+            raise TrackingError(
+                f"artifact store behind the MLflow server at {cfg.tracking_uri} ({location}) failed: {_server_message(exc)}"
+            ) from None
+
+
+def preflight(cfg: Any) -> str:
+    """Before any slow work: the store answers, the experiment exists, its artifact store takes writes.
+
+    -> the experiment id. Commands that write runs (train, evaluate, tune) call this first.
+    """
+    connect(cfg)
+    experiment_id = ensure_experiment(cfg)
+    check_artifact_store(cfg, experiment_id)
+    return experiment_id
 
 
 def ensure_experiment(cfg: Any) -> str:
@@ -69,7 +183,7 @@ def ensure_experiment(cfg: Any) -> str:
             raise TrackingError(f"MLflow experiment {name!r} is deleted; restore it or choose another name")
         return exp.experiment_id
     except MlflowException as exc:
-        raise TrackingError(f"MLflow at {cfg.tracking_uri}: {exc.message.splitlines()[0]}") from None
+        raise TrackingError(f"MLflow at {redact(cfg.tracking_uri)}: {_first_line(exc)}") from None
 
 
 def git_commit(path: str | os.PathLike = ".") -> str | None:
@@ -115,7 +229,8 @@ def tracked_run(cfg: Any, run_name: str | None, tags: dict[str, str] | None = No
         mlflow.end_run(status="FINISHED")
 
 
-def log_params_flat(params: dict[str, Any]) -> None:
+def log_params_flat(params: dict[str, Any], run_id: str | None = None) -> None:
+    """Params as MLflow strings (JSON for structures): into the active run, or into ``run_id``."""
     import mlflow
 
     clean = {}
@@ -123,7 +238,15 @@ def log_params_flat(params: dict[str, Any]) -> None:
         if isinstance(value, (dict, list, tuple)):
             value = json.dumps(value)
         clean[key] = "" if value is None else str(value)[:6000]
-    mlflow.log_params(clean)
+    if run_id is None:
+        mlflow.log_params(clean)
+        return
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in clean.items()]
+    client = mlflow.MlflowClient()
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i:i + 100], synchronous=True)
 
 
 def log_history(run_id: str, history: dict[str, list[float]]) -> None:

@@ -151,6 +151,27 @@ def _load_checkpoint(checkpoint: Any) -> tuple[Any, dict[str, Any]]:
     return booster, state
 
 
+def score_key(stopping_metric: str) -> str:
+    """The reported name of the best validation score so far ('auc' -> 'best_valid_auc')."""
+    from churnlib.tracking import metric_key
+
+    return f"best_{metric_key('valid-' + xgb_log_name(stopping_metric))}"
+
+
+def report_metrics(state: dict[str, Any], rounds: int, stopping_metric: str, finished: bool = False) -> dict[str, Any]:
+    """What every report to Ray Train carries (and, through Train, to Tune): the
+    boosting rounds done, the latest value of each metric, the best score so
+    far and its iteration, and whether training finished."""
+    from churnlib.tracking import metric_key
+
+    metrics: dict[str, Any] = {"rounds": rounds}
+    metrics.update({metric_key(k): v[-1] for k, v in state["history"].items() if v})
+    metrics[score_key(stopping_metric)] = state["best_score"]
+    metrics["best_iteration"] = state["best_iteration"]
+    metrics["finished"] = finished
+    return metrics
+
+
 def _report_checkpoint(rank: int, booster: Any, state: dict[str, Any], metrics: dict[str, Any]) -> None:
     """Every worker reports (Ray Train needs all ranks); rank 0 attaches model + state."""
     import ray.train
@@ -174,6 +195,7 @@ def _make_callback(config: dict[str, Any], state: dict[str, Any], rank: int, sin
     maximize = config["stopping_metric"].split("@")[0] in XGB_MAXIMIZE
     patience = config["early_stopping_rounds"]
     every = config["checkpoint_every"]
+    report_every = config.get("report_every", 0)
     interval = config["progress_interval_s"]
 
     class Loop(xgb.callback.TrainingCallback):
@@ -218,14 +240,21 @@ def _make_callback(config: dict[str, Any], state: dict[str, Any], rank: int, sin
                         "restarts": state["restarts"],
                     }
                 )
-            if every and (epoch + 1) % every == 0 and not stop and epoch + 1 < config["num_boost_round"]:
-                self._checkpoint(model, epoch)
+            if not stop and epoch + 1 < config["num_boost_round"]:
+                if every and (epoch + 1) % every == 0:
+                    self._checkpoint(model, epoch)
+                elif report_every and (epoch + 1) % report_every == 0:
+                    # for a Tune scheduler (ASHA): intermediate results, no checkpoint;
+                    # every worker reports, as Ray Train requires
+                    import ray.train
+
+                    ray.train.report(report_metrics(state, epoch + 1, config["stopping_metric"]))
             return stop
 
         def _checkpoint(self, model: Any, epoch: int) -> None:
             state["boosting_seconds"] += time.perf_counter() - self.t0
             self.t0 = time.perf_counter()
-            _report_checkpoint(rank, model, state, {"iteration": epoch, metric: state["history"][metric][-1]})
+            _report_checkpoint(rank, model, state, report_metrics(state, epoch + 1, config["stopping_metric"]))
             if rank == 0 and sink is not None:
                 sink.push.remote({"kind": "checkpoint", "iteration": epoch, "pid": os.getpid()})
 
@@ -286,7 +315,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             callbacks=[_make_callback(config, state, rank, sink)],
         )
     timeline["boosted"] = time.time()
-    final = {"iteration": booster.num_boosted_rounds() - 1, "best_iteration": state["best_iteration"]}
+    final = report_metrics(state, booster.num_boosted_rounds(), config["stopping_metric"], finished=True)
     _report_checkpoint(rank, booster, state, final)
 
 
@@ -304,6 +333,7 @@ def loop_config(cfg: Any, spec: Any, progress_sink: Any = None) -> dict[str, Any
         "checkpoint_every": cfg.training.checkpoint_every,
         "batch_size": cfg.training.batch_size,
         "progress_interval_s": cfg.training.progress_interval_s,
+        "report_every": 0,  # Tune sets this: intermediate results for its scheduler
         "feature_names": spec.feature_names,
         "feature_types": spec.feature_types,
         "progress_sink": progress_sink,
@@ -316,8 +346,12 @@ def build_trainer(
     train_loop_config: dict[str, Any],
     name: str | None = None,
     storage_path: str | None = None,
+    callbacks: list[Any] | None = None,
 ):
-    """The Ray Train XGBoostTrainer for ``cfg``: workers, GPUs, failures, checkpoints."""
+    """The Ray Train XGBoostTrainer for ``cfg``: workers, GPUs, failures, checkpoints.
+
+    Used by ``churn train`` and, unchanged, by every trial of ``churn tune``
+    (which adds Ray Tune's report callback and a per-trial name)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.xgboost import XGBoostTrainer
 
@@ -337,6 +371,7 @@ def build_trainer(
             storage_path=storage_path or cfg.storage_path,
             failure_config=FailureConfig(max_failures=cfg.training.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
         ),
         datasets=datasets,
     )
@@ -361,14 +396,38 @@ def fit(trainer: Any) -> FitOutput:
         raise TrainingError(f"training failed: {_root_cause(result.error)}")
     if result.checkpoint is None:
         raise TrainingError("training finished without a checkpoint (no model was reported)")
-    booster, state = _load_checkpoint(result.checkpoint)
+    return fit_output(result.checkpoint, t_fit)
+
+
+def fit_output(checkpoint: Any, t_fit: float | None = None) -> FitOutput:
+    """The final checkpoint of a training run -> the best-iteration booster and the worker state."""
+    booster, state = _load_checkpoint(checkpoint)
     # seconds since fit() was called, for the last (successful) worker group
-    state["timeline"] = {k: v - t_fit for k, v in state.get("timeline", {}).items()}
+    if t_fit is not None:
+        state["timeline"] = {k: v - t_fit for k, v in state.get("timeline", {}).items()}
     full = booster.num_boosted_rounds()
     best = state["best_iteration"]
     if best is not None and best + 1 < full:
         booster = booster[: best + 1]
-    return FitOutput(booster=booster, full_rounds=full, state=state, checkpoint_path=result.checkpoint.path)
+    return FitOutput(booster=booster, full_rounds=full, state=state, checkpoint_path=checkpoint.path)
+
+
+def outcome_metrics(state: dict[str, Any], full_rounds: int) -> tuple[int, dict[str, float]]:
+    """-> (best iteration, the run's summary metrics: every metric at the best iteration,
+    best_iteration, num_boosted_rounds, stopped_early, worker_restarts)."""
+    from churnlib.tracking import metric_key
+
+    best = state["best_iteration"] if state["best_iteration"] is not None else full_rounds - 1
+    metrics = {
+        f"best_{metric_key(name)}": float(values[best]) for name, values in state["history"].items() if best < len(values)
+    }
+    metrics.update({
+        "best_iteration": float(best),
+        "num_boosted_rounds": float(full_rounds),
+        "stopped_early": float(bool(state["stopped_early"])),
+        "worker_restarts": float(state["restarts"]),
+    })
+    return best, metrics
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -467,15 +526,17 @@ def train(
     t_start = time.perf_counter()
     spec = FeatureSpec.from_config(cfg.features)
     data_uri = data_path or cfg.data.path
+    if data_uri is not None:
+        source = data_mod.resolve_source(data_uri)  # a missing path: one line, before any network
+    # A tracking store or artifact store that is down fails here, in seconds, before
+    # anything slow (generating data, starting Ray).
+    tracking.preflight(cfg)
     if data_uri is None:
         say(f"data: generating {cfg.data.generate_rows} synthetic rows (seed {cfg.data.generate_seed})")
         data_uri = str(default_data_path(cfg))
         timings["generate_s"] = time.perf_counter() - t_start
-    source = data_mod.resolve_source(data_uri)
+        source = data_mod.resolve_source(data_uri)
     columns = data_mod.check_columns(source, spec)
-
-    # A tracking server that is down fails here, in seconds, before Ray starts.
-    tracking.connect(cfg)
 
     t0 = time.perf_counter()
     local = ensure_ray(cfg.ray, verbose=verbose)
@@ -529,29 +590,20 @@ def train(
             timings["worker_shard_s"] = tl["shard_ready"] - tl["loop_start"]
             timings["worker_matrices_s"] = tl["matrices_ready"] - tl["shard_ready"]
 
-        best = state["best_iteration"] if state["best_iteration"] is not None else out.full_rounds - 1
+        best, metrics = outcome_metrics(state, out.full_rounds)
         rows = {
             "total": report.rows,
             "dropped_empty": report.empty_rows,
             "train": prepared.train_rows,
             "valid": prepared.valid_rows,
         }
-        metrics = {
-            f"best_{tracking.metric_key(name)}": values[best]
-            for name, values in state["history"].items()
-            if best < len(values)
-        }
         metrics.update(
             {
-                "best_iteration": best,
-                "num_boosted_rounds": out.full_rounds,
-                "stopped_early": float(bool(state["stopped_early"])),
                 "train_rows": rows["train"],
                 "valid_rows": rows["valid"],
                 "dropped_empty_rows": rows["dropped_empty"],
                 "total_rows": rows["total"],
                 "missing_values": float(sum(missing.values())),
-                "worker_restarts": state["restarts"],
             }
         )
         for col, n in missing.items():

@@ -144,3 +144,134 @@ def no_running_runs(cfg) -> bool:
     mlflow.set_tracking_uri(cfg.tracking_uri)
     runs = mlflow.search_runs(search_all_experiments=True, filter_string="attributes.status = 'RUNNING'", output_format="list")
     return not runs
+
+
+# Real services: PostgreSQL, an S3 API (moto's standalone server), an MLflow server -------------------
+
+
+def require_service(what: str, detail: str):
+    """A service a test needs is missing: a skip on a laptop, a failure in CI (CI=true)."""
+    message = f"{what} is not available: {detail}"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{message} (CI needs it: .ci/run starts what the machine does not run)")
+    pytest.skip(message)
+
+
+def wait_http(url: str, proc: Any = None, timeout: float = 120, ok=(200,)) -> None:
+    import time
+
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process serving {url} exited with {proc.returncode}")
+        try:
+            if requests.get(url, timeout=2).status_code in ok:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer within {timeout} s")
+
+
+def start_moto(extra_env: dict | None = None):
+    """moto's standalone S3 server on a free loopback port -> (process, endpoint URL)."""
+    import subprocess
+
+    port = free_port()
+    env = {**os.environ, **(extra_env or {})}
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url, proc, timeout=60, ok=range(100, 600))  # any HTTP answer: with auth on, / is an error
+    except RuntimeError as exc:
+        proc.kill()
+        require_service("moto's S3 server", str(exc))
+    return proc, url
+
+
+S3_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 API for the session (moto stands in for MinIO, which cannot be installed here)."""
+    proc, url = start_moto()
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def postgres_db():
+    """A fresh PostgreSQL database for the session on 127.0.0.1:5432 (user postgres, trust auth)."""
+    import uuid
+
+    try:
+        import psycopg
+
+        admin = psycopg.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=5,
+                                autocommit=True)
+    except Exception as exc:  # noqa: BLE001 - driver missing or server down
+        require_service("PostgreSQL at 127.0.0.1:5432", str(exc).strip().splitlines()[0])
+    name = f"churn_test_{uuid.uuid4().hex[:10]}"
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    yield {"name": name, "uri": f"postgresql://postgres@127.0.0.1:5432/{name}"}
+    with admin.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.close()
+
+
+def start_mlflow_server(backend_uri: str, artifacts: str, env_extra: dict, log_path: Path):
+    """`mlflow server` as a subprocess on a free port, artifacts proxied -> (process, URI)."""
+    import subprocess
+
+    port = free_port()
+    bindir = Path(sys.executable).parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
+    env.update(env_extra)
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        [str(bindir / "mlflow"), "server", "--backend-store-uri", backend_uri, "--artifacts-destination", artifacts,
+         "--serve-artifacts", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{uri}/health", proc, timeout=180)
+    except RuntimeError as exc:
+        proc.kill()
+        raise RuntimeError(f"{exc}; see {log_path}") from None
+    return proc, uri
+
+
+def stop(proc) -> None:
+    import signal
+    import subprocess
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(postgres_db, s3_endpoint, tmp_path_factory):
+    """A real MLflow tracking server: PostgreSQL metadata, S3 (moto) artifacts, proxied to clients."""
+    import boto3
+
+    bucket = "churn-artifacts"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1",
+                 aws_access_key_id="testing", aws_secret_access_key="testing").create_bucket(Bucket=bucket)
+    log = tmp_path_factory.mktemp("mlflow_server") / "server.log"
+    proc, uri = start_mlflow_server(postgres_db["uri"], f"s3://{bucket}/mlflow",
+                                    {"MLFLOW_S3_ENDPOINT_URL": s3_endpoint, **S3_KEYS}, log)
+    yield {"uri": uri, "bucket": bucket, "s3": s3_endpoint, "db": postgres_db, "log": log}
+    stop(proc)

@@ -8,9 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pandas as pd
@@ -21,7 +18,7 @@ from churnlib.config import load_config
 from churnlib.errors import DataError
 from churnlib.features import FeatureSpec
 from churnlib.generate import COLUMNS, churn_logit, generate, iter_chunks
-from tests.conftest import KAGGLE_TEST, REPO, TELCO, free_port, require_shared, run_cli
+from tests.conftest import KAGGLE_TEST, REPO, TELCO, require_shared, run_cli
 
 SPEC = FeatureSpec.from_config(load_config(env={}).features)
 
@@ -256,43 +253,18 @@ def test_another_table_is_a_config_not_a_patch(ray_session):
 # s3:// through a real S3 API (moto's standalone server) -----------------------------
 
 
-@pytest.fixture(scope="module")
-def s3_server():
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    import requests
-
-    for _ in range(100):
-        try:
-            requests.get(url, timeout=1)
-            break
-        except requests.RequestException:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail("moto S3 server did not start")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=10)
-
-
-def test_reads_csv_from_s3(ray_session, s3_server, tmp_path, monkeypatch):
+def test_reads_csv_from_s3(ray_session, s3_endpoint, tmp_path, monkeypatch):
     import boto3
 
     env = {
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL_S3": s3_server,
+        "AWS_ENDPOINT_URL_S3": s3_endpoint,
     }
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
     s3.create_bucket(Bucket="churn-data")
     for i, seed in enumerate((1, 2)):
         local = _table(tmp_path, f"part{i}.csv", rows=200, seed=seed)

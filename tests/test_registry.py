@@ -14,7 +14,6 @@ import mlflow
 import pandas as pd
 import pytest
 import requests
-from mlflow import MlflowClient
 
 from churnlib.errors import PromotionRefusedError, RegistryError
 from churnlib.evaluation import evaluate
@@ -68,7 +67,7 @@ def test_register_is_idempotent_and_tags_the_version(lab):
     assert [v.version for v in reg.versions()] == ["1"]
     # the version loads as the model it was registered from
     mlflow.set_tracking_uri(cfg.tracking_uri)
-    out = mlflow.pyfunc.load_model(f"models:/reg_idem@staging").predict(pd.read_parquet(lab["test"]).head(5))
+    out = mlflow.pyfunc.load_model("models:/reg_idem@staging").predict(pd.read_parquet(lab["test"]).head(5))
     assert list(out.columns) == ["churn_probability", "churn_label"]
 
 
@@ -154,7 +153,7 @@ def test_require_improvement_needs_a_win_over_the_current_champion(lab):
     reg = Registry(cfg, **QUIET)
     champion, _ = reg.register(lab["runs"]["good1"])
     challenger, _ = reg.register(lab["runs"]["weak"])
-    evaluate_version(lab, cfg, champion.version, baseline=f"models:/reg_improve@champion")  # first model
+    evaluate_version(lab, cfg, champion.version, baseline="models:/reg_improve@champion")  # first model
     reg.promote(champion.version)
     # evaluated, passes thresholds with relaxed gates, but never compared with the champion
     loose = fresh(lab, "reg_improve", **{"evaluation.thresholds": {"roc_auc": 0.5}})
