@@ -100,6 +100,22 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p_info)
     p_info.set_defaults(func=cmd_models_info)
 
+    p_pred = sub.add_parser("predict", help="score a table with the champion (Ray Data), with rejects and a drift report")
+    add_predict_arguments(p_pred)
+    p_pred.set_defaults(func=cmd_predict)
+
+    p_drift = sub.add_parser("drift", help="compare a table with a model's training profile (or another table)")
+    p_drift.add_argument("--reference", required=True, help="a model URI (its training profile) or a CSV/Parquet table")
+    p_drift.add_argument("--data", required=True, help="the table to compare: CSV or Parquet, local or s3://")
+    _common(p_drift)
+    p_drift.set_defaults(func=cmd_drift)
+
+    p_quick = sub.add_parser("quickstart", help="the whole lifecycle on the embedded default, step by step")
+    p_quick.add_argument("--rows", type=int, help="training rows to generate (default: data.generate_rows)")
+    p_quick.add_argument("--port", type=int, help="Serve port (default: serve.port, or a free one)")
+    _common(p_quick)
+    p_quick.set_defaults(func=cmd_quickstart)
+
     p_serve = sub.add_parser("serve", help="serve the champion over HTTP with Ray Serve (blocks until Ctrl-C)")
     p_serve.add_argument("--port", type=int, help="HTTP port (default: serve.port, 8000)")
     p_serve.add_argument("--alias", help="alias to serve and follow (default: serve.alias, champion)")
@@ -112,6 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p_cfg)
     p_cfg.set_defaults(func=cmd_config)
     return parser
+
+
+def add_predict_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", required=True, help="CSV or Parquet file or folder, local or s3://")
+    p.add_argument("--output", required=True, help="Parquet folder to create (local or s3://); must not exist")
+    p.add_argument("--model-uri", help="default: models:/<model.registered_name>@<serve.alias> (the champion)")
+    p.add_argument("--rejects", help="folder for rows that cannot be scored (default: <output>_rejects)")
+    p.add_argument("--explain", action="store_true", help="add the top reasons per customer (SHAP)")
+    _common(p)
 
 
 def add_tune_arguments(p: argparse.ArgumentParser) -> None:
@@ -219,6 +244,47 @@ def cmd_tune(args: argparse.Namespace) -> int:
             print(f"registered_version: {result.registered_version}")
 
     _emit(args, result.to_dict(), human)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from churnlib.batch import predict
+
+    cfg = _load(args)
+    result = predict(cfg, args.input, args.output, model_uri=args.model_uri, explain=args.explain,
+                     rejects_path=args.rejects, verbose=args.verbose, say=say)
+
+    def human() -> None:
+        print(f"output: {result.output}")
+        print(f"scored: {result.counts['scored']}")
+        print(f"rejected: {result.counts['rejected']}")
+        if result.rejects:
+            print(f"rejects: {result.rejects}")
+
+    _emit(args, result.to_dict(), human)
+    return 0
+
+
+def cmd_drift(args: argparse.Namespace) -> int:
+    from churnlib.batch import drift_report
+
+    cfg = _load(args)
+    drifts = drift_report(cfg, args.reference, args.data, verbose=args.verbose, say=say)
+
+    def human() -> None:
+        print(f"{'feature':20s} {'PSI':>7s} {'KS':>7s}  verdict")
+        for d in sorted(drifts, key=lambda d: -d.psi):
+            print(f"{d.feature:20s} {d.psi:7.3f} {d.ks:7.3f}  {d.verdict}")
+
+    _emit(args, {"features": [d.to_dict() for d in drifts]}, human)
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from churnlib.quickstart import quickstart
+
+    cfg = _load(args)
+    quickstart(cfg, rows=args.rows, port=args.port, verbose=args.verbose, config_path=args.config, sets=args.sets)
     return 0
 
 

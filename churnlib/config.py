@@ -164,6 +164,20 @@ class ScoringConfig(_Section):
     batch_size: int = Field(ge=1)
     actors: int = Field(ge=1)
     cpus_per_actor: float = Field(gt=0.0)
+    explain_top: int = Field(ge=1, le=20)
+    drift: bool
+
+
+class DriftConfig(_Section):
+    profile_rows: int = Field(ge=100)
+    psi_moderate: float = Field(gt=0.0)
+    psi_major: float = Field(gt=0.0)
+
+    @model_validator(mode="after")
+    def _order(self) -> "DriftConfig":
+        if self.psi_major <= self.psi_moderate:
+            raise ValueError(f"psi_major ({self.psi_major:g}) must be above psi_moderate ({self.psi_moderate:g})")
+        return self
 
 
 # XGBoost parameters a sweep may tune (fields of XGBoostConfig).
@@ -314,6 +328,7 @@ class Config(_Section):
     data: DataConfig
     ray: RayConfig
     scoring: ScoringConfig
+    drift: DriftConfig
     evaluation: EvaluationConfig
     tune: TuneSettings
     serve: ServeConfig

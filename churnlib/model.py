@@ -31,24 +31,33 @@ META_FILE = "model_meta.json"
 OUTPUT_COLUMNS = ("churn_probability", "churn_label")
 
 
-def save_model_dir(path: str | os.PathLike, booster: Any, spec: FeatureSpec, meta: dict[str, Any]) -> Path:
-    """Write booster, feature spec and metadata (threshold, ...) into ``path``."""
+def save_model_dir(
+    path: str | os.PathLike, booster: Any, spec: FeatureSpec, meta: dict[str, Any], profile: dict[str, Any] | None = None
+) -> Path:
+    """Write booster, feature spec, metadata (threshold, ...) and the training data's
+    profile (for drift reports, see ``churnlib.drift``) into ``path``."""
+    from churnlib.drift import PROFILE_FILE
+
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     booster.save_model(str(out / BOOSTER_FILE))
     (out / SPEC_FILE).write_text(spec.to_json(), encoding="utf-8")
     (out / META_FILE).write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
+    if profile is not None:
+        (out / PROFILE_FILE).write_text(json.dumps(profile), encoding="utf-8")
     return out
 
 
 class ChurnPredictor:
     """Booster + feature spec + threshold; scores raw records. Used by the pyfunc and by serving."""
 
-    def __init__(self, booster: Any, spec: FeatureSpec, threshold: float, meta: dict[str, Any] | None = None):
+    def __init__(self, booster: Any, spec: FeatureSpec, threshold: float, meta: dict[str, Any] | None = None,
+                 profile: dict[str, Any] | None = None):
         self.booster = booster
         self.spec = spec
         self.threshold = float(threshold)
         self.meta = meta or {}
+        self.profile = profile  # the training data's profile, when the model carries one
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> "ChurnPredictor":
@@ -59,9 +68,13 @@ class ChurnPredictor:
         # Scoring runs in the caller's process; one thread per call keeps
         # several concurrent callers (actors, replicas) from oversubscribing.
         booster.set_param({"nthread": int(os.environ.get("CHURN_PREDICT_NTHREAD", "1"))})
+        from churnlib.drift import PROFILE_FILE
+
         spec = FeatureSpec.from_json((d / SPEC_FILE).read_text(encoding="utf-8"))
         meta = json.loads((d / META_FILE).read_text(encoding="utf-8"))
-        return cls(booster, spec, meta["decision_threshold"], meta)
+        profile_path = d / PROFILE_FILE
+        profile = json.loads(profile_path.read_text(encoding="utf-8")) if profile_path.is_file() else None
+        return cls(booster, spec, meta["decision_threshold"], meta, profile)
 
     def to_payload(self) -> dict[str, Any]:
         """Everything needed to rebuild this predictor in another process (a few MB at most).
@@ -70,7 +83,7 @@ class ChurnPredictor:
         need MLflow credentials or a connection to the tracking server.
         """
         return {"booster": bytes(self.booster.save_raw("ubj")), "spec": self.spec.to_dict(), "meta": self.meta,
-                "threshold": self.threshold}
+                "threshold": self.threshold, "profile": self.profile}
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any], nthread: int = 1) -> "ChurnPredictor":
@@ -78,7 +91,8 @@ class ChurnPredictor:
 
         booster = xgb.Booster(model_file=bytearray(payload["booster"]))
         booster.set_param({"nthread": nthread})
-        return cls(booster, FeatureSpec.from_dict(payload["spec"]), payload["threshold"], payload["meta"])
+        return cls(booster, FeatureSpec.from_dict(payload["spec"]), payload["threshold"], payload["meta"],
+                   payload.get("profile"))
 
     def predict_proba(self, records: Any) -> np.ndarray:
         X = to_matrix(records, self.spec)

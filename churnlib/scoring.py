@@ -50,7 +50,8 @@ def _row_reasons(df: pd.DataFrame, spec: FeatureSpec, bad: np.ndarray, invalid: 
 class BatchScorer:
     """Ray Data class-based UDF: a batch of raw records -> scores (and what else is asked).
 
-    ``payloads``: one or more models (``ChurnPredictor.to_payload``); the first
+    ``payloads``: one or more models (``ChurnPredictor.to_payload``, or an
+    object ref to one, see ``put_payloads``); the first
     one's feature spec decides which rows are valid; output ``score`` is the
     first model's P(churn), ``score_1``, ``score_2``, ... the others', each
     model encoding the rows with its own spec.
@@ -64,7 +65,12 @@ class BatchScorer:
         keep_features: bool = False,
         nthread: int = 1,
     ):
-        self.models = [ChurnPredictor.from_payload(p, nthread=nthread) for p in payloads]
+        import ray
+
+        self.models = [
+            ChurnPredictor.from_payload(ray.get(p) if isinstance(p, ray.ObjectRef) else p, nthread=nthread)
+            for p in payloads
+        ]
         self.spec = self.models[0].spec
         self.columns = columns
         self.with_target = with_target
@@ -102,6 +108,19 @@ class BatchScorer:
         return out
 
 
+def put_payloads(predictors: list[ChurnPredictor]) -> list[Any]:
+    """The models' payloads in the object store, as refs for a UDF's constructor.
+
+    A payload is a few hundred KB to a few MB; passed by value it would be
+    pickled into the UDF that Ray Data serializes for every operator (and
+    warns about when large). As refs the UDF stays small, each node fetches a
+    model once, and this driver owns (and so keeps) the objects for the run.
+    """
+    import ray
+
+    return [ray.put(p.to_payload()) for p in predictors]
+
+
 def actor_pool(scoring_cfg: Any):
     """The actor pool strategy for scoring, sized by ``scoring.actors``."""
     from ray.data import ActorPoolStrategy
@@ -124,7 +143,7 @@ def score_dataset(
     return read_raw(source, read_spec, columns).map_batches(
         BatchScorer,
         fn_constructor_kwargs={
-            "payloads": [p.to_payload() for p in predictors],
+            "payloads": put_payloads(predictors),
             "columns": columns,
             "with_target": with_target,
             "keep_features": keep_features,

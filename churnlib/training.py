@@ -519,11 +519,13 @@ def train(
     from churnlib import data as data_mod
     from churnlib import tracking
     from churnlib.config import config_to_yaml
+    from churnlib.drift import profile_from_dataset
     from churnlib.features import FeatureSpec
-    from churnlib.runtime import check_resources, ensure_ray
+    from churnlib.runtime import check_resources, ensure_ray, quiet_logs
 
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
+    quiet_logs(verbose)
     spec = FeatureSpec.from_config(cfg.features)
     data_uri = data_path or cfg.data.path
     if data_uri is not None:
@@ -565,6 +567,9 @@ def train(
         )
         tracking.log_dataset(source, spec, context="training")
         mlflow.log_dict(report.to_dict(), "data/validation_report.json")
+        t0 = time.perf_counter()
+        profile = profile_from_dataset(prepared.dataset, spec, cfg.drift.profile_rows, seed=cfg.model.random_state)
+        timings["profile_s"] = time.perf_counter() - t0
 
         say(
             f"train: Ray Train, {cfg.ray.num_workers} worker(s) x {cfg.ray.cpus_per_worker:g} CPU"
@@ -613,7 +618,7 @@ def train(
         mlflow.set_tags({"data.digest": source.digest, "data.source": source.uri})
 
         t0 = time.perf_counter()
-        logged_uri = _log_model(cfg, spec, source, columns, out.booster, best, run_id)
+        logged_uri = _log_model(cfg, spec, source, columns, out.booster, best, run_id, profile)
         timings["log_model_s"] = time.perf_counter() - t0
         timings["total_s"] = time.perf_counter() - t_start
         mlflow.log_metrics({f"time_{k}": v for k, v in timings.items()})
@@ -635,7 +640,8 @@ def train(
     return result
 
 
-def _log_model(cfg: Any, spec: Any, source: Any, columns: list[str], booster: Any, best: int, run_id: str) -> str:
+def _log_model(cfg: Any, spec: Any, source: Any, columns: list[str], booster: Any, best: int, run_id: str,
+               profile: dict[str, Any] | None = None) -> str:
     """Feature importance (JSON + PNG), the booster and the raw-records pyfunc model, into the active run."""
     import mlflow
 
@@ -653,7 +659,9 @@ def _log_model(cfg: Any, spec: Any, source: Any, columns: list[str], booster: An
             "run_id": run_id,
             "data_digest": source.digest,
         }
-        model_dir = save_model_dir(tmpdir / "model_dir", booster, spec, meta)
+        model_dir = save_model_dir(tmpdir / "model_dir", booster, spec, meta, profile)
+        if profile is not None:
+            mlflow.log_dict(profile, "data/profile.json")
         mlflow.log_artifact(str(model_dir / "booster.ubj"), artifact_path="booster")
         info = mlflow.pyfunc.log_model(
             name="model",

@@ -376,10 +376,11 @@ def tune(
     from churnlib import tracking
     from churnlib.config import config_to_yaml
     from churnlib.features import FeatureSpec
-    from churnlib.runtime import check_resources, ensure_ray
+    from churnlib.runtime import check_resources, ensure_ray, quiet_logs
     from churnlib.training import default_data_path
 
     t_start = time.perf_counter()
+    quiet_logs(verbose)
     timings: dict[str, float] = {}
     updates: dict[str, Any] = {}
     if num_samples:
@@ -415,6 +416,9 @@ def tune(
     prepared = data_mod.prepare(source, spec, columns, cfg.model.validation_split, cfg.model.random_state, True)
     timings["prepare_s"] = time.perf_counter() - t0
     rows = {"train": float(prepared.train_rows), "valid": float(prepared.valid_rows)}
+    from churnlib.drift import profile_from_dataset
+
+    profile = profile_from_dataset(prepared.dataset, spec, cfg.drift.profile_rows, seed=cfg.model.random_state)
     if resume and previous.get("data_digest") not in (None, source.digest):
         say(f"tune: warning: the data changed since the sweep started (digest {previous['data_digest']} -> {source.digest})")
 
@@ -516,7 +520,7 @@ def tune(
     client.log_dict(parent_id, {"metric": metric, "mode": mode, "best": best, "trials": trials}, "tune/trials.json")
     _log_plots(client, parent_id, grid, trials, cfg, metric)
     if register_best:
-        registered = _register_best(cfg, best, spec, source, columns, say)
+        registered = _register_best(cfg, best, spec, source, columns, profile, say)
         client.set_tag(parent_id, "churn.registered_version", registered)
     client.set_terminated(parent_id, "FINISHED")
     timings["total_s"] = time.perf_counter() - t_start
@@ -631,7 +635,7 @@ def _log_plots(client: Any, run_id: str, grid: Any, trials: list[dict[str, Any]]
 
 
 def _register_best(cfg: Any, best: dict[str, Any], spec: Any, source: Any, columns: list[str],
-                   say: Callable[[str], None]) -> str:
+                   profile: dict[str, Any], say: Callable[[str], None]) -> str:
     """The best trial's model, logged into its run as `churn train` logs it, registered at `staging`."""
     import mlflow
 
@@ -645,7 +649,7 @@ def _register_best(cfg: Any, best: dict[str, Any], spec: Any, source: Any, colum
     run_id = best["run_id"]
     with mlflow.start_run(run_id=run_id):
         mlflow.set_tags({"data.digest": source.digest, "data.source": source.uri})
-        _log_model(trial_cfg, spec, source, columns, out.booster, int(out.state["best_iteration"] or 0), run_id)
+        _log_model(trial_cfg, spec, source, columns, out.booster, int(out.state["best_iteration"] or 0), run_id, profile)
     mlflow.MlflowClient().set_terminated(run_id, "FINISHED")
     info, _ = Registry(cfg, say=say).register(run_id, alias=STAGING,
                                               description=f"best trial of sweep {best.get('trial_id')}")

@@ -131,9 +131,11 @@ def log_local_model(cfg, data_path, rounds: int = 40, run_name: str = "local-mod
                          feature_types=spec.feature_types, enable_categorical=True)
     booster = xgb.train({**cfg.xgb_params(), "nthread": 1, **params}, dtrain, rounds)
     tracking.connect(cfg)
+    from churnlib.drift import build_profile
+
     tags = {"churn.command": "train", "data.digest": source.digest, "data.source": source.uri}
     with tracking.tracked_run(cfg, run_name, tags) as run:
-        _log_model(cfg, spec, source, columns, booster, rounds - 1, run.info.run_id)
+        _log_model(cfg, spec, source, columns, booster, rounds - 1, run.info.run_id, build_profile(enc["X"][ok], spec))
     return run.info.run_id
 
 

@@ -1,0 +1,417 @@
+"""``churn predict``: score a table of any size with the champion, on Ray Data, in one streaming pass.
+
+read (CSV/Parquet, local or s3://) -> ``PredictUDF`` actors (the model held once
+per actor) -> write Parquet. Each output row: the customer id, P(churn), the
+label, the model name and version, and with ``--explain`` the top reasons.
+
+Rows that cannot be scored (an unknown category, a non-numeric value, every
+cell empty) are not dropped silently: each actor writes them, with the reason
+and the raw record, to the rejects folder. Counts and the drift counts travel
+to the driver through a zero-CPU tally actor, so the one pass also feeds the
+drift report and the progress line; nothing but counts reaches the driver.
+
+The output is written to a temporary folder next to the target and renamed
+into place when complete (a local path), or marked complete with a
+``_SUCCESS`` object (s3://); a failure removes the partial output, so no
+partial file is ever left looking complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from churnlib.console import say as default_say
+from churnlib.errors import DataError, ResourceError
+from churnlib.scoring import BatchScorer
+
+SUCCESS_MARKER = "_SUCCESS"
+EXPLAIN_BATCH_ROWS = 4096
+
+
+class _Tally:
+    """A zero-CPU actor summing what the scoring actors report: counts and drift counts."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, int] = {"rows": 0, "scored": 0, "rejected": 0, "empty": 0}
+        self.drift: list[dict[str, Any]] = []
+
+    def add(self, counts: dict[str, int], drift: dict[str, Any] | None) -> None:
+        for key, value in counts.items():
+            self.totals[key] = self.totals.get(key, 0) + value
+        if drift is not None:
+            self.drift.append(drift)
+            if len(self.drift) > 64:  # keep the list short: merge as we go
+                from churnlib.drift import merge_counts
+
+                self.drift = [merge_counts(self.drift)]
+
+    def progress(self) -> dict[str, int]:
+        return dict(self.totals)
+
+    def result(self) -> tuple[dict[str, int], list[dict[str, Any]]]:
+        return dict(self.totals), self.drift
+
+
+class PredictUDF(BatchScorer):
+    """Scores a batch; returns the scored rows, writes the rejected ones, reports counts."""
+
+    def __init__(self, payloads: list[dict[str, Any]], columns: list[str], tally: Any, rejects_fs: Any,
+                 rejects_dir: str, explain_top: int = 0, drift: bool = True, nthread: int = 1):
+        super().__init__(payloads, columns, with_target=False, keep_features=True, nthread=nthread)
+        self.tally = tally
+        self.rejects_fs, self.rejects_dir = rejects_fs, rejects_dir
+        self.explain_top = explain_top
+        self.drift = drift and self.models[0].profile is not None
+        model = self.models[0]
+        self.model_name = str(model.meta.get("registered_name") or model.meta.get("model_name") or "churn")
+        self.model_version = str(model.meta.get("version") or model.meta.get("run_id", "")[:12])
+
+    def __call__(self, df: pd.DataFrame) -> dict[str, np.ndarray]:
+        from churnlib.data import ROW_EMPTY
+        from churnlib.drift import batch_counts
+
+        out = super().__call__(df)
+        ok = out["flags"] == 0
+        n_ok = int(ok.sum())
+        if not ok.all():
+            self._write_rejects(df, out, ~ok)
+        model = self.models[0]
+        proba = out["score"][ok].astype(np.float64)
+        ids = out["row_id"][ok] if "row_id" in out else np.full(n_ok, "", dtype=object)
+        result: dict[str, np.ndarray] = {
+            "customer_id": ids,
+            "churn_probability": proba,
+            "churn_label": (proba >= model.threshold).astype(np.int8),
+            "model_name": np.full(n_ok, self.model_name, dtype=object),
+            "model_version": np.full(n_ok, self.model_version, dtype=object),
+        }
+        if self.explain_top and n_ok:
+            from churnlib.explain import explain, top_reasons
+
+            expl = explain(model.booster, out["X"][ok], model.spec, "tree", nthread=1)
+            reasons = top_reasons(expl, model.spec, k=self.explain_top)
+            for k in range(self.explain_top):
+                result[f"reason_{k + 1}"] = np.array(
+                    [f"{r[k]['feature']}={r[k]['value']} ({r[k]['contribution']:+.3f})" if k < len(r) else ""
+                     for r in reasons], dtype=object)
+        elif self.explain_top:
+            for k in range(self.explain_top):
+                result[f"reason_{k + 1}"] = np.empty(0, dtype=object)
+        counts = {"rows": int(len(df)), "scored": n_ok, "rejected": int((~ok).sum()),
+                  "empty": int((out["flags"] == ROW_EMPTY).sum())}
+        drift = batch_counts(out["X"][ok], model.profile, model.spec) if self.drift and n_ok else None
+        self.tally.add.remote(counts, drift)
+        return result
+
+    def _write_rejects(self, df: pd.DataFrame, out: dict[str, np.ndarray], bad: np.ndarray) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        rows = df[bad]
+        records = [json.dumps({k: (None if pd.isna(v) else v) for k, v in r.items()}, default=str)
+                   for r in rows.to_dict("records")]
+        table = pa.table({
+            "customer_id": [str(v) for v in (out["row_id"][bad] if "row_id" in out else [""] * int(bad.sum()))],
+            "reason": [str(v) for v in out["reason"][bad]],
+            "record": records,
+        })
+        # named by content: a retried batch rewrites the same file instead of adding a copy
+        digest = hashlib.sha256("\n".join(records).encode()).hexdigest()[:20]
+        with self.rejects_fs.open_output_stream(f"{self.rejects_dir}/part-{digest}.parquet") as f:
+            pq.write_table(table, f)
+
+
+@dataclass
+class PredictResult:
+    output: str
+    rejects: str | None
+    model_uri: str
+    model_version: str | None
+    counts: dict[str, int]
+    seconds: float
+    run_id: str | None = None
+    drift: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.counts.get("rows", 0) / self.seconds if self.seconds else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"output": self.output, "rejects": self.rejects, "model_uri": self.model_uri,
+                "model_version": self.model_version, "counts": self.counts, "seconds": round(self.seconds, 3),
+                "rows_per_s": round(self.rows_per_s, 1), "run_id": self.run_id, "drift": self.drift}
+
+
+def _staging(output: str):
+    """-> (filesystem, final path, staging path, local?) for an output folder."""
+    import pyarrow.fs as pafs
+
+    from churnlib.data import _filesystem
+
+    fs, final = _filesystem(output.rstrip("/"))
+    local = isinstance(fs, pafs.LocalFileSystem)
+    if fs.get_file_info(final).type != pafs.FileType.NotFound:
+        raise DataError(f"output {output} already exists; choose a new path (nothing is overwritten)")
+    parent, _, name = final.rpartition("/")
+    staging = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:8]}" if local else final
+    return fs, final, staging, local
+
+
+def predict(
+    cfg: Any,
+    input_path: str,
+    output_path: str,
+    model_uri: str | None = None,
+    explain: bool = False,
+    rejects_path: str | None = None,
+    verbose: bool = False,
+    say: Callable[[str], None] = default_say,
+) -> PredictResult:
+    """Score ``input_path`` into the Parquet folder ``output_path`` (see the module doc)."""
+    import mlflow
+    import ray
+
+    from churnlib import data as data_mod
+    from churnlib import drift as drift_mod
+    from churnlib import loading, tracking
+    from churnlib.runtime import ensure_ray, quiet_logs
+    from churnlib.scoring import actor_pool, put_payloads
+
+    quiet_logs(verbose)
+    t_start = time.perf_counter()
+    source = data_mod.resolve_source(input_path)
+    rejects_path = rejects_path or f"{output_path.rstrip('/')}_rejects"
+    fs, final, staging, local = _staging(output_path)
+    rfs, rfinal, rstaging, rlocal = _staging(rejects_path)
+    tracking.preflight(cfg)
+    uri = model_uri or f"models:/{cfg.model.registered_name}@{cfg.serve.alias}"
+    model = loading.load(uri)
+    predictor = model.predictor
+    predictor.meta = {**predictor.meta, "registered_name": model.ref.name or predictor.meta.get("model_name"),
+                      "version": model.ref.version or (model.ref.run_id or "")[:12]}
+    say(f"model: {model.ref.describe()} (training run {model.ref.run_id})")
+    spec = predictor.spec
+    columns = data_mod.check_columns(source, spec, need_target=False)
+    ensure_ray(cfg.ray, verbose=verbose)
+    scoring = _fit_pool(cfg.scoring, say)
+    tally = ray.remote(num_cpus=0)(_Tally).remote()
+    rfs.create_dir(rstaging, recursive=True)
+    explain_top = cfg.scoring.explain_top if explain else 0
+    say(f"predict: {source.uri} ({len(source.files)} {source.format} file(s), {source.size_bytes / 1e6:.1f} MB) -> "
+        f"{output_path}, {scoring.actors} actor(s) x {scoring.cpus_per_actor:g} CPU"
+        + (f", top {explain_top} reasons" if explain_top else ""))
+    # CSV cells are read as text: a non-numeric cell is one rejected row, not a failed read
+    scored = data_mod.read_raw(source, spec, columns, typed=False).map_batches(
+        PredictUDF,
+        fn_constructor_kwargs={
+            "payloads": put_payloads([predictor]), "columns": columns, "tally": tally, "rejects_fs": rfs,
+            "rejects_dir": rstaging, "explain_top": explain_top, "drift": cfg.scoring.drift,
+            "nthread": max(1, int(scoring.cpus_per_actor)),
+        },
+        compute=actor_pool(scoring),
+        num_cpus=scoring.cpus_per_actor,
+        # explaining costs ~1 ms a row: smaller batches spread it over the actors
+        batch_size=min(scoring.batch_size, EXPLAIN_BATCH_ROWS) if explain_top else scoring.batch_size,
+        batch_format="pandas",
+    )
+    stop = threading.Event()
+    printer = threading.Thread(target=_progress, args=(tally, stop, t_start), daemon=True)
+    printer.start()
+    try:
+        scored.write_parquet(staging, filesystem=fs)
+        counts, drift_parts = ray.get(tally.result.remote())
+    except BaseException as exc:
+        stop.set()
+        _remove(fs, staging)
+        _remove(rfs, rstaging)
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        raise data_mod._as_data_error(exc, source) from None
+    finally:
+        stop.set()
+        printer.join(timeout=2)
+        ray.kill(tally)
+    # complete: into place, atomically where the filesystem allows it
+    if local:
+        fs.move(staging, final)
+    else:
+        _touch(fs, f"{final}/{SUCCESS_MARKER}")
+    rejected = counts.get("rejected", 0)
+    if rejected:
+        if rlocal:
+            rfs.move(rstaging, rfinal)
+        else:
+            _touch(rfs, f"{rfinal}/{SUCCESS_MARKER}")
+    else:
+        _remove(rfs, rstaging)
+    seconds = time.perf_counter() - t_start
+    if sys.stderr.isatty():
+        sys.stderr.write("\n")
+    result = PredictResult(output_path, rejects_path if rejected else None, uri, model.ref.version, counts, seconds)
+    say(f"predict: {counts['rows']} rows, {counts['scored']} scored, {rejected} rejected"
+        + (f" ({counts.get('empty', 0)} empty)" if counts.get("empty") else "")
+        + (f" -> {rejects_path}" if rejected else "") + f"; {seconds:.1f} s ({result.rows_per_s:,.0f} rows/s)")
+
+    drifts = []
+    if drift_parts and predictor.profile is not None:
+        drifts = drift_mod.compare(predictor.profile, drift_mod.merge_counts(drift_parts), cfg.drift.psi_moderate,
+                                   cfg.drift.psi_major)
+        say(drift_mod.summary_line(drifts))
+        result.drift = [d.to_dict() for d in drifts]
+    elif cfg.scoring.drift and predictor.profile is None:
+        say("drift: the model carries no training profile (trained before profiles were stored); no drift report")
+
+    tags = {"churn.command": "predict", "churn.model_uri": uri, "data.source": source.uri, "data.digest": source.digest}
+    if model.ref.version:
+        tags["churn.model_version"] = str(model.ref.version)
+    with tracking.tracked_run(cfg, f"predict-{model.ref.name or 'model'}-v{model.ref.version or '?'}", tags) as run:
+        result.run_id = run.info.run_id
+        tracking.log_params_flat({"input": source.uri, "output": output_path, "rejects": result.rejects or "",
+                                  "model_uri": uri, "explain_top": explain_top})
+        mlflow.log_metrics({**{f"rows_{k}": float(v) for k, v in counts.items()}, "seconds": seconds,
+                            "rows_per_s": result.rows_per_s})
+        if drifts:
+            drift_mod.log(drifts, cfg.drift.psi_moderate, cfg.drift.psi_major)
+    return result
+
+
+def _fit_pool(scoring: Any, say: Callable[[str], None]) -> Any:
+    """``scoring`` with as many actors as the free CPUs hold next to one read/write task.
+
+    Ray Data sizes its budget from the cluster's total resources: if other work
+    (a Serve replica, another job) holds CPUs, actors that take the rest leave
+    the read tasks waiting forever. Fewer actors, said on one line, or a clear
+    error when not even one fits.
+    """
+    import ray
+
+    free = float(ray.available_resources().get("CPU", 0.0))
+    task_cpus = 1.0  # Ray Data's read and write tasks
+    fits = int((free - task_cpus) // scoring.cpus_per_actor + 1e-9)
+    if fits >= scoring.actors:
+        return scoring
+    if fits < 1:
+        total = float(ray.cluster_resources().get("CPU", 0.0))
+        raise ResourceError(
+            f"not enough free CPUs to score: {free:g} of {total:g} free, {scoring.cpus_per_actor:g} per actor + "
+            f"{task_cpus:g} for reading needed (other work holds the rest; lower scoring.cpus_per_actor or free CPUs)"
+        )
+    say(f"predict: {free:g} CPU(s) free, so {fits} scoring actor(s) instead of {scoring.actors}")
+    return scoring.model_copy(update={"actors": fits})
+
+
+def _progress(tally: Any, stop: threading.Event, t0: float) -> None:
+    """A progress line on a terminal (counts from the tally actor, once a second)."""
+    import ray
+
+    if not sys.stderr.isatty():
+        return
+    while not stop.wait(1.0):
+        try:
+            p = ray.get(tally.progress.remote(), timeout=5)
+        except Exception:  # noqa: BLE001 - progress is best effort
+            continue
+        elapsed = time.perf_counter() - t0
+        sys.stderr.write(f"\r  {p['rows']:,} rows read, {p['scored']:,} scored, {p['rejected']:,} rejected "
+                         f"({p['rows'] / max(elapsed, 1e-9):,.0f} rows/s)   ")
+        sys.stderr.flush()
+
+
+def _remove(fs: Any, path: str) -> None:
+    import pyarrow.fs as pafs
+
+    try:
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            fs.delete_dir(path)
+    except OSError:
+        pass
+
+
+def _touch(fs: Any, path: str) -> None:
+    with fs.open_output_stream(path) as f:
+        f.write(b"")
+
+
+def drift_report(cfg: Any, reference: str, data_path: str, verbose: bool = False,
+                 say: Callable[[str], None] = default_say) -> list[Any]:
+    """``churn drift``: compare a table with a reference (a model URI carrying a profile, or a table)."""
+    import mlflow
+
+    from churnlib import data as data_mod
+    from churnlib import drift as drift_mod
+    from churnlib import tracking
+    from churnlib.features import FeatureSpec
+    from churnlib.runtime import ensure_ray, quiet_logs
+
+    quiet_logs(verbose)
+    tracking.preflight(cfg)
+    if reference.startswith(("runs:/", "models:/")):
+        from churnlib import loading
+
+        predictor = loading.load(reference).predictor
+        spec, profile = predictor.spec, predictor.profile
+        if profile is None:
+            raise DataError(f"{reference} carries no training profile (trained before profiles were stored)")
+    else:
+        spec = FeatureSpec.from_config(cfg.features)
+        ref_source = data_mod.resolve_source(reference)
+        ensure_ray(cfg.ray, verbose=verbose)
+        profile = _profile_table(ref_source, spec, cfg)
+    source = data_mod.resolve_source(data_path)
+    ensure_ray(cfg.ray, verbose=verbose)
+    counts = _count_table(source, spec, profile)
+    drifts = drift_mod.compare(profile, counts, cfg.drift.psi_moderate, cfg.drift.psi_major)
+    say(drift_mod.summary_line(drifts))
+    tags = {"churn.command": "drift", "churn.drift.reference": reference, "data.source": source.uri}
+    with tracking.tracked_run(cfg, "drift", tags):
+        mlflow.log_params({"reference": reference, "data": source.uri})
+        drift_mod.log(drifts, cfg.drift.psi_moderate, cfg.drift.psi_major)
+    return drifts
+
+
+def _encoded(source: Any, spec: Any):
+    """The table as model-matrix rows (bad cells missing), without the target: for drift counts."""
+    from churnlib import data as data_mod
+    from churnlib.features import encode_columns
+
+    columns = data_mod.check_columns(source, spec, need_target=False)
+
+    def to_x(df: pd.DataFrame) -> dict[str, np.ndarray]:
+        X, _, _ = encode_columns(df, spec)
+        return {"X": X}
+
+    return data_mod.read_raw(source, spec, columns, typed=False).map_batches(to_x, batch_format="pandas",
+                                                                             batch_size=None)
+
+
+def _profile_table(source: Any, spec: Any, cfg: Any) -> dict[str, Any]:
+    from churnlib.drift import build_profile
+
+    ds = _encoded(source, spec)
+    total = ds.count()
+    fraction = min(1.0, cfg.drift.profile_rows / max(total, 1))
+    sample = ds if fraction >= 1.0 else ds.random_sample(fraction, seed=cfg.model.random_state)
+    parts = [b["X"] for b in sample.iter_batches(batch_size=None, batch_format="numpy")]
+    X = np.concatenate(parts) if parts else np.empty((0, len(spec.feature_names)), dtype=np.float32)
+    return build_profile(X, spec, rows_total=total)
+
+
+def _count_table(source: Any, spec: Any, profile: dict[str, Any]) -> dict[str, Any]:
+    from churnlib.drift import batch_counts, merge_counts
+
+    def counts(batch: dict[str, np.ndarray]) -> pd.DataFrame:
+        return pd.DataFrame({"c": [json.dumps(batch_counts(batch["X"], profile, spec))]})
+
+    rows = _encoded(source, spec).map_batches(counts, batch_format="numpy", batch_size=None).take_all()
+    return merge_counts([json.loads(r["c"]) for r in rows])
+

@@ -1,0 +1,286 @@
+"""`churn predict` and `churn drift`: scored Parquet that matches the model, rejects with
+reasons, the MLflow record, no partial output on failure, s3:// in and out, and drift
+verdicts on the real Kaggle files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from churnlib import drift as drift_mod
+from churnlib.batch import predict
+from churnlib.errors import ChurnError, DataError
+from churnlib.features import FeatureSpec
+from churnlib.generate import generate
+from churnlib.registry import Registry
+from tests.conftest import (
+    KAGGLE_TEST,
+    KAGGLE_TRAIN_PARTIAL,
+    S3_KEYS,
+    log_local_model,
+    make_config,
+    no_running_runs,
+    require_shared,
+    run_cli,
+)
+
+QUIET = {"say": lambda m: None}
+OUTPUT_COLUMNS = ["customer_id", "churn_probability", "churn_label", "model_name", "model_version"]
+# three rows no model can score, each for its own reason
+BAD_ROWS = {
+    10: ("Age", "forty", "column 'Age': non-numeric value 'forty'"),
+    20: ("Contract Length", "Weekly", "column 'Contract Length': unknown category 'Weekly'"),
+}
+
+
+@pytest.fixture(scope="module")
+def store(ray_session, tmp_path_factory):
+    """A workspace whose registry has a champion (a real logged model with a training profile)."""
+    ws = tmp_path_factory.mktemp("batch")
+    cfg = make_config(ws)
+    train = generate(5000, ws / "train.parquet", seed=5)
+    run_id = log_local_model(cfg, train, rounds=30, run_name="champion", max_depth=4)
+    reg = Registry(cfg, **QUIET)
+    info, _ = reg.register(run_id)
+    reg.set_alias(info.version, "champion")
+    table = pd.read_parquet(generate(3000, ws / "score.parquet", seed=21)).drop(columns=["Churn"])
+    table = table.astype({"Age": object, "Contract Length": object})
+    for row, (col, value, _) in BAD_ROWS.items():
+        table.loc[row, col] = value
+    table.loc[30, [c for c in table.columns if c != "CustomerID"]] = None  # every feature empty
+    table.to_csv(ws / "score.csv", index=False)
+    return {"ws": ws, "cfg": cfg, "run_id": run_id, "version": info.version, "csv": ws / "score.csv",
+            "table": table}
+
+
+def _read(folder: Path) -> pd.DataFrame:
+    files = sorted(Path(folder).glob("*.parquet"))
+    assert files, f"no parquet files in {folder}"
+    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+
+
+@pytest.fixture(scope="module")
+def scored(store):
+    out = store["ws"] / "scores"
+    result = predict(store["cfg"], str(store["csv"]), str(out), explain=True, **QUIET)
+    return result, _read(out)
+
+
+def test_scores_match_the_registered_model_row_for_row(store, scored):
+    result, df = scored
+    assert list(df.columns[:5]) == OUTPUT_COLUMNS
+    assert result.counts == {"rows": 3000, "scored": 2997, "rejected": 3, "empty": 1}
+    assert len(df) == 2997 and df["customer_id"].is_unique
+    mlflow.set_tracking_uri(store["cfg"].tracking_uri)
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{store['cfg'].model.registered_name}/{store['version']}")
+    good = store["table"].drop(index=[10, 20, 30])
+    expected = pyfunc.predict(good)["churn_probability"].to_numpy()
+    got = df.set_index("customer_id").loc[good["CustomerID"].astype(str), "churn_probability"].to_numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    labels = df["churn_label"].to_numpy()
+    assert set(np.unique(labels)) == {0, 1}
+    assert (labels == (df["churn_probability"].to_numpy() >= 0.5)).all()
+    assert set(df["model_name"]) == {store["cfg"].model.registered_name}
+    assert set(df["model_version"]) == {str(store["version"])}
+
+
+def test_rejects_hold_each_bad_row_with_its_reason(store, scored):
+    result, _ = scored
+    assert result.rejects == f"{store['ws'] / 'scores'}_rejects"
+    rejects = _read(Path(result.rejects)).set_index("customer_id")
+    ids = store["table"]["CustomerID"].astype(str)
+    assert sorted(rejects.index) == sorted(ids.iloc[[10, 20, 30]])
+    for row, (col, value, reason) in BAD_ROWS.items():
+        assert rejects.loc[ids.iloc[row], "reason"].startswith(reason)
+        assert json.loads(rejects.loc[ids.iloc[row], "record"])[col] == value
+    assert rejects.loc[ids.iloc[30], "reason"] == "every cell is empty"
+
+
+def test_explain_gives_the_three_largest_contributions(store, scored):
+    from churnlib import loading
+    from churnlib.explain import explain
+    from churnlib.features import encode_columns
+
+    _, df = scored
+    assert [c for c in df.columns if c.startswith("reason_")] == ["reason_1", "reason_2", "reason_3"]
+    predictor = loading.load(f"models:/{store['cfg'].model.registered_name}@champion").predictor
+    row = store["table"].iloc[[0]]
+    X, _, _ = encode_columns(row, predictor.spec)
+    values = explain(predictor.booster, X, predictor.spec, "tree", nthread=1).values[0]
+    top = [predictor.spec.feature_names[j] for j in np.argsort(-np.abs(values))[:3]]
+    got = df.set_index("customer_id").loc[str(row["CustomerID"].iloc[0])]
+    assert [got[f"reason_{k}"].split("=")[0] for k in (1, 2, 3)] == top
+    contributions = [float(got[f"reason_{k}"].rsplit("(", 1)[1].rstrip(")")) for k in (1, 2, 3)]
+    assert abs(contributions[0]) >= abs(contributions[1]) >= abs(contributions[2])
+    assert contributions[0] == pytest.approx(values[np.argsort(-np.abs(values))[0]], abs=1e-3)
+
+
+def test_the_job_is_recorded_in_mlflow(store, scored):
+    result, _ = scored
+    run = MlflowClient(store["cfg"].tracking_uri).get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["churn.command"] == "predict"
+    assert run.data.tags["churn.model_version"] == str(store["version"])
+    assert run.data.params["input"] == str(store["csv"])
+    assert run.data.params["output"] == str(store["ws"] / "scores")
+    assert run.data.metrics["rows_scored"] == 2997 and run.data.metrics["rows_rejected"] == 3
+    # the table comes from the training distribution: no feature drifted
+    assert run.data.metrics["drift_features_shifted"] == 0
+    artifacts = {a.path for a in MlflowClient(store["cfg"].tracking_uri).list_artifacts(result.run_id, "drift")}
+    assert {"drift/report.json", "drift/psi.png"} <= artifacts
+    assert no_running_runs(store["cfg"])
+
+
+def test_existing_output_is_refused_and_untouched(store, scored):
+    out = store["ws"] / "scores"
+    before = sorted(p.name for p in out.iterdir())
+    res = run_cli("predict", "--input", str(store["csv"]), "--output", str(out), "--set",
+                  f"workspace={store['cfg'].workspace}", cwd=store["ws"])
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1] == f"error: output {out} already exists; choose a new path (nothing is overwritten)"
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_a_failure_mid_job_leaves_no_output_and_no_open_run(store):
+    """The second file of the input breaks while the first is being scored and written."""
+    folder = store["ws"] / "broken_input"
+    folder.mkdir()
+    store["table"].iloc[:1500].drop(index=[10, 20, 30]).to_csv(folder / "part-0.csv", index=False)
+    text = store["table"].iloc[1500:].to_csv(index=False).splitlines()
+    text[200] += ",1,2,3"  # a line with more fields than the header
+    (folder / "part-1.csv").write_text("\n".join(text) + "\n")
+    out = store["ws"] / "broken_scores"
+    res = run_cli("predict", "--input", str(folder), "--output", str(out), "--set",
+                  f"workspace={store['cfg'].workspace}", cwd=store["ws"])
+    assert res.returncode == 2, res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "part-1.csv" in last and "Expected" in last, last
+    leftovers = [p.name for p in store["ws"].iterdir() if "broken_scores" in p.name]
+    assert leftovers == []  # neither the output, nor its rejects, nor a staging folder
+    assert no_running_runs(store["cfg"])
+
+
+def test_no_champion_is_one_line_and_writes_nothing(store, tmp_path):
+    cfg = make_config(tmp_path)
+    with pytest.raises(ChurnError, match="champion"):
+        predict(cfg, str(store["csv"]), str(tmp_path / "out"), **QUIET)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out_rejects").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_missing_column_is_refused_before_scoring(store, tmp_path):
+    path = tmp_path / "no_age.csv"
+    store["table"].drop(columns=["Age"]).to_csv(path, index=False)
+    with pytest.raises(DataError, match="missing column.*'Age'"):
+        predict(store["cfg"], str(path), str(tmp_path / "out"), **QUIET)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["no_age.csv"]
+
+
+def test_ray_job_entrypoint_scores_parquet(store):
+    """`python -m ray_jobs.batch_predict`, what `ray job submit` runs, with --json for machines."""
+    import subprocess
+    import sys
+
+    source = store["ws"] / "clean.parquet"
+    store["table"].drop(index=[10, 20, 30]).astype({"Age": float}).to_parquet(source, index=False)
+    out = store["ws"] / "job_scores"
+    res = subprocess.run(
+        [sys.executable, "-m", "ray_jobs.batch_predict", "--input", str(source), "--output", str(out), "--json",
+         "--set", f"workspace={store['cfg'].workspace}"],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr
+    payload = json.loads(res.stdout.strip().splitlines()[-1])
+    assert payload["counts"]["scored"] == 2997 and payload["rejects"] is None
+    assert payload["model_version"] == str(store["version"])
+    assert len(_read(out)) == 2997 and not Path(f"{out}_rejects").exists()
+
+
+def test_predict_reads_and_writes_s3(store, s3_endpoint, monkeypatch):
+    import boto3
+
+    for key, value in {**S3_KEYS, "AWS_ENDPOINT_URL_S3": s3_endpoint}.items():
+        monkeypatch.setenv(key, value)
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    s3.create_bucket(Bucket="churn-batch")
+    s3.upload_file(str(store["csv"]), "churn-batch", "in/score.csv")
+    result = predict(store["cfg"], "s3://churn-batch/in/score.csv", "s3://churn-batch/out/scores", **QUIET)
+    assert result.counts["scored"] == 2997 and result.counts["rejected"] == 3
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="churn-batch", Prefix="out/")["Contents"]}
+    assert "out/scores/_SUCCESS" in keys and "out/scores_rejects/_SUCCESS" in keys
+    assert any(k.startswith("out/scores/") and k.endswith(".parquet") for k in keys)
+    with pytest.raises(DataError, match="already exists"):
+        predict(store["cfg"], "s3://churn-batch/in/score.csv", "s3://churn-batch/out/scores", **QUIET)
+
+
+# Drift ------------------------------------------------------------------------------------------
+
+
+def test_profile_compared_with_its_own_data_is_stable_and_a_shift_is_not(store):
+    spec = FeatureSpec.from_config(store["cfg"].features)
+    from churnlib.features import encode_columns
+
+    table = pd.read_parquet(store["ws"] / "score.parquet")
+    X, _, _ = encode_columns(table, spec)
+    profile = drift_mod.build_profile(X, spec)
+    halves = [drift_mod.batch_counts(X[:1000], profile, spec), drift_mod.batch_counts(X[1000:], profile, spec)]
+    same = drift_mod.compare(profile, drift_mod.merge_counts(halves))
+    assert {d.verdict for d in same} == {"stable"}
+    assert max(d.psi for d in same) < 1e-9 and max(d.ks for d in same) < 1e-9
+    shifted = X.copy()
+    age = spec.feature_names.index("Age")
+    shifted[:, age] += 15  # everyone fifteen years older
+    # 3% lose their tenure: PSI of the missing bin alone 0.03 * ln(0.03 / 1e-4) = 0.17
+    shifted[: len(X) * 3 // 100, spec.feature_names.index("Tenure")] = np.nan
+    by_name = {d.feature: d for d in drift_mod.compare(profile, drift_mod.batch_counts(shifted, profile, spec))}
+    assert by_name["Age"].verdict == "major" and by_name["Age"].ks > 0.3
+    assert by_name["Tenure"].verdict == "moderate" and by_name["Tenure"].missing_current == pytest.approx(0.03)
+    assert by_name["Support Calls"].verdict == "stable"
+
+
+def test_drift_thresholds_must_be_ordered(tmp_path):
+    from churnlib.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="psi_major .* must be above psi_moderate"):
+        make_config(tmp_path, **{"drift.psi_moderate": 0.3, "drift.psi_major": 0.2})
+
+
+def test_real_kaggle_training_and_test_files_are_reported_shifted(store):
+    """SOURCE.md: the training slice has narrower ranges and no Monthly contracts."""
+    from churnlib.batch import drift_report
+
+    train = require_shared(KAGGLE_TRAIN_PARTIAL)
+    test = require_shared(KAGGLE_TEST)
+    drifts = {d.feature: d for d in drift_report(store["cfg"], str(train), str(test), **QUIET)}
+    for feature in ("Age", "Support Calls", "Payment Delay", "Total Spend", "Contract Length"):
+        assert drifts[feature].verdict == "major", (feature, drifts[feature])
+    for feature in ("Tenure", "Usage Frequency", "Subscription Type"):
+        assert drifts[feature].verdict == "stable", (feature, drifts[feature])
+    monthly = drifts["Contract Length"].detail
+    assert monthly["reference_shares"][monthly["levels"].index("Monthly")] == 0.0
+    assert monthly["current_shares"][monthly["levels"].index("Monthly")] > 0.15
+
+
+def test_cli_drift_of_a_table_with_itself_is_stable(store):
+    test = require_shared(KAGGLE_TEST)
+    res = run_cli("drift", "--reference", str(test), "--data", str(test), "--json", "--set",
+                  f"workspace={store['cfg'].workspace}", cwd=store["ws"])
+    assert res.returncode == 0, res.stderr
+    features = json.loads(res.stdout.strip().splitlines()[-1])["features"]
+    assert len(features) == 10 and {f["verdict"] for f in features} == {"stable"}
+    assert "drift: all 10 features stable" in res.stderr
+
+
+def test_cli_drift_against_the_champion_profile(store):
+    res = run_cli("drift", "--reference", f"models:/{store['cfg'].model.registered_name}@champion",
+                  "--data", str(store["csv"]), "--set", f"workspace={store['cfg'].workspace}", cwd=store["ws"])
+    assert res.returncode == 0, res.stderr
+    assert "feature" in res.stdout and "verdict" in res.stdout
+    assert "drift: all 10 features stable" in res.stderr
