@@ -36,6 +36,7 @@ from churnlib.scoring import BatchScorer
 
 SUCCESS_MARKER = "_SUCCESS"
 EXPLAIN_BATCH_ROWS = 4096
+BLOCK_BYTES = 16 * 2**20
 
 
 class _Tally:
@@ -68,6 +69,7 @@ class PredictUDF(BatchScorer):
     def __init__(self, payloads: list[dict[str, Any]], columns: list[str], tally: Any, rejects_fs: Any,
                  rejects_dir: str, explain_top: int = 0, drift: bool = True, nthread: int = 1):
         super().__init__(payloads, columns, with_target=False, keep_features=True, nthread=nthread)
+        self.nthread = nthread
         self.tally = tally
         self.rejects_fs, self.rejects_dir = rejects_fs, rejects_dir
         self.explain_top = explain_top
@@ -76,7 +78,9 @@ class PredictUDF(BatchScorer):
         self.model_name = str(model.meta.get("registered_name") or model.meta.get("model_name") or "churn")
         self.model_version = str(model.meta.get("version") or model.meta.get("run_id", "")[:12])
 
-    def __call__(self, df: pd.DataFrame) -> dict[str, np.ndarray]:
+    def __call__(self, df: pd.DataFrame) -> Any:  # a pyarrow.Table
+        import pyarrow as pa
+
         from churnlib.data import ROW_EMPTY
         from churnlib.drift import batch_counts
 
@@ -88,30 +92,31 @@ class PredictUDF(BatchScorer):
         model = self.models[0]
         proba = out["score"][ok].astype(np.float64)
         ids = out["row_id"][ok] if "row_id" in out else np.full(n_ok, "", dtype=object)
-        result: dict[str, np.ndarray] = {
-            "customer_id": ids,
-            "churn_probability": proba,
-            "churn_label": (proba >= model.threshold).astype(np.int8),
-            "model_name": np.full(n_ok, self.model_name, dtype=object),
-            "model_version": np.full(n_ok, self.model_version, dtype=object),
+        # An Arrow table, typed here: Ray Data would otherwise infer the type of
+        # every Python string in object columns, which costs as much as scoring.
+        columns: dict[str, pa.Array] = {
+            "customer_id": pa.array(ids, type=pa.string()),
+            "churn_probability": pa.array(proba),
+            "churn_label": pa.array((proba >= model.threshold).astype(np.int8)),
+            "model_name": pa.repeat(pa.scalar(self.model_name, pa.string()), n_ok),
+            "model_version": pa.repeat(pa.scalar(self.model_version, pa.string()), n_ok),
         }
-        if self.explain_top and n_ok:
-            from churnlib.explain import explain, top_reasons
+        if self.explain_top:
+            reasons: list[list[dict[str, Any]]] = []
+            if n_ok:
+                from churnlib.explain import explain, top_reasons
 
-            expl = explain(model.booster, out["X"][ok], model.spec, "tree", nthread=1)
-            reasons = top_reasons(expl, model.spec, k=self.explain_top)
+                expl = explain(model.booster, out["X"][ok], model.spec, "tree", nthread=self.nthread)
+                reasons = top_reasons(expl, model.spec, k=self.explain_top)
             for k in range(self.explain_top):
-                result[f"reason_{k + 1}"] = np.array(
+                columns[f"reason_{k + 1}"] = pa.array(
                     [f"{r[k]['feature']}={r[k]['value']} ({r[k]['contribution']:+.3f})" if k < len(r) else ""
-                     for r in reasons], dtype=object)
-        elif self.explain_top:
-            for k in range(self.explain_top):
-                result[f"reason_{k + 1}"] = np.empty(0, dtype=object)
+                     for r in reasons], type=pa.string())
         counts = {"rows": int(len(df)), "scored": n_ok, "rejected": int((~ok).sum()),
                   "empty": int((out["flags"] == ROW_EMPTY).sum())}
         drift = batch_counts(out["X"][ok], model.profile, model.spec) if self.drift and n_ok else None
         self.tally.add.remote(counts, drift)
-        return result
+        return pa.table(columns)
 
     def _write_rejects(self, df: pd.DataFrame, out: dict[str, np.ndarray], bad: np.ndarray) -> None:
         import pyarrow as pa
@@ -180,6 +185,7 @@ def predict(
     """Score ``input_path`` into the Parquet folder ``output_path`` (see the module doc)."""
     import mlflow
     import ray
+    import ray.data
 
     from churnlib import data as data_mod
     from churnlib import drift as drift_mod
@@ -210,24 +216,30 @@ def predict(
     say(f"predict: {source.uri} ({len(source.files)} {source.format} file(s), {source.size_bytes / 1e6:.1f} MB) -> "
         f"{output_path}, {scoring.actors} actor(s) x {scoring.cpus_per_actor:g} CPU"
         + (f", top {explain_top} reasons" if explain_top else ""))
-    # CSV cells are read as text: a non-numeric cell is one rejected row, not a failed read
-    scored = data_mod.read_raw(source, spec, columns, typed=False).map_batches(
-        PredictUDF,
-        fn_constructor_kwargs={
-            "payloads": put_payloads([predictor]), "columns": columns, "tally": tally, "rejects_fs": rfs,
-            "rejects_dir": rstaging, "explain_top": explain_top, "drift": cfg.scoring.drift,
-            "nthread": max(1, int(scoring.cpus_per_actor)),
-        },
-        compute=actor_pool(scoring),
-        num_cpus=scoring.cpus_per_actor,
-        # explaining costs ~1 ms a row: smaller batches spread it over the actors
-        batch_size=min(scoring.batch_size, EXPLAIN_BATCH_ROWS) if explain_top else scoring.batch_size,
-        batch_format="pandas",
-    )
+    context = ray.data.DataContext.get_current()
+    block_bytes = context.target_max_block_size
+    # blocks of ~16 MB (~150,000 rows) rather than Ray Data's 128 MB: every actor
+    # gets work, and writing overlaps scoring instead of waiting for the last block
+    context.target_max_block_size = min(block_bytes or BLOCK_BYTES, BLOCK_BYTES)
     stop = threading.Event()
     printer = threading.Thread(target=_progress, args=(tally, stop, t_start), daemon=True)
     printer.start()
     try:
+        # CSV cells are read as text: a non-numeric cell is one rejected row, not a failed read
+        # (the dataset keeps the context it is built with)
+        scored = data_mod.read_raw(source, spec, columns, typed=False).map_batches(
+            PredictUDF,
+            fn_constructor_kwargs={
+                "payloads": put_payloads([predictor]), "columns": columns, "tally": tally, "rejects_fs": rfs,
+                "rejects_dir": rstaging, "explain_top": explain_top, "drift": cfg.scoring.drift,
+                "nthread": max(1, int(scoring.cpus_per_actor)),
+            },
+            compute=actor_pool(scoring),
+            num_cpus=scoring.cpus_per_actor,
+            # explaining costs ~1 ms a row: smaller batches spread it over the actors
+            batch_size=min(scoring.batch_size, EXPLAIN_BATCH_ROWS) if explain_top else scoring.batch_size,
+            batch_format="pandas",
+        )
         scored.write_parquet(staging, filesystem=fs)
         counts, drift_parts = ray.get(tally.result.remote())
     except BaseException as exc:
@@ -238,6 +250,7 @@ def predict(
             raise
         raise data_mod._as_data_error(exc, source) from None
     finally:
+        context.target_max_block_size = block_bytes
         stop.set()
         printer.join(timeout=2)
         ray.kill(tally)

@@ -19,7 +19,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
@@ -110,14 +109,15 @@ class ChurnPredictor:
         )
 
 
-class ChurnModel(mlflow.pyfunc.PythonModel):
-    """MLflow pyfunc wrapper around ``ChurnPredictor``."""
+def __getattr__(name: str) -> Any:
+    # The pyfunc wrapper lives in churnlib.pyfunc so that scoring actors and
+    # replicas, which only need ChurnPredictor, do not import MLflow (over a
+    # second per process). Models logged when it lived here still unpickle.
+    if name == "ChurnModel":
+        from churnlib.pyfunc import ChurnModel
 
-    def load_context(self, context: Any) -> None:
-        self._predictor = ChurnPredictor.from_dir(context.artifacts["model_dir"])
-
-    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        return self._predictor.predict(model_input)
+        return ChurnModel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def signature_for(spec: FeatureSpec):

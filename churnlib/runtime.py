@@ -40,6 +40,9 @@ def quiet_logs(verbose: bool) -> None:
         warnings.filterwarnings("ignore", message=".*won't fully utilize the available concurrency.*")
 
 
+LOCAL_FOOTER_ACTORS = 1
+
+
 def ensure_ray(ray_cfg: Any, verbose: bool = False) -> bool:
     """Connect to ``ray.address`` (or RAY_ADDRESS), or start a local instance.
 
@@ -67,6 +70,11 @@ def ensure_ray(ray_cfg: Any, verbose: bool = False) -> bool:
         # The dashboard stays on, on loopback: Ray's State API lives there, and
         # Ray Train's placement-group cleaner needs it to free the CPUs of a run
         # whose controller was killed (a trial that ASHA stopped).
+        # Ray Data's Parquet reader starts 32 actors to read file footers on
+        # every read, each needing a CPU to be placed: on a laptop that costs
+        # seconds per read (4 s with 2 actors on 2 CPUs, 2 s with one). One
+        # actor with its 128 I/O threads suffices here; set the variable to override.
+        os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", str(LOCAL_FOOTER_ACTORS))
         ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
                  dashboard_port=_free_port(), **kwargs)
         _STARTED_HERE = True

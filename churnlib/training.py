@@ -646,7 +646,8 @@ def _log_model(cfg: Any, spec: Any, source: Any, columns: list[str], booster: An
     import mlflow
 
     from churnlib import tracking
-    from churnlib.model import ChurnModel, input_example, save_model_dir, signature_for
+    from churnlib.model import input_example, save_model_dir, signature_for
+    from churnlib.pyfunc import ChurnModel
 
     tracking.log_importance(booster, spec.feature_names)
     with tempfile.TemporaryDirectory(prefix="churn-") as tmp:

@@ -1,0 +1,176 @@
+"""Benchmark: `churn predict` against one plain process, on the same Parquet table, in one run.
+
+    python benchmarks/batch_scoring.py [--rows 2000000] [--repeats 2] [--rounds 100]
+                                       [--set scoring.actors=3 ...] [--out benchmarks/results/batch_scoring.json]
+
+Both read a Parquet file of ``--rows`` generated customers and write a Parquet
+file of customer id, P(churn), label, model name and version:
+
+- plain: ``pd.read_parquet`` -> ``churnlib.features.encode_columns`` ->
+  ``Booster.inplace_predict`` (every core) -> ``DataFrame.to_parquet``, one
+  process, the whole table in memory; its stages are timed one by one;
+- ours: ``churnlib.batch.predict`` (what `churn predict` runs): Ray Data read ->
+  class-UDF actor pool -> Parquet write, streaming, with rejects and drift
+  counts, then its MLflow run. Ray is started before the clock starts (it runs
+  already on a cluster; the start is reported on its own line).
+
+The model is a real registered champion (``--rounds`` trees of depth 6 on
+100,000 generated rows). Prints rows/s for each, the ratio ours/plain (goal:
+0.7 or more on 2 cores) and writes JSON. A benchmark, not a test: numbers
+depend on the machine and its load; the best of ``--repeats`` runs counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+
+def _champion(cfg, rounds: int, ws: Path) -> tuple[str, str]:
+    """Train, log (as `churn train` logs) and register a model; alias champion. -> (name, version)."""
+    import xgboost as xgb
+
+    from churnlib import tracking
+    from churnlib.data import check_columns, encode_batch, resolve_source
+    from churnlib.drift import build_profile
+    from churnlib.features import FeatureSpec
+    from churnlib.generate import generate
+    from churnlib.registry import Registry
+    from churnlib.training import _log_model
+
+    import pandas as pd
+
+    spec = FeatureSpec.from_config(cfg.features)
+    path = generate(100_000, ws / "train.parquet", seed=3)
+    source = resolve_source(str(path))
+    columns = check_columns(source, spec)
+    enc = encode_batch(pd.read_parquet(path), spec, columns, 0.0, 1)
+    dtrain = xgb.DMatrix(enc["X"], label=enc["y"], feature_names=spec.feature_names,
+                         feature_types=spec.feature_types, enable_categorical=True)
+    booster = xgb.train({**cfg.xgb_params(), "max_depth": 6, "nthread": os.cpu_count()}, dtrain, rounds)
+    tracking.connect(cfg)
+    with tracking.tracked_run(cfg, "benchmark-model", {"churn.command": "train"}) as run:
+        _log_model(cfg, spec, source, columns, booster, rounds - 1, run.info.run_id, build_profile(enc["X"], spec))
+    reg = Registry(cfg, say=lambda m: None)
+    info, _ = reg.register(run.info.run_id)
+    reg.set_alias(info.version, "champion")
+    return cfg.model.registered_name, str(info.version)
+
+
+def plain(table: Path, out: Path, predictor, name: str, version: str) -> dict[str, float]:
+    import numpy as np
+    import pandas as pd
+
+    from churnlib.features import encode_columns
+
+    spec = predictor.spec
+    predictor.booster.set_param({"nthread": os.cpu_count() or 1})
+    t = {}
+    t0 = time.perf_counter()
+    df = pd.read_parquet(table, columns=[spec.id_column, *spec.feature_names])
+    t["read_s"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    X, bad, _ = encode_columns(df, spec)
+    t["features_s"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    p = predictor.booster.inplace_predict(X)
+    t["predict_s"] = time.perf_counter() - t2
+    t3 = time.perf_counter()
+    pd.DataFrame({
+        "customer_id": df[spec.id_column].astype("string"),
+        "churn_probability": p.astype(np.float64),
+        "churn_label": (p >= predictor.threshold).astype(np.int8),
+        "model_name": name,
+        "model_version": version,
+    }).to_parquet(out, index=False)
+    t["write_s"] = time.perf_counter() - t3
+    t["total_s"] = time.perf_counter() - t0
+    return t
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=2_000_000)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=100)
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="config override for our job")
+    ap.add_argument("--out", default=str(HERE / "results" / "batch_scoring.json"))
+    args = ap.parse_args()
+
+    from churnlib import loading, tracking
+    from churnlib.batch import predict
+    from churnlib.config import load_config
+    from churnlib.generate import generate
+    from churnlib.runtime import ensure_ray, quiet_logs
+
+    quiet_logs(False)
+    ws = Path(tempfile.mkdtemp(prefix="churn-bench-batch-"))
+    try:
+        cfg = load_config(overrides=[f"workspace={ws / '.churn'}", *args.sets], env={})
+        name, version = _champion(cfg, args.rounds, ws)
+        t0 = time.perf_counter()
+        table = generate(args.rows, ws / "customers.parquet", seed=11)
+        print(f"table: {args.rows:,} rows, {table.stat().st_size / 1e6:.1f} MB Parquet "
+              f"(generated in {time.perf_counter() - t0:.1f} s); model {name} v{version}, {args.rounds} trees depth 6")
+        tracking.configure(cfg)
+        predictor = loading.load(f"models:/{name}@champion").predictor
+        t0 = time.perf_counter()
+        ensure_ray(cfg.ray)
+        ray_start = time.perf_counter() - t0
+        print(f"ray: local instance started in {ray_start:.1f} s (not counted below); "
+              f"scoring: {cfg.scoring.actors} actor(s) x {cfg.scoring.cpus_per_actor:g} CPU, "
+              f"batch {cfg.scoring.batch_size:,} rows")
+
+        plain_runs, ours_runs = [], []
+        for k in range(args.repeats):
+            out = ws / f"plain-{k}.parquet"
+            plain_runs.append(plain(table, out, predictor, name, version))
+            p = plain_runs[-1]
+            print(f"  plain #{k + 1}: {p['total_s']:.2f} s = read {p['read_s']:.2f} + features {p['features_s']:.2f} "
+                  f"+ predict {p['predict_s']:.2f} + write {p['write_s']:.2f}  ({args.rows / p['total_s']:,.0f} rows/s)")
+            t0 = time.perf_counter()
+            res = predict(cfg, str(table), str(ws / f"ours-{k}"), say=lambda m: None)
+            total = time.perf_counter() - t0
+            ours_runs.append({"total_s": total, "scored": res.counts["scored"]})
+            assert res.counts["scored"] == args.rows, res.counts
+            print(f"  ours  #{k + 1}: {total:.2f} s ({args.rows / total:,.0f} rows/s), with its MLflow run "
+                  f"and drift counts")
+        best_plain = min(r["total_s"] for r in plain_runs)
+        best_ours = min(r["total_s"] for r in ours_runs)
+        stage = min(plain_runs, key=lambda r: r["total_s"])
+        result = {
+            "rows": args.rows,
+            "cpus": os.cpu_count(),
+            "trees": args.rounds,
+            "scoring": cfg.scoring.model_dump(),
+            "ray_start_s": ray_start,
+            "plain_runs": plain_runs,
+            "ours_runs": ours_runs,
+            "plain_rows_per_s": args.rows / best_plain,
+            "ours_rows_per_s": args.rows / best_ours,
+            "ratio_ours_to_plain": best_plain / best_ours,
+            "inplace_predict_rows_per_s": args.rows / stage["predict_s"],
+        }
+        print(f"plain: {result['plain_rows_per_s']:,.0f} rows/s (inplace_predict alone "
+              f"{result['inplace_predict_rows_per_s']:,.0f} rows/s)")
+        print(f"ours:  {result['ours_rows_per_s']:,.0f} rows/s")
+        print(f"ratio ours/plain: {result['ratio_ours_to_plain']:.2f}x (goal >= 0.7x)")
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.out}")
+    finally:
+        shutil.rmtree(ws, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
