@@ -19,7 +19,8 @@ from churnlib.errors import ChurnError, GateFailedError
 STEPS = ("data", "train", "evaluate", "register", "promote", "serve", "requests", "batch", "stop")
 
 
-def _free_port(preferred: int) -> int:
+def free_port(preferred: int) -> int:
+    """``preferred`` when it is free on loopback, else any free port."""
     import socket
 
     for port in (preferred, 0):
@@ -125,7 +126,7 @@ def quickstart(cfg: Any, rows: int | None = None, port: int | None = None, verbo
         return f"champion = version {res['version']}{prev}"
 
     def serve_step() -> str:
-        chosen = _free_port(port or cfg.serve.port)
+        chosen = free_port(port or cfg.serve.port)
         # half a CPU for the replica: on 2 cores the batch step scores beside it
         serve_sets = [*(sets or []), f"workspace={cfg.workspace_path}",
                       f"serve.cpus_per_replica={min(cfg.serve.cpus_per_replica, 0.5):g}"]
