@@ -9,7 +9,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from tests.conftest import free_port, make_config, run_cli
+from tests.conftest import _LEAKY_ENV, free_port, make_config, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 STEP = re.compile(r"^\[(\d)/9\] (\w+): (.*) \(\d+\.\d s\)$")
@@ -59,11 +59,14 @@ def test_quickstart_failure_names_the_step_and_moves_no_alias(tmp_path):
     assert last.startswith("error: quickstart step 3/9 (evaluate): ") and "roc_auc: failed" in last, last
     assert "[3/9]" not in res.stderr and "[2/9] train:" in res.stderr
     cfg = make_config(tmp_path)
-    client = MlflowClient(cfg.tracking_uri)
+    client = MlflowClient(tracking_uri=cfg.tracking_uri, registry_uri=cfg.registry_uri)
     assert client.search_registered_models() == []
 
 
-def test_notebook_runs_top_to_bottom(tmp_path):
+def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
+    # the kernel inherits this process's environment: earlier tests' MLflow URIs must not steer it
+    for var in _LEAKY_ENV:
+        monkeypatch.delenv(var, raising=False)
     import nbformat
     from nbclient import NotebookClient
 

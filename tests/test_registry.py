@@ -256,6 +256,7 @@ def test_mlflow_models_serve_answers_for_the_champion(lab):
     env = {k: val for k, val in os.environ.items() if k != "RAY_ADDRESS"}
     env["MLFLOW_TRACKING_URI"] = cfg.tracking_uri
     bindir = os.path.dirname(sys.executable)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")  # it runs `uvicorn` from PATH
     proc = subprocess.Popen(
         [os.path.join(bindir, "mlflow"), "models", "serve", "-m", "models:/reg_serve@champion", "--env-manager",
          "local", "-h", "127.0.0.1", "-p", str(port)],
