@@ -95,7 +95,7 @@ def main() -> int:
     print(f"{'rounds spent':18s}{a['rounds_spent']:12d}{f['rounds_spent']:16d}")
     print(f"{'stopped by ASHA':18s}{a['stopped_by_asha']:12d}{f['stopped_by_asha']:16d}")
     print(f"\nASHA: {summary['time_ratio_asha_over_full']:.2f}x the time, {summary['rounds_ratio_asha_over_full']:.2f}x the "
-          f"rounds, AUC {summary['auc_gap_full_minus_asha']:+.4f} below the full sweep; same 16 configurations: {same}")
+          f"rounds, AUC {summary['auc_gap_full_minus_asha']:+.4f} below the full sweep; same {args.trials} configurations: {same}")
     for r in results.values():
         r.pop("configs")
     out = Path(args.out)
