@@ -379,9 +379,10 @@ def drift_report(cfg: Any, reference: str, data_path: str, verbose: bool = False
         spec = FeatureSpec.from_config(cfg.features)
         ref_source = data_mod.resolve_source(reference)
         ensure_ray(cfg.ray, verbose=verbose)
-        profile = _profile_table(ref_source, spec, cfg)
+        profile = drift_mod.profile_from_dataset(_encoded(ref_source, spec), spec, cfg.drift.profile_rows,
+                                                 seed=cfg.model.random_state)
     source = data_mod.resolve_source(data_path)
-    ensure_ray(cfg.ray, verbose=verbose)
+    ensure_ray(cfg.ray, verbose=verbose)  # already up when the reference was a table; a no-op then
     counts = _count_table(source, spec, profile)
     drifts = drift_mod.compare(profile, counts, cfg.drift.psi_moderate, cfg.drift.psi_major)
     say(drift_mod.summary_line(drifts))
@@ -393,7 +394,10 @@ def drift_report(cfg: Any, reference: str, data_path: str, verbose: bool = False
 
 
 def _encoded(source: Any, spec: Any):
-    """The table as model-matrix rows (bad cells missing), without the target: for drift counts."""
+    """The table as model-matrix rows (bad cells missing), without the target: for drift counts.
+
+    Every row is kept (``flags`` 0): a drift reference describes the table as it is.
+    """
     from churnlib import data as data_mod
     from churnlib.features import encode_columns
 
@@ -401,22 +405,10 @@ def _encoded(source: Any, spec: Any):
 
     def to_x(df: pd.DataFrame) -> dict[str, np.ndarray]:
         X, _, _ = encode_columns(df, spec)
-        return {"X": X}
+        return {"X": X, "flags": np.zeros(len(X), dtype=np.uint8)}
 
     return data_mod.read_raw(source, spec, columns, typed=False).map_batches(to_x, batch_format="pandas",
                                                                              batch_size=None)
-
-
-def _profile_table(source: Any, spec: Any, cfg: Any) -> dict[str, Any]:
-    from churnlib.drift import build_profile
-
-    ds = _encoded(source, spec)
-    total = ds.count()
-    fraction = min(1.0, cfg.drift.profile_rows / max(total, 1))
-    sample = ds if fraction >= 1.0 else ds.random_sample(fraction, seed=cfg.model.random_state)
-    parts = [b["X"] for b in sample.iter_batches(batch_size=None, batch_format="numpy")]
-    X = np.concatenate(parts) if parts else np.empty((0, len(spec.feature_names)), dtype=np.float32)
-    return build_profile(X, spec, rows_total=total)
 
 
 def _count_table(source: Any, spec: Any, profile: dict[str, Any]) -> dict[str, Any]:
