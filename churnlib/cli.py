@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_train = sub.add_parser("train", help="train XGBoost on Ray Train and log it to MLflow")
     p_train.add_argument("--data", help="CSV or Parquet file or folder, local or s3:// (default: generated)")
-    p_train.add_argument("--run-name")
+    p_train.add_argument("--run-name", help="MLflow run name (default: one MLflow makes up)")
+    p_train.add_argument("--resume-from", metavar="CHECKPOINT",
+                         help="continue the training of an earlier run from its checkpoint folder (training.resume_from)")
     _common(p_train)
     p_train.set_defaults(func=cmd_train)
 
@@ -204,9 +206,11 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from churnlib.config import load_config
     from churnlib.training import train
 
-    cfg = _load(args)
+    sets = args.sets + ([f"training.resume_from={args.resume_from}"] if args.resume_from else [])
+    cfg = load_config(args.config, sets)
     result = train(cfg, data_path=args.data, run_name=args.run_name, verbose=args.verbose, say=say)
 
     def human() -> None:

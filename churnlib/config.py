@@ -108,6 +108,8 @@ class XGBoostConfig(_Section):
 class TrainingConfig(_Section):
     checkpoint_every: int = Field(ge=0)
     max_failures: int = Field(ge=-1)
+    keep_checkpoints: int | None = Field(default=2, ge=1)
+    resume_from: str | None = None
     storage_path: str | None = None
     batch_size: int = Field(ge=1)
     materialize: bool

@@ -22,13 +22,18 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from churnlib.console import say
-from churnlib.errors import TrainingError
+from churnlib.errors import ChurnError, TrainingError
+
+if TYPE_CHECKING:
+    from churnlib.config import Config
 
 STATE_FILE = "train_state.json"
 MODEL_FILE = "model.ubj"
+# The encoded table's name in Ray Train (``data_<rank>`` for fixed shards).
+DATA = "data"
 
 
 def xgb_log_name(metric: str) -> str:
@@ -142,6 +147,23 @@ def _split_iter(local: Any, valid: bool, batch_size: int, names: list[str], type
     return SplitIter()
 
 
+def check_checkpoint(path: str) -> None:
+    """One line (ConfigError) when ``path`` is not a training checkpoint folder."""
+    import pyarrow.fs as pafs
+
+    from churnlib.data import _filesystem
+    from churnlib.errors import ConfigError
+
+    try:
+        fs, root = _filesystem(path)
+        found = {name: fs.get_file_info(f"{root.rstrip('/')}/{name}").type for name in (MODEL_FILE, STATE_FILE)}
+    except (OSError, ChurnError) as exc:
+        raise ConfigError(f"training.resume_from {path}: {str(exc).splitlines()[0]}") from None
+    if any(kind != pafs.FileType.File for kind in found.values()):
+        raise ConfigError(f"training.resume_from {path}: not a training checkpoint (it needs {MODEL_FILE} and "
+                          f"{STATE_FILE}; checkpoints are the checkpoint_* folders under training.storage_path)")
+
+
 def _load_checkpoint(checkpoint: Any) -> tuple[Any, dict[str, Any]]:
     import xgboost as xgb
 
@@ -186,7 +208,12 @@ def _report_checkpoint(rank: int, booster: Any, state: dict[str, Any], metrics: 
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
 
 
-def _make_callback(config: dict[str, Any], state: dict[str, Any], rank: int, sink: Any):
+def _make_callback(config: dict[str, Any], state: dict[str, Any], rank: int, sink: Any, offset: int = 0):
+    """The training callback. ``offset``: boosting rounds already in the model training
+    continues from (a restored checkpoint). XGBoost numbers the epochs of a continued
+    training from 0 again; every round here is absolute (``offset + epoch``), so the
+    history, early stopping, checkpoints and progress carry on where the checkpoint left off.
+    """
     import xgboost as xgb
 
     metric = f"valid-{xgb_log_name(config['stopping_metric'])}"
@@ -214,6 +241,7 @@ def _make_callback(config: dict[str, Any], state: dict[str, Any], rank: int, sin
             return model
 
         def after_iteration(self, model: Any, epoch: int, evals_log: dict) -> bool:
+            epoch += offset  # absolute round (see above)
             history = state["history"]
             for data, metrics in evals_log.items():
                 for name, values in metrics.items():
@@ -274,7 +302,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # Wall-clock marks (comparable across processes), for the driver's timings.
     timeline = {"loop_start": time.time()}
     # Pulled through Ray Data once; kept in the object store for XGBoost's passes.
-    local = ray.train.get_dataset_shard("data").materialize()
+    # A fixed shard per rank (see shard_datasets) when the table is materialized.
+    shard_name = f"{DATA}_{rank}" if config.get("fixed_shards") else DATA
+    local = ray.train.get_dataset_shard(shard_name).materialize()
     timeline["shard_ready"] = time.time()
     batch = config["batch_size"]
     dtrain = xgb.QuantileDMatrix(
@@ -293,10 +323,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         "resumed_from": [],
     }
     start_model = None
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = ray.train.get_checkpoint()  # this run's own, after a worker failure
     if checkpoint is not None:
         start_model, state = _load_checkpoint(checkpoint)
         state["restarts"] += 1
+        state["resumed_from"].append(start_model.num_boosted_rounds())
+    elif config.get("resume_from"):  # an earlier run's checkpoint (training.resume_from)
+        from ray.train import Checkpoint
+
+        start_model, state = _load_checkpoint(Checkpoint(config["resume_from"]))
         state["resumed_from"].append(start_model.num_boosted_rounds())
     state["timeline"] = timeline
     state["worker_rows"] = {"train": dtrain.num_row(), "valid": dvalid.num_row()}
@@ -312,7 +347,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             evals=[(dtrain, "train"), (dvalid, "valid")],
             xgb_model=start_model,
             verbose_eval=False,
-            callbacks=[_make_callback(config, state, rank, sink)],
+            callbacks=[_make_callback(config, state, rank, sink, offset=done)],
         )
     timeline["boosted"] = time.time()
     final = report_metrics(state, booster.num_boosted_rounds(), config["stopping_metric"], finished=True)
@@ -334,21 +369,46 @@ def loop_config(cfg: Any, spec: Any, progress_sink: Any = None) -> dict[str, Any
         "batch_size": cfg.training.batch_size,
         "progress_interval_s": cfg.training.progress_interval_s,
         "report_every": 0,  # Tune sets this: intermediate results for its scheduler
+        "resume_from": cfg.training.resume_from,
         "feature_names": spec.feature_names,
         "feature_types": spec.feature_types,
         "progress_sink": progress_sink,
     }
 
 
+def shard_datasets(dataset: Any, num_workers: int) -> tuple[dict[str, Any], Any]:
+    """The encoded table for Ray Train -> (datasets, data config).
+
+    A materialized table is cut into one fixed, contiguous shard per worker rank
+    (``data_<rank>``), balanced to within a row, none dropped. Every (re)start of
+    the worker group then trains on exactly the same rows in the same order, so
+    a run restored after a worker failure builds the same quantile sketch and
+    the same trees as a run resumed from the same checkpoint without one.
+    (Ray Train's default ``streaming_split`` hands blocks to whichever worker
+    asks first and may drop up to ``num_workers - 1`` rows to keep shards equal.)
+    A streaming table (``training.materialize: false``) cannot be cut in
+    advance and keeps Ray Train's split.
+    """
+    from ray.data.dataset import MaterializedDataset
+    from ray.train import DataConfig
+
+    if not isinstance(dataset, MaterializedDataset):
+        return {DATA: dataset}, None
+    n = dataset.count()
+    parts = dataset.split_at_indices([n * i // num_workers for i in range(1, num_workers)])
+    return {f"{DATA}_{i}": part for i, part in enumerate(parts)}, DataConfig(datasets_to_split=[])
+
+
 def build_trainer(
-    cfg: Any,
-    datasets: dict[str, Any],
+    cfg: Config,
+    dataset: Any,
     train_loop_config: dict[str, Any],
     name: str | None = None,
     storage_path: str | None = None,
     callbacks: list[Any] | None = None,
 ):
-    """The Ray Train XGBoostTrainer for ``cfg``: workers, GPUs, failures, checkpoints.
+    """The Ray Train XGBoostTrainer for ``cfg`` over the encoded table ``dataset``:
+    workers, GPUs, failures, checkpoints, fixed shards (``shard_datasets``).
 
     Used by ``churn train`` and, unchanged, by every trial of ``churn tune``
     (which adds Ray Tune's report callback and a per-trial name)."""
@@ -360,9 +420,10 @@ def build_trainer(
     resources = {"CPU": cfg.ray.cpus_per_worker}
     if cfg.ray.use_gpu:
         resources["GPU"] = 1
+    datasets, data_config = shard_datasets(dataset, cfg.ray.num_workers)
     return XGBoostTrainer(
         train_loop_per_worker,
-        train_loop_config=train_loop_config,
+        train_loop_config={**train_loop_config, "fixed_shards": data_config is not None},
         scaling_config=ScalingConfig(
             num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu, resources_per_worker=resources
         ),
@@ -370,10 +431,11 @@ def build_trainer(
             name=name or f"churn-train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
             storage_path=storage_path or cfg.storage_path,
             failure_config=FailureConfig(max_failures=cfg.training.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.training.keep_checkpoints),
             callbacks=callbacks,
         ),
         datasets=datasets,
+        dataset_config=data_config,
     )
 
 
@@ -530,6 +592,8 @@ def train(
     data_uri = data_path or cfg.data.path
     if data_uri is not None:
         source = data_mod.resolve_source(data_uri)  # a missing path: one line, before any network
+    if cfg.training.resume_from:
+        check_checkpoint(cfg.training.resume_from)
     # A tracking store or artifact store that is down fails here, in seconds, before
     # anything slow (generating data, starting Ray).
     tracking.preflight(cfg)
@@ -546,6 +610,8 @@ def train(
     timings["ray_start_s"] = time.perf_counter() - t0
 
     tags = {"churn.command": "train", "ray_version": _version("ray"), "xgboost_version": _version("xgboost")}
+    if cfg.training.resume_from:
+        tags["churn.resumed_from"] = cfg.training.resume_from
     with tracking.tracked_run(cfg, run_name, tags) as run:
         run_id, experiment_id = run.info.run_id, run.info.experiment_id
         say(f"mlflow: run {run_id} in experiment {cfg.mlflow.experiment_name!r} at {cfg.tracking_uri}")
@@ -584,7 +650,7 @@ def train(
 
         t0 = time.perf_counter()
         with ProgressRelay(handle) as relay:
-            trainer = build_trainer(cfg, {"data": prepared.dataset}, loop_config(cfg, spec, relay.sink))
+            trainer = build_trainer(cfg, prepared.dataset, loop_config(cfg, spec, relay.sink))
             out = fit(trainer)
         timings["fit_s"] = time.perf_counter() - t0
         state = out.state

@@ -122,7 +122,7 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], spec: dict[str, A
     config["report_every"] = cfg.tune.report_every
     trial_id = tune.get_context().get_trial_id()
     # A stable name per trial: a resumed sweep's trial continues from its last Train checkpoint.
-    trainer = build_trainer(cfg, {"data": dataset}, config, name=f"trial-{trial_id}", storage_path=train_storage,
+    trainer = build_trainer(cfg, dataset, config, name=f"trial-{trial_id}", storage_path=train_storage,
                             callbacks=[TuneReportCallback()])
     fit(trainer)
 

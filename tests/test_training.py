@@ -167,34 +167,94 @@ def test_too_many_workers_fail_at_once(ray_session, cfg_factory):
         train(cfg, say=lambda m: None)
 
 
-def test_resume_after_a_killed_worker(ray_session, cfg_factory):
-    """Kill a real Ray Train worker process mid-training: it resumes from the last checkpoint."""
-    cfg = cfg_factory(
-        xgboost__num_boost_round=400,
-        xgboost__early_stopping_rounds=0,
-        xgboost__eta=0.02,
+def _checkpoint_with_rounds(result, rounds: int) -> Path:
+    """The checkpoint folder of a run whose model holds ``rounds`` trees (before any restore)."""
+    root = Path(result.extra["checkpoint_path"]).parent
+    for d in sorted(root.glob("checkpoint_*")):
+        state = json.loads((d / "train_state.json").read_text())
+        if d.is_dir() and len(state["history"]["valid-auc"]) == rounds and state["restarts"] == 0:
+            return d
+    raise AssertionError(f"no checkpoint with {rounds} rounds under {root}")
+
+
+def _booster(run_id: str) -> xgb.Booster:
+    return xgb.Booster(model_file=MlflowClient().download_artifacts(run_id, "booster/booster.ubj"))
+
+
+def test_a_recovered_worker_failure_logs_the_model_of_a_resume_without_one(ray_session, cfg_factory, workspace):
+    """Kill a real Ray Train worker after a checkpoint. The run restores from it and must log
+    exactly the model, history and early-stopping outcome of a run that resumed from the same
+    checkpoint without a kill (issue: the restored run counted rounds from 0 again and logged
+    best_iteration 40 of a history peaking at 100, with 41 trees)."""
+    settings = dict(
+        xgboost__num_boost_round=300,
+        xgboost__early_stopping_rounds=25,
+        xgboost__eta=0.05,
         training__checkpoint_every=5,
         training__progress_interval_s=0.0,
         training__max_failures=2,
+        training__keep_checkpoints=None,
     )
+    cfg = cfg_factory(**settings)
     killed: dict = {}
+    messages: list[dict] = []
     lock = threading.Lock()
 
     def on_progress(msg):
         with lock:
+            messages.append(msg)
             if not killed and msg["kind"] == "checkpoint" and msg["iteration"] >= 9:
                 os.kill(msg["pid"], signal.SIGKILL)
                 killed.update(pid=msg["pid"], after=msg["iteration"])
 
-    result = train(cfg, say=lambda m: None, on_progress=on_progress)
+    faulty = train(cfg, run_name="killed", say=lambda m: None, on_progress=on_progress)
     assert killed, "the test never saw a checkpoint to kill after"
-    assert result.restarts == 1
-    assert result.num_boosted_rounds == 400
+    assert faulty.restarts == 1
     mlflow.set_tracking_uri(cfg.tracking_uri)
     client = MlflowClient()
-    history = client.get_metric_history(result.run_id, "valid_auc")
-    assert sorted(m.step for m in history) == list(range(400))  # no gap, no duplicate
-    assert client.get_run(result.run_id).data.metrics["worker_restarts"] == 1
+    assert client.get_run(faulty.run_id).data.metrics["worker_restarts"] == 1
+    history = client.get_metric_history(faulty.run_id, "valid_auc")
+    steps = sorted(m.step for m in history)
+    assert steps == list(range(faulty.num_boosted_rounds))  # no gap, no duplicate
+    aucs = {m.step: m.value for m in history}
+    # the logged best iteration is the history's best, and the model keeps exactly its trees
+    assert aucs[faulty.best_iteration] == max(aucs.values())
+    assert faulty.best_iteration == min(s for s, v in aucs.items() if v == max(aucs.values()))
+    assert _booster(faulty.run_id).num_boosted_rounds() == faulty.best_iteration + 1
+    stopped = faulty.num_boosted_rounds < 300
+    assert not stopped or faulty.num_boosted_rounds == faulty.best_iteration + 1 + 25
+
+    # progress carried on from the restored round, not from round 1
+    restored = [m for m in messages if m["kind"] == "round" and m["restarts"] == 1]
+    resumed_at = restored[0]["iteration"]
+    assert resumed_at >= 10 and resumed_at % 5 == 0  # the first round after a checkpoint (absolute)
+    assert [m["iteration"] for m in restored] == sorted({m["iteration"] for m in restored})
+
+    # the same checkpoint, resumed without a kill: the same model to the last tree
+    checkpoint = _checkpoint_with_rounds(faulty, resumed_at)
+    clean = train(cfg_factory(**settings, training__resume_from=str(checkpoint)), run_name="resumed",
+                  say=lambda m: None)
+    assert clean.restarts == 0
+    assert (clean.best_iteration, clean.num_boosted_rounds) == (faulty.best_iteration, faulty.num_boosted_rounds)
+    for key in ("valid_auc", "valid_logloss", "train_auc"):
+        a = [m.value for m in sorted(client.get_metric_history(faulty.run_id, key), key=lambda m: m.step)]
+        b = [m.value for m in sorted(client.get_metric_history(clean.run_id, key), key=lambda m: m.step)]
+        assert a == pytest.approx(b, abs=1e-9), key
+    raw = next(iter_chunks(2000, seed=5, chunk_rows=2000))
+    spec = FeatureSpec.from_config(cfg.features)
+    X = to_matrix(raw, spec)
+    p_faulty, p_clean = _booster(faulty.run_id).inplace_predict(X), _booster(clean.run_id).inplace_predict(X)
+    np.testing.assert_allclose(p_faulty, p_clean, atol=1e-6)
+    from sklearn.metrics import roc_auc_score
+
+    assert roc_auc_score(raw["Churn"], p_faulty) == pytest.approx(roc_auc_score(raw["Churn"], p_clean), abs=1e-6)
+    assert client.get_run(clean.run_id).data.tags["churn.resumed_from"] == str(checkpoint)
+
+
+def test_resume_from_something_that_is_not_a_checkpoint_is_one_line(tmp_path):
+    res = run_cli("train", "--resume-from", str(tmp_path), "--set", f"workspace={tmp_path / 'ws'}", cwd=tmp_path)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1].startswith(f"error: training.resume_from {tmp_path}: not a training checkpoint")
 
 
 def test_streaming_without_a_spare_cpu_is_refused_not_hung(ray_session, cfg_factory):
@@ -230,13 +290,13 @@ def test_gpu_setting_reaches_the_trainer_and_xgboost(ray_session, cfg_factory):
 
     cfg = cfg_factory(ray__use_gpu=True)
     spec = FeatureSpec.from_config(cfg.features)
-    trainer = build_trainer(cfg, {"data": ray.data.range(4)}, loop_config(cfg, spec))
+    trainer = build_trainer(cfg, ray.data.range(4), loop_config(cfg, spec))
     scaling = trainer.scaling_config
     assert scaling.use_gpu is True and scaling.num_workers == 2
     assert scaling.resources_per_worker == {"CPU": 1.0, "GPU": 1}
     assert loop_config(cfg, spec)["params"]["device"] == "cuda"
     cpu = cfg_factory()
-    cpu_trainer = build_trainer(cpu, {"data": ray.data.range(4)}, loop_config(cpu, spec))
+    cpu_trainer = build_trainer(cpu, ray.data.range(4), loop_config(cpu, spec))
     assert cpu_trainer.scaling_config.use_gpu is False
     assert loop_config(cpu, spec)["params"]["device"] == "cpu"
 
