@@ -184,14 +184,11 @@ def predict(
 ) -> PredictResult:
     """Score ``input_path`` into the Parquet folder ``output_path`` (see the module doc)."""
     import mlflow
-    import ray
-    import ray.data
 
     from churnlib import data as data_mod
     from churnlib import drift as drift_mod
     from churnlib import loading, tracking
     from churnlib.runtime import ensure_ray, quiet_logs
-    from churnlib.scoring import actor_pool, put_payloads
 
     quiet_logs(verbose)
     t_start = time.perf_counter()
@@ -210,28 +207,72 @@ def predict(
     columns = data_mod.check_columns(source, spec, need_target=False)
     ensure_ray(cfg.ray, verbose=verbose)
     scoring = _fit_pool(cfg.scoring, say)
-    tally = ray.remote(num_cpus=0)(_Tally).remote()
-    rfs.create_dir(rstaging, recursive=True)
     explain_top = cfg.scoring.explain_top if explain else 0
+    tags = {"churn.command": "predict", "churn.model_uri": uri, "data.source": source.uri, "data.digest": source.digest}
+    if model.ref.version:
+        tags["churn.model_version"] = str(model.ref.version)
+    # The run covers the scoring: an interrupt or a failure ends it KILLED or FAILED.
+    with tracking.tracked_run(cfg, f"predict-{model.ref.name or 'model'}-v{model.ref.version or '?'}", tags) as run:
+        tracking.log_params_flat({"input": source.uri, "output": output_path, "model_uri": uri,
+                                  "explain_top": explain_top})
+        counts, drift_parts = _score_to(source, spec, columns, predictor, scoring, explain_top, cfg.scoring.drift,
+                                         (fs, final, staging, local), (rfs, rfinal, rstaging, rlocal), t_start,
+                                         output_path, say)
+        seconds = time.perf_counter() - t_start
+        rejected = counts.get("rejected", 0)
+        result = PredictResult(output_path, rejects_path if rejected else None, uri, model.ref.version, counts,
+                               seconds, run_id=run.info.run_id)
+        say(f"predict: {counts['rows']} rows, {counts['scored']} scored, {rejected} rejected"
+            + (f" ({counts.get('empty', 0)} empty)" if counts.get("empty") else "")
+            + (f" -> {rejects_path}" if rejected else "") + f"; {seconds:.1f} s ({result.rows_per_s:,.0f} rows/s)")
+        mlflow.log_param("rejects", result.rejects or "")
+        mlflow.log_metrics({**{f"rows_{k}": float(v) for k, v in counts.items()}, "seconds": seconds,
+                            "rows_per_s": result.rows_per_s})
+        if drift_parts and predictor.profile is not None:
+            drifts = drift_mod.compare(predictor.profile, drift_mod.merge_counts(drift_parts), cfg.drift.psi_moderate,
+                                       cfg.drift.psi_major)
+            say(drift_mod.summary_line(drifts))
+            result.drift = [d.to_dict() for d in drifts]
+            drift_mod.log(drifts, cfg.drift.psi_moderate, cfg.drift.psi_major)
+        elif cfg.scoring.drift and predictor.profile is None:
+            say("drift: the model carries no training profile (trained before profiles were stored); no drift report")
+    return result
+
+
+def _score_to(source: Any, spec: Any, columns: list[str], predictor: Any, scoring: Any, explain_top: int,
+              drift: bool, out: tuple, rejects: tuple, t_start: float, output_path: str,
+              say: Callable[[str], None]) -> tuple[dict[str, int], list[dict[str, Any]]]:
+    """One streaming pass: read -> PredictUDF actors -> Parquet; the output moved into place
+    when complete, removed (with the rejects) on any failure or interrupt. -> (counts, drift counts)."""
+    import ray
+    import ray.data
+
+    from churnlib import data as data_mod
+    from churnlib.scoring import actor_pool, put_payloads
+
+    fs, final, staging, local = out
+    rfs, rfinal, rstaging, rlocal = rejects
+    tally = ray.remote(num_cpus=0)(_Tally).remote()
     say(f"predict: {source.uri} ({len(source.files)} {source.format} file(s), {source.size_bytes / 1e6:.1f} MB) -> "
         f"{output_path}, {scoring.actors} actor(s) x {scoring.cpus_per_actor:g} CPU"
         + (f", top {explain_top} reasons" if explain_top else ""))
     context = ray.data.DataContext.get_current()
     block_bytes = context.target_max_block_size
-    # blocks of ~16 MB (~150,000 rows) rather than Ray Data's 128 MB: every actor
-    # gets work, and writing overlaps scoring instead of waiting for the last block
-    context.target_max_block_size = min(block_bytes or BLOCK_BYTES, BLOCK_BYTES)
     stop = threading.Event()
     printer = threading.Thread(target=_progress, args=(tally, stop, t_start), daemon=True)
-    printer.start()
     try:
+        rfs.create_dir(rstaging, recursive=True)
+        # blocks of ~16 MB (~150,000 rows) rather than Ray Data's 128 MB: every actor
+        # gets work, and writing overlaps scoring instead of waiting for the last block
+        context.target_max_block_size = min(block_bytes or BLOCK_BYTES, BLOCK_BYTES)
+        printer.start()
         # CSV cells are read as text: a non-numeric cell is one rejected row, not a failed read
         # (the dataset keeps the context it is built with)
         scored = data_mod.read_raw(source, spec, columns, typed=False).map_batches(
             PredictUDF,
             fn_constructor_kwargs={
                 "payloads": put_payloads([predictor]), "columns": columns, "tally": tally, "rejects_fs": rfs,
-                "rejects_dir": rstaging, "explain_top": explain_top, "drift": cfg.scoring.drift,
+                "rejects_dir": rstaging, "explain_top": explain_top, "drift": drift,
                 "nthread": max(1, int(scoring.cpus_per_actor)),
             },
             compute=actor_pool(scoring),
@@ -242,6 +283,18 @@ def predict(
         )
         scored.write_parquet(staging, filesystem=fs)
         counts, drift_parts = ray.get(tally.result.remote())
+        # complete: into place, atomically where the filesystem allows it
+        if local:
+            fs.move(staging, final)
+        else:
+            _touch(fs, f"{final}/{SUCCESS_MARKER}")
+        if counts.get("rejected", 0):
+            if rlocal:
+                rfs.move(rstaging, rfinal)
+            else:
+                _touch(rfs, f"{rfinal}/{SUCCESS_MARKER}")
+        else:
+            _remove(rfs, rstaging)
     except BaseException as exc:
         stop.set()
         _remove(fs, staging)
@@ -252,50 +305,12 @@ def predict(
     finally:
         context.target_max_block_size = block_bytes
         stop.set()
-        printer.join(timeout=2)
+        if printer.is_alive():
+            printer.join(timeout=2)
         ray.kill(tally)
-    # complete: into place, atomically where the filesystem allows it
-    if local:
-        fs.move(staging, final)
-    else:
-        _touch(fs, f"{final}/{SUCCESS_MARKER}")
-    rejected = counts.get("rejected", 0)
-    if rejected:
-        if rlocal:
-            rfs.move(rstaging, rfinal)
-        else:
-            _touch(rfs, f"{rfinal}/{SUCCESS_MARKER}")
-    else:
-        _remove(rfs, rstaging)
-    seconds = time.perf_counter() - t_start
-    if sys.stderr.isatty():
-        sys.stderr.write("\n")
-    result = PredictResult(output_path, rejects_path if rejected else None, uri, model.ref.version, counts, seconds)
-    say(f"predict: {counts['rows']} rows, {counts['scored']} scored, {rejected} rejected"
-        + (f" ({counts.get('empty', 0)} empty)" if counts.get("empty") else "")
-        + (f" -> {rejects_path}" if rejected else "") + f"; {seconds:.1f} s ({result.rows_per_s:,.0f} rows/s)")
-
-    drifts = []
-    if drift_parts and predictor.profile is not None:
-        drifts = drift_mod.compare(predictor.profile, drift_mod.merge_counts(drift_parts), cfg.drift.psi_moderate,
-                                   cfg.drift.psi_major)
-        say(drift_mod.summary_line(drifts))
-        result.drift = [d.to_dict() for d in drifts]
-    elif cfg.scoring.drift and predictor.profile is None:
-        say("drift: the model carries no training profile (trained before profiles were stored); no drift report")
-
-    tags = {"churn.command": "predict", "churn.model_uri": uri, "data.source": source.uri, "data.digest": source.digest}
-    if model.ref.version:
-        tags["churn.model_version"] = str(model.ref.version)
-    with tracking.tracked_run(cfg, f"predict-{model.ref.name or 'model'}-v{model.ref.version or '?'}", tags) as run:
-        result.run_id = run.info.run_id
-        tracking.log_params_flat({"input": source.uri, "output": output_path, "rejects": result.rejects or "",
-                                  "model_uri": uri, "explain_top": explain_top})
-        mlflow.log_metrics({**{f"rows_{k}": float(v) for k, v in counts.items()}, "seconds": seconds,
-                            "rows_per_s": result.rows_per_s})
-        if drifts:
-            drift_mod.log(drifts, cfg.drift.psi_moderate, cfg.drift.psi_major)
-    return result
+        if sys.stderr.isatty():
+            sys.stderr.write("\n")
+    return counts, drift_parts
 
 
 def _fit_pool(scoring: Any, say: Callable[[str], None]) -> Any:

@@ -475,9 +475,17 @@ def _service_error(exc: BaseException) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import os
+
+    from churnlib import interrupts
+
+    # A Ray call after the command let go of Ray (an interrupt) must not start a new instance.
+    os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
+
     parser = build_parser()
     args = parser.parse_args(argv)
     load_dotenv_file()
+    interrupts.install()
     try:
         return int(args.func(args) or 0)
     except ChurnError as exc:
@@ -485,9 +493,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("error: interrupted", file=sys.stderr, flush=True)
-        return 130
+        return exc.exit_code if isinstance(exc, interrupts.Interrupted) else interrupts.interrupted().exit_code
     except Exception as exc:  # noqa: BLE001 - last resort: still one line unless --verbose
         if getattr(args, "verbose", False):
             traceback.print_exc()

@@ -271,6 +271,7 @@ class ServeConfig(_Section):
     top_reasons: int = Field(ge=1)
     access_log: bool
     high_throughput: Literal["auto", "on", "off"]
+    shutdown_grace_s: float = Field(ge=0.0)
 
 
 class TargetConfig(_Section):

@@ -13,6 +13,7 @@ that cannot be reached is ``TrackingError``.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import tempfile
 from dataclasses import dataclass
@@ -108,17 +109,19 @@ def load(uri: str, dst: str | Path | None = None) -> LoadedModel:
     from mlflow.exceptions import MlflowException
 
     ref = resolve(uri)
-    target = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="churn-model-"))
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.download_uri, dst_path=str(target)))
-    except MlflowException as exc:
-        raise _mlflow_error(exc, uri) from None
-    except OSError as exc:
-        raise TrackingError(f"could not download {uri}: {exc}") from None
-    model_dir = find_model_dir(local)
-    if model_dir is None:
-        raise ModelNotFoundError(f"{uri} is not a churn model (no artifacts/model_dir with a booster in it)")
-    return LoadedModel(ref=ref, predictor=ChurnPredictor.from_dir(model_dir))
+    # The predictor reads every file into memory: a download folder of our own is removed at once.
+    with contextlib.ExitStack() as stack:
+        target = Path(dst) if dst is not None else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="churn-model-")))
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.download_uri, dst_path=str(target)))
+        except MlflowException as exc:
+            raise _mlflow_error(exc, uri) from None
+        except OSError as exc:
+            raise TrackingError(f"could not download {uri}: {exc}") from None
+        model_dir = find_model_dir(local)
+        if model_dir is None:
+            raise ModelNotFoundError(f"{uri} is not a churn model (no artifacts/model_dir with a booster in it)")
+        return LoadedModel(ref=ref, predictor=ChurnPredictor.from_dir(model_dir))
 
 
 def find_model_dir(root: Path) -> Path | None:

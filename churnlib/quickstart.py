@@ -39,7 +39,6 @@ def quickstart(cfg: Any, rows: int | None = None, port: int | None = None, verbo
     """Run every step; -> what they made (paths, results, the Serve URL). ``config_path``
     and ``sets`` are the command's, handed to the Serve application as `churn serve` does."""
     import requests
-    from ray import serve
 
     from churnlib import serving
     from churnlib.batch import predict
@@ -130,7 +129,8 @@ def quickstart(cfg: Any, rows: int | None = None, port: int | None = None, verbo
         # half a CPU for the replica: on 2 cores the batch step scores beside it
         serve_sets = [*(sets or []), f"workspace={cfg.workspace_path}",
                       f"serve.cpus_per_replica={min(cfg.serve.cpus_per_replica, 0.5):g}"]
-        out["url"] = serving.start(cfg, {"config": config_path, "set": serve_sets}, chosen, verbose=verbose)
+        out["serve"] = serving.start(cfg, {"config": config_path, "set": serve_sets}, chosen, verbose=verbose)
+        out["url"] = out["serve"].url
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             health = requests.get(f"{out['url']}/healthz", timeout=10)
@@ -165,7 +165,7 @@ def quickstart(cfg: Any, rows: int | None = None, port: int | None = None, verbo
     def stop_step() -> str:
         say(f"      MLflow UI:  mlflow ui --backend-store-uri {cfg.tracking_uri}   (then http://127.0.0.1:5000)")
         say(f"      Serve docs: {out['url']}/docs   (run `churn serve` to keep it up)")
-        serve.shutdown()
+        serving.stop(out.pop("serve"), cfg.serve.shutdown_grace_s, quiet)
         return "Serve stopped"
 
     try:
@@ -173,10 +173,7 @@ def quickstart(cfg: Any, rows: int | None = None, port: int | None = None, verbo
                                     requests_step, batch_step, stop_step)):
             step(name, fn)
     finally:
-        if "url" in out:
-            try:
-                serve.shutdown()
-            except Exception:  # noqa: BLE001 - already stopped
-                pass
+        if "serve" in out:
+            serving.stop(out.pop("serve"), cfg.serve.shutdown_grace_s, quiet)
     say(f"quickstart: done in {time.perf_counter() - t_all:.1f} s")
     return out

@@ -10,9 +10,11 @@ import os
 import time
 from typing import Any
 
+from churnlib import interrupts
 from churnlib.errors import ResourceError
 
 _STARTED_HERE = False
+_CONNECTED_HERE = False
 
 
 def quiet_logs(verbose: bool) -> None:
@@ -49,12 +51,13 @@ def ensure_ray(ray_cfg: Any, verbose: bool = False) -> bool:
     Returns True when this process started a local instance (whose resources
     cannot grow, so a shortfall is an error at once rather than a wait).
     """
-    global _STARTED_HERE
+    global _STARTED_HERE, _CONNECTED_HERE
     import ray
 
     quiet_logs(verbose)
     if ray.is_initialized():
         return _STARTED_HERE
+    _CONNECTED_HERE = True
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS") or None
     kwargs: dict[str, Any] = {
         "logging_level": logging.INFO if verbose else logging.WARNING,
@@ -78,6 +81,8 @@ def ensure_ray(ray_cfg: Any, verbose: bool = False) -> bool:
         ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
                  dashboard_port=_free_port(), **kwargs)
         _STARTED_HERE = True
+    # ray.init took SIGTERM (sys.exit, then a C++ handler that aborts): ours again.
+    interrupts.install()
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -85,6 +90,22 @@ def ensure_ray(ray_cfg: Any, verbose: bool = False) -> bool:
     ctx.print_on_execution_start = verbose
     quiet_logs(verbose)  # ray.data configures its loggers on import
     return _STARTED_HERE
+
+
+def release_ray() -> None:
+    """Disconnect from Ray if this process connected (``ensure_ray``), at once.
+
+    What an interrupt does before anything else: the work this driver owns
+    (a Ray Train controller and its workers, Ray Data executors) ends with its
+    connection, and a local instance it started stops. A Ray connection made
+    by the caller (a notebook's own ``ray.init``) is left alone.
+    """
+    global _STARTED_HERE, _CONNECTED_HERE
+    import ray
+
+    if _CONNECTED_HERE and ray.is_initialized():
+        ray.shutdown()
+    _STARTED_HERE = _CONNECTED_HERE = False
 
 
 def _free_port() -> int:

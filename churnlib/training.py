@@ -14,6 +14,7 @@ lines reach the driver through a small actor, without waiting on anything.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -78,12 +79,21 @@ class ProgressRelay:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self._flush()
+        self.close()
+
+    def close(self) -> None:
+        """Stop the thread, hand over what is left, remove the actor (once; safe after ray.shutdown)."""
         import ray
 
-        ray.kill(self.sink)
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        if ray.is_initialized():
+            self._flush()
+            with contextlib.suppress(Exception):
+                ray.kill(self.sink)
 
     def _flush(self) -> None:
         import ray
@@ -448,10 +458,20 @@ class FitOutput:
 
 
 def fit(trainer: Any) -> FitOutput:
-    """Run the trainer; return the best-iteration booster and the worker state."""
+    """Run the trainer; return the best-iteration booster and the worker state.
+
+    ``trainer.fit()`` runs in a helper thread: called from the main thread, Ray
+    Train takes SIGINT for its own abort (which ends the run as a failure), and
+    the main thread must stay free for SIGINT/SIGTERM (``churnlib.interrupts``).
+    An interrupt leaves the run's checkpoints on storage for ``--resume-from``.
+    """
+    from churnlib import interrupts
+
     t_fit = time.time()
     try:
-        result = trainer.fit()
+        result = interrupts.run_in_thread(trainer.fit, name="churn-train-fit")
+    except KeyboardInterrupt:
+        raise
     except Exception as exc:  # noqa: BLE001 - one line for the user, cause chained
         raise TrainingError(f"training failed: {_root_cause(exc)}") from exc
     if result.error is not None:
@@ -459,6 +479,30 @@ def fit(trainer: Any) -> FitOutput:
     if result.checkpoint is None:
         raise TrainingError("training finished without a checkpoint (no model was reported)")
     return fit_output(result.checkpoint, t_fit)
+
+
+def latest_checkpoint(trainer: Any) -> str | None:
+    """The newest complete checkpoint folder a trainer's run has written so far, if any."""
+    import pyarrow.fs as pafs
+
+    from churnlib.data import _filesystem
+
+    run = trainer.run_config
+    try:
+        fs, root = _filesystem(f"{run.storage_path.rstrip('/')}/{run.name}")
+        found = [i.path for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+                 if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")]
+    except (OSError, ChurnError):
+        return None
+    # checkpoint_<timestamp>: names sort in time order; the newest may be half written
+    for path in sorted(found, reverse=True):
+        uri = path if isinstance(fs, pafs.LocalFileSystem) else f"{run.storage_path.split('://')[0]}://{path}"
+        try:
+            check_checkpoint(uri)
+        except ChurnError:
+            continue
+        return uri
+    return None
 
 
 def fit_output(checkpoint: Any, t_fit: float | None = None) -> FitOutput:
@@ -583,7 +627,7 @@ def train(
     from churnlib.config import config_to_yaml
     from churnlib.drift import profile_from_dataset
     from churnlib.features import FeatureSpec
-    from churnlib.runtime import check_resources, ensure_ray, quiet_logs
+    from churnlib.runtime import check_resources, ensure_ray, quiet_logs, release_ray
 
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
@@ -651,7 +695,15 @@ def train(
         t0 = time.perf_counter()
         with ProgressRelay(handle) as relay:
             trainer = build_trainer(cfg, prepared.dataset, loop_config(cfg, spec, relay.sink))
-            out = fit(trainer)
+            try:
+                out = fit(trainer)
+            except KeyboardInterrupt:
+                relay.close()
+                release_ray()  # the workers stop now, before a newer checkpoint replaces this one
+                last = latest_checkpoint(trainer)
+                if last:
+                    say(f"train: interrupted; to continue from its last checkpoint: churn train --resume-from {last}")
+                raise
         timings["fit_s"] = time.perf_counter() - t0
         state = out.state
         timings["boosting_s"] = state["boosting_seconds"]

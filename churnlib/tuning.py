@@ -498,7 +498,9 @@ def tune(
         client.set_terminated(parent_id, "KILLED")
         say(f"tune: interrupted after {len(ended)} of {cfg.tune.num_samples} trial(s); "
             f"resume with: churn tune --resume {name}")
-        raise KeyboardInterrupt
+        from churnlib import interrupts
+
+        raise interrupts.interrupted()
 
     trials = _summarise(grid, {**_read_state(state_path).get("trial_runs", {}), **logger.trial_runs}, metric)
     finished = [t for t in trials if t.get("score") is not None]

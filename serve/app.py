@@ -528,9 +528,12 @@ def make_deployment(spec: Any, settings: dict[str, Any]):
     return ChurnService
 
 
-def settings_from_config(cfg: Any) -> dict[str, Any]:
+def settings_from_config(cfg: Any, api_key_sha256: str | None = None) -> dict[str, Any]:
+    """The deployment's settings; the API key as its SHA-256 (given, or of ``CHURN_API_KEY``)."""
     s = cfg.serve
     key = os.environ.get("CHURN_API_KEY")
+    if api_key_sha256 is None and key:
+        api_key_sha256 = hashlib.sha256(key.encode()).hexdigest()
     return {
         "poll_interval_s": s.poll_interval_s,
         "max_batch_size": s.max_batch_size,
@@ -540,7 +543,7 @@ def settings_from_config(cfg: Any) -> dict[str, Any]:
         "decision_threshold": cfg.model.decision_threshold,
         "gpus": s.gpus_per_replica,
         # only a hash of the key travels in the deployment's arguments
-        "api_key_sha256": hashlib.sha256(key.encode()).hexdigest() if key else None,
+        "api_key_sha256": api_key_sha256,
     }
 
 
@@ -564,7 +567,7 @@ def build_app(args: dict[str, Any] | None = None):
             loader = UriLoader(args["model_uri"], cfg.tracking_uri, cfg.registry_uri)
         else:
             loader = RegistryLoader.from_config(cfg, alias=args.get("alias"))
-    settings = settings_from_config(cfg)
+    settings = settings_from_config(cfg, args.get("api_key_sha256"))
     settings.update(args.get("settings") or {})
     deployment = make_deployment(FeatureSpec.from_config(cfg.features), settings)
     actor_options: dict[str, Any] = {"num_cpus": cfg.serve.cpus_per_replica}

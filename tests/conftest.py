@@ -277,3 +277,77 @@ def mlflow_server(postgres_db, s3_endpoint, tmp_path_factory):
                                     {"MLFLOW_S3_ENDPOINT_URL": s3_endpoint, **S3_KEYS}, log)
     yield {"uri": uri, "bucket": bucket, "s3": s3_endpoint, "db": postgres_db, "log": log}
     stop(proc)
+
+
+# Signals: a real command in its own session, a real signal ------------------------------------------
+
+
+def cli_env(**extra: str) -> dict:
+    """The environment for a `python -m churnlib` subprocess (nothing pointing elsewhere)."""
+    env = {k: v for k, v in os.environ.items() if k not in _LEAKY_ENV}
+    env["PYTHONPATH"] = str(REPO)
+    env.update(extra)
+    return env
+
+
+def signal_cli(args: list, trigger: str, signum: int, group: bool, cwd: Path, env: dict | None = None,
+               timeout: float = 300, on_start=None):
+    """Run `python -m churnlib *args` in its own session; when ``trigger`` appears on stderr, send
+    ``signum`` to the process (``group``: to its whole process group, as a terminal's Ctrl-C does).
+
+    -> (exit code, stderr, seconds from the signal to the exit, pids of its descendants just
+    before the signal). ``on_start(proc)`` runs just before the signal (load, checks)."""
+    import subprocess
+    import threading
+    import time
+
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-m", "churnlib", *map(str, args)], cwd=cwd, env=env or cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    lines: list[str] = []
+    seen = threading.Event()
+
+    def read() -> None:
+        for line in proc.stderr:
+            lines.append(line)
+            if trigger in line:
+                seen.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + timeout
+    while not seen.is_set() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not seen.is_set():
+        proc.kill()
+        raise AssertionError(f"{trigger!r} never appeared: {''.join(lines)[-3000:]}")
+    if on_start is not None:
+        on_start(proc)
+    tree = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+    sent = time.monotonic()
+    (os.killpg if group else os.kill)(proc.pid, signum)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+        raise AssertionError(f"still running 120 s after the signal: {''.join(lines)[-3000:]}") from None
+    took = time.monotonic() - sent
+    reader.join(timeout=5)
+    return proc.returncode, "".join(lines), took, tree
+
+
+def alive(pids: list[int]) -> list[str]:
+    """The processes among ``pids`` still running (zombies excepted), described."""
+    import psutil
+
+    out = []
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            if p.status() != psutil.STATUS_ZOMBIE:
+                out.append(f"{pid} {' '.join(p.cmdline())[:80]}")
+        except psutil.NoSuchProcess:
+            pass
+    return out

@@ -167,6 +167,26 @@ def test_a_failure_mid_job_leaves_no_output_and_no_open_run(store):
     assert no_running_runs(store["cfg"])
 
 
+def test_sigterm_mid_job_is_143_with_nothing_left_and_the_run_killed(store):
+    """SIGTERM while scoring (issue: it aborted with 134 and blamed the input file): one line,
+    exit 143, no output, no rejects, no staging folder, the predict run KILLED."""
+    import signal
+
+    from tests.conftest import alive, signal_cli
+
+    out = store["ws"] / "sigterm_scores"
+    args = ["predict", "--input", store["csv"], "--output", out, "--set", f"workspace={store['cfg'].workspace}"]
+    rc, err, took, tree = signal_cli(args, "predict: ", signal.SIGTERM, False, store["ws"])
+    assert rc == 143, err[-3000:]
+    assert err.strip().splitlines()[-1] == "error: interrupted" and "cannot read" not in err
+    assert [p.name for p in store["ws"].iterdir() if "sigterm_scores" in p.name] == []
+    assert alive(tree) == []
+    client = MlflowClient(store["cfg"].tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(store["cfg"].mlflow.experiment_name).experiment_id],
+                              filter_string="params.output = '" + str(out) + "'")
+    assert [r.info.status for r in runs] == ["KILLED"]
+
+
 def test_no_champion_is_one_line_and_writes_nothing(store, tmp_path):
     cfg = make_config(tmp_path)
     with pytest.raises(ChurnError, match="champion"):

@@ -257,6 +257,32 @@ def test_resume_from_something_that_is_not_a_checkpoint_is_one_line(tmp_path):
     assert res.stderr.strip().splitlines()[-1].startswith(f"error: training.resume_from {tmp_path}: not a training checkpoint")
 
 
+@pytest.mark.parametrize(("signame", "group", "code"), [("SIGINT", True, 130), ("SIGTERM", False, 143)])
+def test_ctrl_c_and_sigterm_end_the_run_killed(tmp_path, signame, group, code):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) and SIGTERM (to the process, as
+    systemd, Docker and Kubernetes send it) mid-training: one line, 130/143, the run KILLED, no Ray
+    process left, and the checkpoint to continue from (issue: Ctrl-C exited 1 with no line, FAILED)."""
+    from tests.conftest import alive, signal_cli
+
+    ws = tmp_path / ".churn"
+    args = ["train", "--set", f"workspace={ws}", "--set", "data.generate_rows=4000",
+            "--set", "xgboost.num_boost_round=3000", "--set", "xgboost.early_stopping_rounds=0",
+            "--set", "xgboost.eta=0.01", "--set", "training.checkpoint_every=5", "--set", "training.progress_interval_s=0.2"]
+    rc, err, took, tree = signal_cli(args, "checkpoint at round", getattr(signal, signame), group, tmp_path)
+    lines = err.strip().splitlines()
+    assert rc == code, err[-3000:]
+    assert lines[-1] == "error: interrupted" and "Traceback" not in err
+    hint = [line for line in lines if "churn train --resume-from" in line]
+    assert hint and Path(hint[0].rsplit(" ", 1)[1], "train_state.json").is_file()
+    assert took < 30
+    assert alive(tree) == []
+    cfg = make_config(tmp_path)
+    runs = mlflow.MlflowClient(cfg.tracking_uri).search_runs(
+        [mlflow.MlflowClient(cfg.tracking_uri).get_experiment_by_name(cfg.mlflow.experiment_name).experiment_id])
+    assert [r.info.status for r in runs] == ["KILLED"]
+    assert runs[0].data.tags["error"] == f"Interrupted: {signame}"
+
+
 def test_streaming_without_a_spare_cpu_is_refused_not_hung(ray_session, cfg_factory):
     cfg = cfg_factory(training__materialize=False, ray__resources_timeout_s=0)
     with pytest.raises(ResourceError, match="Ray Data would get none"):
