@@ -146,7 +146,9 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-samples", type=int, help="trials (default: tune.num_samples)")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: what the cluster fits)")
     p.add_argument("--register-best", action="store_true", help="log the best trial's model and register it at staging")
-    p.add_argument("--resume", metavar="NAME", help="resume the interrupted sweep NAME (its folder under training.storage_path)")
+    p.add_argument("--resume", metavar="NAME", help="resume the interrupted sweep NAME (its folder under training.storage_path) "
+                   "with the data, configuration and flags it started with")
+    p.add_argument("--force", action="store_true", help="with --resume: carry on even if the data changed")
     _common(p)
 
 
@@ -237,7 +239,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1 (got {value})")
     result = tune(cfg, data_path=args.data, num_samples=args.num_samples, max_concurrent=args.max_concurrent,
-                  register_best=args.register_best, resume=args.resume, verbose=args.verbose, say=say)
+                  register_best=args.register_best, resume=args.resume, force=args.force, verbose=args.verbose,
+                  say=say)
 
     def human() -> None:
         print(f"sweep: {result.sweep}")

@@ -78,8 +78,15 @@ def ensure_ray(ray_cfg: Any, verbose: bool = False) -> bool:
         # seconds per read (4 s with 2 actors on 2 CPUs, 2 s with one). One
         # actor with its 128 I/O threads suffices here; set the variable to override.
         os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", str(LOCAL_FOOTER_ACTORS))
+        # Beside another Ray instance on this machine, Ray's helpers that look the
+        # cluster up by themselves (Ray Train's placement-group cleaner, through the
+        # State API) find several and fail ("Found multiple active Ray instances"):
+        # a trial that ASHA stopped then keeps its CPUs and the sweep waits for ever.
+        # Every process of this instance inherits the address of its own dashboard.
+        dashboard_port = _free_port()
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
         ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
-                 dashboard_port=_free_port(), **kwargs)
+                 dashboard_port=dashboard_port, **kwargs)
         _STARTED_HERE = True
     # ray.init took SIGTERM (sys.exit, then a C++ handler that aborts): ours again.
     interrupts.install()

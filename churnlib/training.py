@@ -35,6 +35,9 @@ STATE_FILE = "train_state.json"
 MODEL_FILE = "model.ubj"
 # The encoded table's name in Ray Train (``data_<rank>`` for fixed shards).
 DATA = "data"
+# Shortest wait for a worker group's resources (a trial starting while the last
+# one's workers are still being torn down waits a few seconds).
+START_TIMEOUT_FLOOR_S = 30.0
 
 
 def xgb_log_name(metric: str) -> str:
@@ -427,6 +430,10 @@ def build_trainer(
 
     # The controller polls workers this often; a worker's report waits for it.
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(cfg.ray.controller_poll_interval_s)
+    # A worker group that cannot get its resources (CPUs held by other work, GPUs
+    # the cluster never gets) fails after ray.resources_timeout_s (at least
+    # START_TIMEOUT_FLOOR_S), once: Ray Train would retry it for ever.
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(max(cfg.ray.resources_timeout_s, START_TIMEOUT_FLOOR_S))
     resources = {"CPU": cfg.ray.cpus_per_worker}
     if cfg.ray.use_gpu:
         resources["GPU"] = 1
@@ -440,7 +447,7 @@ def build_trainer(
         run_config=RunConfig(
             name=name or f"churn-train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
             storage_path=storage_path or cfg.storage_path,
-            failure_config=FailureConfig(max_failures=cfg.training.max_failures),
+            failure_config=FailureConfig(max_failures=cfg.training.max_failures, controller_failure_limit=0),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.training.keep_checkpoints),
             callbacks=callbacks,
         ),

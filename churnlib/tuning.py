@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -366,9 +367,14 @@ def tune(
     max_concurrent: int | None = None,
     register_best: bool = False,
     resume: str | None = None,
+    force: bool = False,
     verbose: bool = False,
     say: Callable[[str], None] = default_say,
 ) -> TuneResult:
+    """A sweep (see the module doc). ``resume``: continue the sweep of that name with
+    everything it recorded when it started (its data, configuration, trial count and
+    ``register_best``); ``data_path`` then must be the same table (same digest) unless
+    ``force``."""
     import mlflow
     from ray import tune as ray_tune
 
@@ -382,23 +388,30 @@ def tune(
     t_start = time.perf_counter()
     quiet_logs(verbose)
     timings: dict[str, float] = {}
-    updates: dict[str, Any] = {}
-    if num_samples:
-        updates["num_samples"] = num_samples
-    if max_concurrent:
-        updates["max_concurrent"] = max_concurrent
-    if updates:
-        cfg = cfg.model_copy(update={"tune": cfg.tune.model_copy(update=updates)})
+    previous: dict[str, Any] = {}
+    if resume:
+        if num_samples or max_concurrent:
+            raise ConfigError(f"--resume {resume}: a resumed sweep keeps its own trial count and concurrency")
+        previous = _read_state(f"{cfg.storage_path.rstrip('/')}/{resume}{STATE_SUFFIX}")
+        if not previous:
+            raise ConfigError(f"--resume {resume}: no sweep to resume at {cfg.storage_path.rstrip('/')}/{resume}")
+        cfg = _resumed_config(cfg, previous)
+        register_best = register_best or bool(previous.get("register_best"))
+    else:
+        updates: dict[str, Any] = {}
+        if num_samples:
+            updates["num_samples"] = num_samples
+        if max_concurrent:
+            updates["max_concurrent"] = max_concurrent
+        if updates:
+            cfg = cfg.model_copy(update={"tune": cfg.tune.model_copy(update=updates)})
     spec = FeatureSpec.from_config(cfg.features)
     storage = cfg.storage_path
     name = resume or cfg.tune.name or f"churn-tune-{time.strftime('%Y%m%d-%H%M%S')}"
     sweep_path = f"{storage.rstrip('/')}/{name}"
     state_path = f"{sweep_path}{STATE_SUFFIX}"
-    previous = _read_state(state_path) if resume else {}
-    if resume and not previous:
-        raise ConfigError(f"--resume {resume}: no sweep to resume at {sweep_path}")
 
-    data_uri = data_path or cfg.data.path
+    data_uri = data_path or previous.get("data") or cfg.data.path
     if data_uri is not None:
         data_mod.resolve_source(data_uri)  # a missing path: one line, before any network
     tracking.preflight(cfg)
@@ -406,6 +419,13 @@ def tune(
         say(f"data: generating {cfg.data.generate_rows} synthetic rows (seed {cfg.data.generate_seed})")
         data_uri = str(default_data_path(cfg))
     source = data_mod.resolve_source(data_uri)
+    if resume and previous.get("data_digest") not in (None, source.digest):
+        what = "--data is not the table" if data_path else "the table changed since"
+        if not force:
+            raise ConfigError(f"--resume {resume}: {what} the sweep started on ({previous.get('data', '?')}, digest "
+                              f"{previous['data_digest']}; now {source.digest}); give --force to resume on it anyway")
+        say(f"tune: warning: resuming on other data than the sweep started with (--force): digest "
+            f"{previous['data_digest']} -> {source.digest}")
     columns = data_mod.check_columns(source, spec)
     local = ensure_ray(cfg.ray, verbose=verbose)
     check_resources(cfg.ray, local)
@@ -419,8 +439,6 @@ def tune(
     from churnlib.drift import profile_from_dataset
 
     profile = profile_from_dataset(prepared.dataset, spec, cfg.drift.profile_rows, seed=cfg.model.random_state)
-    if resume and previous.get("data_digest") not in (None, source.digest):
-        say(f"tune: warning: the data changed since the sweep started (digest {previous['data_digest']} -> {source.digest})")
 
     experiment_id = tracking.ensure_experiment(cfg)
     client = mlflow.MlflowClient()
@@ -433,8 +451,11 @@ def tune(
         tags = {**cfg.mlflow.tags, "churn.command": "tune", TAG_SWEEP: name}
         parent = client.create_run(experiment_id, run_name=name, tags=tags)
         parent_id = parent.info.run_id
+        # Everything a resume needs, so that `--resume NAME` alone carries on the same sweep.
         _write_state(state_path, {"parent_run_id": parent_id, "experiment_id": experiment_id,
-                                  "data_digest": source.digest, "trial_runs": {}})
+                                  "data": source.uri, "data_digest": source.digest,
+                                  "config": cfg.model_dump(mode="json"), "register_best": register_best,
+                                  "sweep_s": 0.0, "trial_runs": {}})
         # The parent run stays RUNNING for the whole sweep: written through the client, never
         # made the active run (leaving an active-run context would end it).
         tracking.log_params_flat({
@@ -476,7 +497,10 @@ def tune(
                     metric=metric, mode=mode, num_samples=cfg.tune.num_samples,
                     search_alg=_searcher(cfg, k), scheduler=_scheduler(cfg),
                 ),
+                # A failed trial is infrastructure (resources, a crash past training.max_failures):
+                # the search space was checked against XGBoost's limits up front. Stop the sweep.
                 run_config=ray_tune.RunConfig(name=name, storage_path=storage, callbacks=[_tune_callback(logger)],
+                                              failure_config=ray_tune.FailureConfig(fail_fast=True),
                                               verbose=1 if verbose else 0),
             )
         if resume:
@@ -485,19 +509,40 @@ def tune(
         with contextlib.redirect_stdout(sys.stderr):
             grid = tuner.fit()
     except KeyboardInterrupt:
+        _write_state(state_path, {"sweep_s": float(_read_state(state_path).get("sweep_s", 0.0))
+                                  + time.perf_counter() - t0})
         client.set_terminated(parent_id, "KILLED")
+        say(f"tune: interrupted; resume with: {_resume_command(cfg, name)}")
         raise
     except Exception as exc:  # noqa: BLE001
         client.set_tag(parent_id, "error", str(exc)[:5000])
         client.set_terminated(parent_id, "FAILED")
         raise TrainingError(f"tune: the sweep failed: {str(exc).splitlines()[0][:300]}") from exc
-    timings["sweep_s"] = time.perf_counter() - t0
+    # the parent's sweep time covers every session of the sweep, not only this one
+    timings["sweep_s"] = float(_read_state(state_path).get("sweep_s", 0.0)) + time.perf_counter() - t0
+    _write_state(state_path, {"sweep_s": timings["sweep_s"]})
+    failed = [r for r in grid if r.error is not None]
+    if failed:  # fail_fast: the first failed trial stopped the sweep
+        from churnlib.training import _root_cause
+
+        trial = (failed[0].metrics or {}).get("trial_id") or _trial_id_from_path(failed[0].path) or "?"
+        cause = _root_cause(failed[0].error)
+        if "startup timed out" in cause or "StartupTimeout" in cause:
+            from churnlib.training import START_TIMEOUT_FLOOR_S
+
+            waited = max(cfg.ray.resources_timeout_s, START_TIMEOUT_FLOOR_S)
+            cause = (f"its {cfg.ray.num_workers} workers did not get their resources within {waited:g} s "
+                     f"(other work holds them, or the cluster lacks them; ray.resources_timeout_s)")
+        client.set_tag(parent_id, "error", cause[:5000])
+        client.set_terminated(parent_id, "FAILED")
+        raise TrainingError(f"tune: trial {trial} failed, so the sweep stopped: {cause}; "
+                            f"resume with: {_resume_command(cfg, name)}")
     ended = _read_state(state_path).get("ended_trials", [])
     if len(ended) < cfg.tune.num_samples:
         # Tune stops gracefully on Ctrl-C and returns what it has: not a finished sweep.
         client.set_terminated(parent_id, "KILLED")
         say(f"tune: interrupted after {len(ended)} of {cfg.tune.num_samples} trial(s); "
-            f"resume with: churn tune --resume {name}")
+            f"resume with: {_resume_command(cfg, name)}")
         from churnlib import interrupts
 
         raise interrupts.interrupted()
@@ -529,6 +574,31 @@ def tune(
     say(f"tune: best trial {best['trial_id']} ({metric} {best['score']:.4f}): "
         + ", ".join(f"{k2}={_fmt(v)}" for k2, v in best["config"].items()))
     return TuneResult(name, sweep_path, parent_id, experiment_id, metric, mode, best, trials, registered, timings)
+
+
+def _resumed_config(current: Any, previous: dict[str, Any]) -> Any:
+    """The configuration a sweep started with; where MLflow is and how to reach Ray come from now."""
+    from churnlib.config import Config
+
+    stored = previous.get("config")
+    if not stored:  # a sweep recorded before configurations were stored
+        return current
+    stored = {**stored, "mlflow": current.mlflow.model_dump(mode="json"),
+              "ray": {**stored["ray"], "address": current.ray.address}}
+    return Config.model_validate(stored)
+
+
+def _resume_command(cfg: Any, name: str) -> str:
+    """The command that resumes a sweep: its name, and where to find it if not in the default place."""
+    from churnlib.config import load_config
+
+    default = load_config(env={})
+    parts = ["churn tune --resume", shlex.quote(name)]
+    if cfg.training.storage_path:
+        parts.append("--set " + shlex.quote(f"training.storage_path={cfg.training.storage_path}"))
+    elif cfg.workspace_path != default.workspace_path:
+        parts.append("--set " + shlex.quote(f"workspace={cfg.workspace_path}"))
+    return " ".join(parts)
 
 
 def _attach_logger(tuner: Any, logger: MlflowTrials) -> None:

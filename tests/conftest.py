@@ -316,23 +316,24 @@ def signal_cli(args: list, trigger: str, signum: int, group: bool, cwd: Path, en
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    deadline = time.monotonic() + timeout
-    while not seen.is_set() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if not seen.is_set():
-        proc.kill()
-        raise AssertionError(f"{trigger!r} never appeared: {''.join(lines)[-3000:]}")
-    if on_start is not None:
-        on_start(proc)
-    tree = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
-    sent = time.monotonic()
-    (os.killpg if group else os.kill)(proc.pid, signum)
     try:
-        proc.wait(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        proc.wait()
-        raise AssertionError(f"still running 120 s after the signal: {''.join(lines)[-3000:]}") from None
+        deadline = time.monotonic() + timeout
+        while not seen.is_set() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not seen.is_set():
+            raise AssertionError(f"{trigger!r} never appeared: {''.join(lines)[-3000:]}")
+        if on_start is not None:
+            on_start(proc)
+        tree = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+        sent = time.monotonic()
+        (os.killpg if group else os.kill)(proc.pid, signum)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still running 120 s after the signal: {''.join(lines)[-3000:]}") from None
+    finally:
+        if proc.poll() is None:  # whatever failed, stop what this test started: its whole group
+            stop(proc)
     took = time.monotonic() - sent
     reader.join(timeout=5)
     return proc.returncode, "".join(lines), took, tree
