@@ -268,6 +268,9 @@ class ServeConfig(_Section):
     batch_wait_timeout_s: float = Field(ge=0.0)
     max_ongoing_requests: int = Field(ge=1)
     max_records: int = Field(ge=1)
+    max_explain_records: int = Field(ge=1)
+    max_body_bytes: int = Field(ge=1024)
+    unknown_fields: Literal["reject", "ignore"]
     top_reasons: int = Field(ge=1)
     access_log: bool
     high_throughput: Literal["auto", "on", "off"]

@@ -7,6 +7,12 @@ nothing else in the library prints tracebacks for these.
 from __future__ import annotations
 
 
+def one_line(exc: BaseException, limit: int = 500) -> str:
+    """An error as one line (whitespace collapsed, at most ``limit`` characters)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:limit]
+
+
 class ChurnError(Exception):
     """Base class for errors that end in one readable line and an exit code."""
 

@@ -104,7 +104,9 @@ HAPROXY_STATE_ENV = {
 # every interface, without authentication. Serve runs the binary named by
 # RAY_SERVE_HAPROXY_BINARY_PATH: this wrapper puts those two listeners on
 # loopback and makes the admin socket private before starting the real binary.
-# The HTTP listener (serve.host) is left exactly as configured.
+# The HTTP listener (serve.host) is left exactly as configured. Requests are no
+# longer spliced (kernel-to-kernel): HAProxy keeps each one in its buffer, so it
+# can send it again when a replica dies with it in flight (RAY_SERVE_HAPROXY_RETRY_ON).
 _WRAPPER = """#!/bin/sh
 # Written by `churn serve`: HAProxy with its stats and metrics listeners on loopback.
 cfg=""; prev=""
@@ -115,7 +117,8 @@ done
 if [ -n "$cfg" ] && [ -f "$cfg" ]; then
   sed -i -e 's/^\\([[:space:]]*bind \\)\\*:{stats}$/\\1127.0.0.1:{stats}/' \\
          -e 's/^\\([[:space:]]*bind \\):{metrics}$/\\1127.0.0.1:{metrics}/' \\
-         -e 's/ mode 666 level admin/ mode 600 level admin/' "$cfg"
+         -e 's/ mode 666 level admin/ mode 600 level admin/' \\
+         -e '/^[[:space:]]*option splice-request$/d' "$cfg"
 fi
 exec {binary} "$@"
 """
@@ -136,6 +139,10 @@ def _prepare_haproxy(host: str) -> Path:
     """Private HAProxy state, loopback stats/metrics: environment for the Ray instance about to start."""
     state = Path(tempfile.mkdtemp(prefix="churn-serve-"))  # 0700
     os.environ.update(HIGH_THROUGHPUT_ENV)
+    # A replica that dies with requests in flight (killed, out of memory): HAProxy sends
+    # them again to another replica. /predict and /explain are pure functions of the
+    # body, so a replay is safe; a body larger than HAProxy's buffer cannot be replayed.
+    os.environ.setdefault("RAY_SERVE_HAPROXY_RETRY_ON", "conn-failure empty-response")
     for var, name in HAPROXY_STATE_ENV.items():
         os.environ[var] = str(state / name) if name else str(state)
     # HAProxy's stats and metrics listeners and Serve's fallback proxy have fixed

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -27,7 +28,8 @@ from tests.conftest import REPO, free_port, log_local_model, make_config, run_cl
 
 QUIET = {"say": lambda m: None}
 # Replicas share the session's 2 CPUs with everything else.
-SERVE_TEST = {"serve.cpus_per_replica": 0.25, "serve.poll_interval_s": 0.5, "serve.max_records": 50}
+SERVE_TEST = {"serve.cpus_per_replica": 0.25, "serve.poll_interval_s": 0.5, "serve.max_records": 50,
+              "serve.max_explain_records": 20, "serve.max_body_bytes": 65536}
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +162,11 @@ def test_model_healthz_and_docs(lab, pinned):
     assert {"/predict", "/explain", "/healthz", "/model"} <= set(spec["paths"])
     schema = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert "Contract Length" in schema["anyOf"][0]["properties"]
+    # the error answers are documented with their bodies (issue: only 200 was)
+    for path in ("/predict", "/explain"):
+        responses = spec["paths"][path]["post"]["responses"]
+        assert {"200", "401", "413", "422", "503"} <= set(responses), path
+        assert responses["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
 
 
 @pytest.mark.parametrize(("mutate", "status", "detail"), [
@@ -167,6 +174,11 @@ def test_model_healthz_and_docs(lab, pinned):
     (lambda r: r.update({"Age": "old"}), 422, "record 0, field 'Age': Input should be a valid number"),
     (lambda r: r.update({"Gender": "Robot"}), 422, "record 0, field 'Gender': Input should be 'Female' or 'Male'"),
     (lambda r: r.update({"Total Spend": 1e400}), 422, "record 0, field 'Total Spend': Input should be a finite number"),
+    # issue: above float32's range /explain answered 500 and /predict scored it silently
+    (lambda r: r.update({"Age": 1e39}), 422, "record 0, field 'Age': out of range"),
+    (lambda r: r.update({"Age": True}), 422, "record 0, field 'Age': Input should be a valid number"),
+    (lambda r: r.update({"CustomerID": False}), 422, "record 0, field 'CustomerID': the customer id must be"),
+    (lambda r: r.update({"Promo": "x"}), 422, "record 0, field 'Promo': unknown field"),
 ])
 def test_bad_single_records_are_422_naming_the_field(lab, pinned, mutate, status, detail):
     rec = raw(lab)
@@ -188,6 +200,15 @@ def test_bad_lists_and_bodies(lab, pinned):
     assert res.status_code == 422 and res.json()["detail"].startswith("empty list")
     res = requests.post(f"{pinned}/predict", json=[good] * 51, timeout=30)
     assert res.status_code == 413 and "at most 50" in res.json()["detail"]
+    res = requests.post(f"{pinned}/explain", json=[good] * 21, timeout=30)
+    assert res.status_code == 413 and res.json()["detail"].endswith("at most 20 (serve.max_explain_records)")
+    # issue: a 50 MB body with one record and a padding field was accepted; refused by its
+    # Content-Length, or as it streams in when it has none
+    padded = json.dumps(dict(good, Churn="x" * 100_000)).encode()
+    res = requests.post(f"{pinned}/predict", data=padded, timeout=30)
+    assert res.status_code == 413 and "serve.max_body_bytes" in res.json()["detail"]
+    res = requests.post(f"{pinned}/predict", data=(padded[i:i + 8192] for i in range(0, len(padded), 8192)), timeout=30)
+    assert res.status_code == 413
     for body in (b"{not json", b"42", b"", b'["a record?"]'):
         res = requests.post(f"{pinned}/predict", data=body, timeout=30)
         assert res.status_code == 422, body
@@ -199,6 +220,43 @@ def test_bad_lists_and_bodies(lab, pinned):
         rec = dict(good)
         rec[rng.choice(list(rec))] = rng.choice([None, "", [], {}, -1e308, "NaN", True, "Male", 3])
         assert requests.post(f"{pinned}/predict", json=rec, timeout=30).status_code in (200, 422)
+
+
+def test_explanations_do_not_starve_predictions(lab, deploy):
+    """Four large /explain requests at once, and single-record /predict calls meanwhile: the
+    explanations run on their own thread, so predictions keep being answered while they run
+    (issue: single predictions went from 2.8 ms to 6.6 s behind four 10,000-record explains)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = deploy("explain_load", {"set": overrides(lab, **{"serve.max_records": 5000, "serve.max_explain_records": 3000,
+                                                            "serve.max_body_bytes": 8388608}),
+                                  "loader": _uri_loader(lab)})
+    big = [raw(lab, i % 40) for i in range(3000)]
+    rec = raw(lab, 1)
+    assert requests.post(f"{url}/predict", json=rec, timeout=30).status_code == 200
+    done_explains: list[float] = []
+    predicted: list[float] = []
+
+    def explain_once(_):
+        r = requests.post(f"{url}/explain", json=big, timeout=300)
+        done_explains.append(time.monotonic())
+        return r.status_code
+
+    with ThreadPoolExecutor(4) as pool:
+        explains = [pool.submit(explain_once, i) for i in range(4)]
+        while not all(f.done() for f in explains):
+            assert requests.post(f"{url}/predict", json=rec, timeout=60).status_code == 200
+            predicted.append(time.monotonic())
+        assert [f.result() for f in explains] == [200] * 4
+    # while the explanations were still running, predictions went on answering
+    during = [t for t in predicted if t < max(done_explains)]
+    assert len(during) >= 10, (len(during), len(predicted))
+
+
+def _uri_loader(lab):
+    from serve.app import UriLoader
+
+    return UriLoader(f"runs:/{lab['runs']['a']}/model", lab["cfg"].tracking_uri)
 
 
 def _registry(lab, name: str) -> Registry:
@@ -346,6 +404,7 @@ class Load:
         self.url, self.body, self.headers = url, body, headers or {}
         self.ok = self.refused = 0
         self.dropped: list[str] = []
+        self.failures: list[tuple[float, str]] = []  # (when the request started, what happened)
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
@@ -353,6 +412,7 @@ class Load:
     def _run(self) -> None:
         session = requests.Session()
         while not self._stop.is_set():
+            started = time.monotonic()
             try:
                 r = session.post(f"{self.url}/predict", json=self.body, headers=self.headers, timeout=30)
                 with self._lock:
@@ -360,12 +420,14 @@ class Load:
                         self.ok += 1
                     else:
                         self.dropped.append(f"HTTP {r.status_code}")
+                        self.failures.append((started, self.dropped[-1]))
             except requests.ConnectionError as exc:
                 with self._lock:
                     if "refused" in str(exc) or "NewConnectionError" in str(exc):
                         self.refused += 1
                     else:
                         self.dropped.append(str(exc)[:120])
+                        self.failures.append((started, self.dropped[-1]))
                 session = requests.Session()
                 time.sleep(0.05)
 
@@ -447,6 +509,45 @@ def test_churn_serve_stops_cleanly_under_load(lab, champion, signame, group):
         assert not checked["state"].exists()
 
 
+def test_a_killed_replica_loses_no_request(lab, champion):
+    """SIGKILL one of two replicas under 8 clients: every request sent after the kill is answered
+    (HAProxy replays what reaches the dead replica before it is marked down); only requests in
+    flight on it at the instant it died may be lost, at most one per client (issue: 17 lost).
+    The stop afterwards is clean."""
+    import psutil
+
+    from churnlib.serving import haproxy_binary
+    from tests.conftest import signal_cli
+
+    if not haproxy_binary():
+        pytest.skip("the retry is HAProxy's (high-throughput mode); the Python proxy does not replay")
+    port = free_port()
+    load: dict = {}
+
+    def kill_a_replica(proc) -> None:
+        url = f"http://127.0.0.1:{port}"
+        load["load"] = Load(url, [raw(lab, i) for i in range(10)], clients=8).start()
+        replicas = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                    if "ServeReplica" in " ".join(p.cmdline())]
+        assert len(replicas) == 2
+        before = load["load"].ok
+        load["killed_at"] = time.monotonic()
+        replicas[0].kill()
+        _wait(lambda: load["load"].ok > before + 200, 60)  # served on, by the other replica (and the restarted one)
+
+    try:
+        rc, err, _, _ = signal_cli([*_serve_args(lab, port), "--replicas", 2], "serve: xgboost_churn_model version",
+                                   signal.SIGTERM, False, lab["ws"], timeout=240, on_start=kill_a_replica)
+    finally:
+        if "load" in load:
+            load["load"].stop()
+    assert rc == 0, err[-3000:]
+    traffic = load["load"]
+    lost = [started for started, _ in traffic.failures]
+    assert len(lost) <= 8 and all(t < load["killed_at"] for t in lost), traffic.failures[:5]
+    assert traffic.ok > 200
+
+
 def test_churn_serve_exits_when_its_ray_instance_dies(lab, champion):
     """The raylet under `churn serve` is killed: within seconds one line, exit 1, the port free,
     nothing left running (issue: 500s for ~60 s and an orphaned HAProxy holding the port)."""
@@ -457,6 +558,7 @@ def test_churn_serve_exits_when_its_ray_instance_dies(lab, champion):
     from tests.conftest import alive, signal_cli
 
     port = free_port()
+    started_at = time.time()
 
     def kill_raylet(proc) -> None:
         raylet = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.name() == "raylet"]
@@ -474,6 +576,7 @@ def test_churn_serve_exits_when_its_ray_instance_dies(lab, champion):
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))  # free
     assert alive(tree) == []
+    assert not [d for d in Path(tempfile.gettempdir()).glob("churn-serve-*") if d.stat().st_mtime > started_at]
 
 
 def test_churn_serve_refuses_a_busy_port(lab):
