@@ -67,8 +67,10 @@ class PredictUDF(BatchScorer):
     """Scores a batch; returns the scored rows, writes the rejected ones, reports counts."""
 
     def __init__(self, payloads: list[dict[str, Any]], columns: list[str], tally: Any, rejects_fs: Any,
-                 rejects_dir: str, explain_top: int = 0, drift: bool = True, nthread: int = 1):
+                 rejects_dir: str, explain_top: int = 0, drift: bool = True, nthread: int = 1,
+                 id_type: str = "string"):
         super().__init__(payloads, columns, with_target=False, keep_features=True, nthread=nthread)
+        self.id_type = id_type  # the input's: "int64" or "string" (the output keeps it)
         self.nthread = nthread
         self.tally = tally
         self.rejects_fs, self.rejects_dir = rejects_fs, rejects_dir
@@ -86,16 +88,17 @@ class PredictUDF(BatchScorer):
 
         out = super().__call__(df)
         ok = out["flags"] == 0
+        ids_out = self._ids(out, ok)
+        ok = out["flags"] == 0
         n_ok = int(ok.sum())
         if not ok.all():
             self._write_rejects(df, out, ~ok)
         model = self.models[0]
         proba = out["score"][ok].astype(np.float64)
-        ids = out["row_id"][ok] if "row_id" in out else np.full(n_ok, "", dtype=object)
         # An Arrow table, typed here: Ray Data would otherwise infer the type of
         # every Python string in object columns, which costs as much as scoring.
         columns: dict[str, pa.Array] = {
-            "customer_id": pa.array(ids, type=pa.string()),
+            "customer_id": ids_out.filter(pa.array(ok)),
             "churn_probability": pa.array(proba),
             "churn_label": pa.array((proba >= model.threshold).astype(np.int8)),
             "model_name": pa.repeat(pa.scalar(self.model_name, pa.string()), n_ok),
@@ -117,6 +120,25 @@ class PredictUDF(BatchScorer):
         drift = batch_counts(out["X"][ok], model.profile, model.spec) if self.drift and n_ok else None
         self.tally.add.remote(counts, drift)
         return pa.table(columns)
+
+    def _ids(self, out: dict[str, np.ndarray], ok: np.ndarray) -> Any:
+        """The customer ids as the input typed them (integers stay integers, for joins); a
+        non-integer id in an integer column makes its row a reject."""
+        import pyarrow as pa
+
+        from churnlib.data import ROW_PROBLEM
+
+        text = out["row_id"] if "row_id" in out else np.full(len(ok), "", dtype=object)
+        if self.id_type != "int64":
+            return pa.array(text, type=pa.string())
+        given = text != ""
+        numbers = pd.to_numeric(pd.Series(text, dtype=object).where(given), errors="coerce").to_numpy(dtype=np.float64)
+        bad = ok & given & (np.isnan(numbers) | (numbers != np.round(numbers)))
+        for i in np.flatnonzero(bad):
+            out["reason"][i] = f"customer id {text[i]!r} is not an integer, as the rest of the column is"
+        out["flags"][bad] = ROW_PROBLEM
+        usable = given & ~bad
+        return pa.array(np.where(usable, numbers, 0).astype(np.int64), type=pa.int64(), mask=~usable)
 
     def _write_rejects(self, df: pd.DataFrame, out: dict[str, np.ndarray], bad: np.ndarray) -> None:
         import pyarrow as pa
@@ -250,6 +272,7 @@ def _score_to(source: Any, spec: Any, columns: list[str], predictor: Any, scorin
     from churnlib import data as data_mod
     from churnlib.scoring import actor_pool, put_payloads
 
+    id_type = (str(data_mod.id_arrow_type(source, spec.id_column)) if spec.id_column in columns else "string")
     fs, final, staging, local = out
     rfs, rfinal, rstaging, rlocal = rejects
     tally = ray.remote(num_cpus=0)(_Tally).remote()
@@ -273,7 +296,7 @@ def _score_to(source: Any, spec: Any, columns: list[str], predictor: Any, scorin
             fn_constructor_kwargs={
                 "payloads": put_payloads([predictor]), "columns": columns, "tally": tally, "rejects_fs": rfs,
                 "rejects_dir": rstaging, "explain_top": explain_top, "drift": drift,
-                "nthread": max(1, int(scoring.cpus_per_actor)),
+                "nthread": max(1, int(scoring.cpus_per_actor)), "id_type": id_type,
             },
             compute=actor_pool(scoring),
             num_cpus=scoring.cpus_per_actor,
@@ -283,6 +306,8 @@ def _score_to(source: Any, spec: Any, columns: list[str], predictor: Any, scorin
         )
         scored.write_parquet(staging, filesystem=fs)
         counts, drift_parts = ray.get(tally.result.remote())
+        if counts.get("rows", 0) == 0:
+            raise DataError(f"{source.uri}: the table has no rows (a header only?): nothing to score")
         # complete: into place, atomically where the filesystem allows it
         if local:
             fs.move(staging, final)
@@ -299,7 +324,7 @@ def _score_to(source: Any, spec: Any, columns: list[str], predictor: Any, scorin
         stop.set()
         _remove(fs, staging)
         _remove(rfs, rstaging)
-        if isinstance(exc, KeyboardInterrupt):
+        if isinstance(exc, (KeyboardInterrupt, DataError)):
             raise
         raise data_mod._as_data_error(exc, source) from None
     finally:

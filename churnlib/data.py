@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -162,20 +163,36 @@ def _header(source: Source, path: str) -> list[str]:
         return list(reader.schema.names)
 
 
+def _delimiter_hint(source: Source, header: list[str]) -> str:
+    """When a CSV header came out as one column holding another separator: say so."""
+    if source.format != "csv" or len(header) != 1:
+        return ""
+    for sep, name in ((";", "semicolon"), ("\t", "tab"), ("|", "pipe")):
+        if sep in header[0]:
+            return (f"; the header is one column ({header[0][:60]!r}...): the file looks {name}-separated, and churn "
+                    f"reads comma-separated CSV (save it with commas, or as Parquet)")
+    return ""
+
+
 def check_columns(source: Source, spec: FeatureSpec, need_target: bool = True) -> list[str]:
     """Raise a DataError naming the configured columns a file lacks; return the columns to read."""
     wanted = spec.feature_names + ([spec.target] if need_target else [])
     id_everywhere = bool(spec.id_column)
     for path in source.files:
         try:
-            have = set(_header(source, path))
+            header = _header(source, path)
         except (pa.ArrowInvalid, OSError) as exc:
             if "Empty CSV file" in str(exc):
                 raise DataError(f"{path}: the file is empty (no header, no rows)") from None
             raise DataError(f"{path}: cannot read it as {source.format}: {str(exc).splitlines()[0]}") from None
+        have = set(header)
+        twice = sorted({c for c in header if header.count(c) > 1})
+        if twice:
+            raise DataError(f"{path}: column(s) {', '.join(map(repr, twice))} appear more than once in the header; "
+                            "which copy is meant is ambiguous")
         absent = [c for c in wanted if c not in have]
         if absent:
-            raise DataError(f"{path}: missing column(s) {', '.join(map(repr, absent))}")
+            raise DataError(f"{path}: missing column(s) {', '.join(map(repr, absent))}{_delimiter_hint(source, header)}")
         id_everywhere = id_everywhere and spec.id_column in have
     # The id is optional: read it (for the split and for outputs) only when every file has it.
     return ([spec.id_column] if id_everywhere else []) + wanted
@@ -362,6 +379,9 @@ def validate(source: Source, spec: FeatureSpec, columns: list[str], with_target:
     return report
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _as_data_error(exc: BaseException, source: Source) -> DataError:
     """The most specific line of a (possibly Ray-wrapped) read error."""
     chain, seen = [], set()
@@ -373,7 +393,7 @@ def _as_data_error(exc: BaseException, source: Source) -> DataError:
     lines = [
         line.strip()
         for e in reversed(chain)
-        for line in str(e).splitlines()
+        for line in _ANSI.sub("", str(e)).splitlines()
         if line.strip() and not line.startswith((" ", "Traceback", "File ", "To change retry", "Failed to "))
     ]
     specific = next((line for line in lines if "CSV" in line or "Parquet" in line or "rror" in line), None)
@@ -387,6 +407,49 @@ ROW_EMPTY = 1  # every configured cell empty: dropped, counted
 ROW_PROBLEM = 2  # a non-numeric value, unknown level or bad label: fails validation
 
 
+def canonical_ids(ids: pd.Series) -> pd.Series:
+    """Ids as the split hashes them: integers as int64, whatever the column's dtype in this
+    block (an empty cell turns a block's integer ids into floats: 17.0 is still 17), anything
+    else by its text. So one customer hashes the same in every block, file and format."""
+    values = ids
+    if values.dtype.kind == "f":
+        arr = values.to_numpy(dtype=np.float64, na_value=np.nan)
+        known = ~np.isnan(arr)
+        if np.array_equal(arr[known], np.round(arr[known])) and (np.abs(arr[known]) < 2**63).all():
+            return pd.Series(np.where(known, arr, 0).astype(np.int64), index=ids.index)
+    elif values.dtype.kind in "iu":
+        return values.astype(np.int64)
+    elif str(values.dtype) in ("Int64", "Int32", "Int16", "Int8", "UInt64", "UInt32", "UInt16", "UInt8"):
+        return values.fillna(0).astype(np.int64)
+    return values.astype("string").fillna("")
+
+
+def id_text(ids: pd.Series) -> np.ndarray:
+    """Ids as text for outputs and messages ('' for a missing one); 17.0 in a float block is '17'."""
+    missing = ids.isna().to_numpy()
+    text = canonical_ids(ids).astype("string").fillna("").to_numpy(dtype=object)
+    text[missing] = ""
+    return text
+
+
+def id_arrow_type(source: Source, column: str) -> pa.DataType:
+    """The type a table's id column has (int64 for any integer type, else string), from the first
+    file: Parquet's schema, or what pyarrow infers from the first block of a CSV file."""
+    path = source.files[0]
+    if source.format == "parquet":
+        import pyarrow.parquet as pq
+
+        kind = pq.read_schema(path, filesystem=source.filesystem).field(column).type
+    else:
+        import pyarrow.csv as pacsv
+
+        with source.filesystem.open_input_stream(path, compression="detect") as stream:
+            reader = pacsv.open_csv(stream, convert_options=pacsv.ConvertOptions(
+                include_columns=[column], null_values=CSV_NULLS, strings_can_be_null=True))
+            kind = reader.schema.field(column).type
+    return pa.int64() if pa.types.is_integer(kind) else pa.string()
+
+
 def row_uniform(df: pd.DataFrame, spec: FeatureSpec, columns: list[str], seed: int) -> np.ndarray:
     """A seeded pseudo-uniform number in [0, 1) per row, from the id (or the whole row).
 
@@ -395,10 +458,7 @@ def row_uniform(df: pd.DataFrame, spec: FeatureSpec, columns: list[str], seed: i
     are thresholds on it.
     """
     if spec.id_column and spec.id_column in df.columns:
-        key = df[spec.id_column]
-        if key.dtype.kind not in "iu":
-            # integer ids hash as integers; anything else by its text
-            key = key.astype("string").fillna("")
+        key = canonical_ids(df[spec.id_column])
     else:
         key = df[columns]
     h = pd.util.hash_pandas_object(key, index=False).to_numpy()

@@ -234,6 +234,10 @@ def evaluate(
         scored = scored.materialize()
         counts, sums, y, scores = _collect(scored, threshold, bins, n_models)
     except Exception as exc:  # noqa: BLE001 - a read error, one line
+        if source.format == "csv":
+            # the typed read fails on a non-numeric cell: name the column, count and value as
+            # `churn train` does (a text read that counts; raises when it finds the problem)
+            data_mod.validate(source, spec, columns)
         raise data_mod._as_data_error(exc, source) from None
     timings["score_s"] = time.perf_counter() - t0
     if counts["problems"]:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from churnlib.data import ROW_EMPTY, ROW_PROBLEM, _empty_rows, row_uniform
+from churnlib.data import ROW_EMPTY, ROW_PROBLEM, _empty_rows, id_text, row_uniform
 from churnlib.features import FeatureSpec, encode_columns, encode_target
 from churnlib.model import ChurnPredictor
 
@@ -97,7 +97,7 @@ class BatchScorer:
             out["score" if k == 0 else f"score_{k}"] = score
         out["u"] = row_uniform(df, spec, self.columns, SAMPLE_SEED).astype(np.float32)
         if spec.id_column and spec.id_column in df.columns:
-            out["row_id"] = df[spec.id_column].astype("string").fillna("").to_numpy(dtype=object)
+            out["row_id"] = id_text(df[spec.id_column])
         if self.keep_features:
             out["X"] = X
         reasons = np.full(len(df), "", dtype=object)

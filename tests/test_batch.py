@@ -82,7 +82,7 @@ def test_scores_match_the_registered_model_row_for_row(store, scored):
     pyfunc = mlflow.pyfunc.load_model(f"models:/{store['cfg'].model.registered_name}/{store['version']}")
     good = store["table"].drop(index=[10, 20, 30])
     expected = pyfunc.predict(good)["churn_probability"].to_numpy()
-    got = df.set_index("customer_id").loc[good["CustomerID"].astype(str), "churn_probability"].to_numpy()
+    got = df.set_index("customer_id").loc[good["CustomerID"], "churn_probability"].to_numpy()  # integer ids join
     np.testing.assert_allclose(got, expected, rtol=1e-6)
     labels = df["churn_label"].to_numpy()
     assert set(np.unique(labels)) == {0, 1}
@@ -115,7 +115,7 @@ def test_explain_gives_the_three_largest_contributions(store, scored):
     X, _, _ = encode_columns(row, predictor.spec)
     values = explain(predictor.booster, X, predictor.spec, "tree", nthread=1).values[0]
     top = [predictor.spec.feature_names[j] for j in np.argsort(-np.abs(values))[:3]]
-    got = df.set_index("customer_id").loc[str(row["CustomerID"].iloc[0])]
+    got = df.set_index("customer_id").loc[row["CustomerID"].iloc[0]]
     assert [got[f"reason_{k}"].split("=")[0] for k in (1, 2, 3)] == top
     contributions = [float(got[f"reason_{k}"].rsplit("(", 1)[1].rstrip(")")) for k in (1, 2, 3)]
     assert abs(contributions[0]) >= abs(contributions[1]) >= abs(contributions[2])
@@ -185,6 +185,35 @@ def test_sigterm_mid_job_is_143_with_nothing_left_and_the_run_killed(store):
     runs = client.search_runs([client.get_experiment_by_name(store["cfg"].mlflow.experiment_name).experiment_id],
                               filter_string="params.output = '" + str(out) + "'")
     assert [r.info.status for r in runs] == ["KILLED"]
+
+
+def test_integer_ids_stay_integers_and_a_header_only_table_is_one_line(store, scored, tmp_path):
+    """Issue: customer_id came out as text (joins back to integer ids failed); a header-only CSV
+    exited 1 with "unexpected FileNotFoundError" and left a hidden staging folder."""
+    import pyarrow.parquet as pq
+
+    assert str(pq.read_schema(sorted((store["ws"] / "scores").glob("*.parquet"))[0]).field("customer_id").type) == "int64"
+    _, out = scored
+    assert out["customer_id"].dtype.kind == "i"
+    # the first file makes the id an integer column; a non-integer id in a later file is a reject
+    # with its reason, not a switch to text
+    (tmp_path / "mixed").mkdir()
+    store["table"].iloc[:25].to_csv(tmp_path / "mixed" / "part-0.csv", index=False)
+    later = store["table"].iloc[25:50].astype({"CustomerID": object})
+    later.loc[later.index[3], "CustomerID"] = "A-17"
+    later.to_csv(tmp_path / "mixed" / "part-1.csv", index=False)
+    result = predict(store["cfg"], str(tmp_path / "mixed"), str(tmp_path / "mixed_out"), **QUIET)
+    assert _read(tmp_path / "mixed_out")["customer_id"].dtype.kind == "i"
+    rejects = _read(tmp_path / "mixed_out_rejects")
+    assert "customer id 'A-17' is not an integer" in " ".join(rejects["reason"])
+    assert result.counts["rejected"] == 1 + len([r for r in (*BAD_ROWS, 30) if r < 50])  # + the empty row 30
+    # a header and no rows
+    store["table"].head(0).to_csv(tmp_path / "header.csv", index=False)
+    res = run_cli("predict", "--input", str(tmp_path / "header.csv"), "--output", str(tmp_path / "h_out"),
+                  "--set", f"workspace={store['cfg'].workspace}", cwd=tmp_path)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1].endswith("header.csv: the table has no rows (a header only?): nothing to score")
+    assert [p.name for p in tmp_path.iterdir() if "h_out" in p.name] == []
 
 
 def test_no_champion_is_one_line_and_writes_nothing(store, tmp_path):

@@ -296,3 +296,47 @@ def test_id_column_is_optional_but_read_only_when_every_file_has_it(tmp_path):
     assert "CustomerID" not in data_mod.check_columns(src, SPEC)
     src_a = data_mod.resolve_source(str(folder / "a.csv"))
     assert data_mod.check_columns(src_a, SPEC)[0] == "CustomerID"
+
+
+# Edge cases of real tables (no Ray needed) ----------------------------------------------------------------
+
+
+@pytest.mark.unit
+def test_a_duplicated_header_column_is_refused(tmp_path):
+    """Issue: the first copy was used silently."""
+    df = next(iter_chunks(50, seed=1, chunk_rows=50))
+    text = df.assign(Age2=df["Age"] + 1).to_csv(index=False).replace("Age2", "Age", 1)
+    (tmp_path / "dup.csv").write_text(text)
+    with pytest.raises(DataError, match=r"dup.csv: column\(s\) 'Age' appear more than once in the header"):
+        data_mod.check_columns(data_mod.resolve_source(str(tmp_path / "dup.csv")), SPEC)
+    res = run_cli("data", "validate", str(tmp_path / "dup.csv"), cwd=tmp_path)
+    assert res.returncode == 2 and "appear more than once" in res.stderr
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("sep", "name"), [(";", "semicolon"), ("\t", "tab")])
+def test_a_file_with_another_separator_says_so(tmp_path, sep, name):
+    path = tmp_path / "other.csv"
+    next(iter_chunks(50, seed=1, chunk_rows=50)).to_csv(path, index=False, sep=sep)
+    with pytest.raises(DataError, match=f"the file looks {name}-separated, and churn reads comma-separated CSV"):
+        data_mod.check_columns(data_mod.resolve_source(str(path)), SPEC)
+
+
+@pytest.mark.unit
+def test_an_empty_cell_in_the_id_column_moves_no_customer_across_the_split():
+    """Issue: one all-empty row turned a block's integer ids into floats, and 32 % of the
+    customers changed sides between training and validation."""
+    df = next(iter_chunks(3000, seed=4, chunk_rows=3000))
+    columns = ["CustomerID", *SPEC.feature_names, "Churn"]
+    clean = data_mod.split_mask(df, SPEC, columns, 0.2, 42)
+    holed = pd.concat([df.astype(object), pd.DataFrame([{c: None for c in df.columns}])], ignore_index=True)
+    holed["CustomerID"] = pd.to_numeric(holed["CustomerID"])  # float64 with a NaN, as a reader makes it
+    assert holed["CustomerID"].dtype.kind == "f"
+    assert (data_mod.split_mask(holed, SPEC, columns, 0.2, 42)[:-1] == clean).all()
+    # and the same id as text, or as another integer type, lands on the same side
+    as_text = df.assign(CustomerID=df["CustomerID"].astype(str))
+    assert (data_mod.split_mask(df.assign(CustomerID=df["CustomerID"].astype("uint32")), SPEC, columns, 0.2, 42)
+            == clean).all()
+    assert data_mod.id_text(holed["CustomerID"])[0] == str(df["CustomerID"].iloc[0])
+    assert data_mod.id_text(holed["CustomerID"])[-1] == ""
+    assert 0.15 < data_mod.split_mask(as_text, SPEC, columns, 0.2, 42).mean() < 0.25

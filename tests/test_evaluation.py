@@ -223,7 +223,8 @@ def _bad_data(store, name: str, frame: pd.DataFrame) -> Path:
     return path
 
 
-@pytest.mark.parametrize("case", ["missing_column", "one_class", "unknown_category", "empty_file", "no_model"])
+@pytest.mark.parametrize("case", ["missing_column", "one_class", "unknown_category", "non_numeric", "empty_file",
+                                  "no_model"])
 def test_bad_input_is_one_line_and_leaves_no_running_run(store, case):
     cfg = _cfg(store)
     raw = next(iter_chunks(400, seed=5, chunk_rows=400))
@@ -237,6 +238,12 @@ def test_bad_input_is_one_line_and_leaves_no_running_run(store, case):
         raw = raw.astype({"Gender": object})
         raw.loc[7, "Gender"] = "Robot"
         path, match, err = _bad_data(store, "unknown.csv", raw), "unknown category", DataError
+    elif case == "non_numeric":
+        # issue: Ray's task name with ANSI codes instead of the column and the value
+        raw = raw.astype({"Age": object})
+        raw.loc[9, "Age"] = "forty"
+        path, match, err = (_bad_data(store, "nonnum.csv", raw),
+                            r"column 'Age': 1 row\(s\) with a non-numeric value \(first: 'forty'\)$", DataError)
     elif case == "empty_file":
         path = store["ws"] / "empty.csv"
         path.write_text("")
@@ -246,7 +253,7 @@ def test_bad_input_is_one_line_and_leaves_no_running_run(store, case):
         uri = "runs:/ffffffffffffffffffffffffffffffff/model"
     with pytest.raises(err, match=match) as info:
         evaluate(cfg, uri, str(path), **QUIET)
-    assert "\n" not in str(info.value)
+    assert "\n" not in str(info.value) and "\x1b" not in str(info.value)
     assert no_running_runs(cfg)
 
 
