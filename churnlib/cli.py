@@ -86,10 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_del.set_defaults(func=cmd_models_delete_alias)
     p_pro = m_sub.add_parser("promote", help="champion -> this version (default: staging) if its latest evaluation passed")
     p_pro.add_argument("--version")
-    p_pro.add_argument("--force", action="store_true", help="promote even with no evaluation on record (recorded as a tag)")
+    p_pro.add_argument("--force", action="store_true",
+                       help="promote despite a refusal (no evaluation, a failed gate, no comparison with the champion, "
+                            "worse than it); the reasons are recorded on the version")
     _common(p_pro)
     p_pro.set_defaults(func=cmd_models_promote)
     p_rb = m_sub.add_parser("rollback", help="champion -> previous")
+    p_rb.add_argument("--force", action="store_true", help="roll back even to a version whose latest evaluation failed")
     _common(p_rb)
     p_rb.set_defaults(func=cmd_models_rollback)
     p_list = m_sub.add_parser("list", help="versions with aliases, source run, AUC and gate status")
@@ -374,7 +377,7 @@ def cmd_models_promote(args: argparse.Namespace) -> int:
 
 def cmd_models_rollback(args: argparse.Namespace) -> int:
     reg = _registry(args)
-    result = reg.rollback()
+    result = reg.rollback(force=args.force)
 
     def human() -> None:
         say(f"rolled back {reg.name}: champion -> version {result['champion']} (version {result['demoted']} demoted)")

@@ -51,6 +51,7 @@ TAG_BASELINE_VERSION = "churn.baseline_version"
 TAG_BASELINE_NAME = "churn.baseline_name"
 TAG_VERDICT = "churn.comparison.verdict"
 TAG_EVAL_RUN = "churn.eval.run_id"
+TAG_GATE_SOURCE = "churn.gate.source"
 
 
 def metric_name(text: str) -> str:
@@ -481,6 +482,9 @@ def version_tags(run_tags: dict[str, str], metrics: dict[str, float], run_id: st
     """What a registry version carries of its latest evaluation: gate outcome, headline metrics, baseline."""
     tags = {k: v for k, v in run_tags.items() if k.startswith("churn.gate.")}
     tags[TAG_EVAL_RUN] = run_id
+    # which evaluation, on which data, the gate status comes from
+    tags[TAG_GATE_SOURCE] = (f"evaluation run {run_id} on {run_tags.get('data.source', '?')} "
+                             f"(digest {run_tags.get('data.digest', '?')})")
     for key in ("roc_auc", "accuracy", "log_loss"):
         if key in metrics:
             tags[f"churn.eval.{key}"] = f"{metrics[key]:.6g}"

@@ -7,9 +7,14 @@ before the last promotion: what ``rollback`` returns to).
 
 ``promote`` moves ``champion`` only when the version's LATEST evaluation (the
 newest finished ``churn evaluate`` run of the version's training run) passed
-its gates, and, with ``evaluation.require_improvement``, was judged
-significantly better than the CURRENT champion. Everything is checked before
-the first alias moves; a refusal changes nothing and exits 3.
+its gates and, when there is a champion already, an evaluation compared it
+with THAT champion and did not find it significantly worse (with
+``evaluation.require_improvement``: found it significantly better). Everything
+is checked before the first alias moves; a refusal changes nothing and exits 3.
+``--force`` overrides a refusal explicitly: the reasons are recorded on the
+version (``churn.promotion.forced``). The promoted version leaves ``staging``
+(it is no longer a candidate). ``rollback`` to a version whose latest
+evaluation failed its gates needs ``--force`` too.
 
 Concurrency: on a local store (SQLite or files) promotions and rollbacks take
 an exclusive file lock, so two racing processes run one after the other. On a
@@ -36,6 +41,7 @@ from churnlib.evaluation import (
     TAG_BASELINE_NAME,
     TAG_BASELINE_VERSION,
     TAG_COMMAND,
+    TAG_GATE_SOURCE,
     TAG_TRAINING_RUN,
     TAG_VERDICT,
     version_tags,
@@ -190,16 +196,19 @@ class Registry:
                 raise
         return {a: str(v) for a, v in (rm.aliases or {}).items()}
 
-    def latest_evaluation(self, run_id: str) -> Any | None:
-        """The newest finished `churn evaluate` run of a training run (any experiment)."""
+    def latest_evaluation(self, run_id: str, baseline_version: str | None = None) -> Any | None:
+        """The newest finished `churn evaluate` run of a training run (any experiment); with
+        ``baseline_version``, the newest one compared with that version of this registered model."""
         import mlflow
 
+        compared = (f" and tags.`{TAG_BASELINE_VERSION}` = '{baseline_version}' and tags.`{TAG_BASELINE_NAME}` = "
+                    f"'{self.name}'") if baseline_version is not None else ""
         with mlflow_errors(f"searching evaluations of run {run_id}"):
             runs = mlflow.search_runs(
                 search_all_experiments=True,
                 filter_string=(
                     f"tags.`{TAG_TRAINING_RUN}` = '{run_id}' and tags.`{TAG_COMMAND}` = 'evaluate' "
-                    "and attributes.status = 'FINISHED'"
+                    f"and attributes.status = 'FINISHED'{compared}"
                 ),
                 order_by=["attributes.start_time DESC"],
                 max_results=1,
@@ -285,18 +294,30 @@ class Registry:
             champion = self.alias(CHAMPION)
             if champion is not None and champion.version == target.version:
                 self.say(f"promote: version {target.version} is already {CHAMPION}; nothing to do")
+                if champion.gate == "failed":
+                    self.say(f"promote: warning: its latest evaluation failed its gates "
+                             f"({champion.tags.get(TAG_GATE_SOURCE, 'source unknown')})")
                 return {"version": target.version, "previous": None, "changed": False}
-            evidence = self._check_promotion(target, champion, force)
+            evidence, refusals = self._check_promotion(target, champion)
+            if refusals and not force:
+                raise PromotionRefusedError(f"refused: {refusals[0]}")
+            if refusals:
+                self.say(f"promote: promoting anyway (--force): {'; '.join(refusals)}")
             # Everything checked: now the aliases move (previous first, so a
             # failure in between leaves champion where it was).
             with mlflow_errors(f"promoting {self.name} version {target.version}"):
                 if champion is not None:
                     self.client.set_registered_model_alias(self.name, PREVIOUS, champion.version)
                 self.client.set_registered_model_alias(self.name, CHAMPION, target.version)
+                staged = self.alias(STAGING)
+                if staged is not None and staged.version == target.version:
+                    # a promoted version is no longer a candidate
+                    self.client.delete_registered_model_alias(self.name, STAGING)
                 stamp = {TAG_PROMOTED_AT: _now(), TAG_PROMOTED_BY: _who(),
                          TAG_PROMOTED_FROM: champion.version if champion is not None else "none"}
-                if evidence is None:
-                    stamp[TAG_FORCED] = f"forced without an evaluation by {stamp[TAG_PROMOTED_BY]} at {stamp[TAG_PROMOTED_AT]}"
+                if refusals:
+                    stamp[TAG_FORCED] = (f"forced by {stamp[TAG_PROMOTED_BY]} at {stamp[TAG_PROMOTED_AT]}: "
+                                         f"{'; '.join(refusals)}")[:5000]
                 for key, value in stamp.items():
                     self.client.set_model_version_tag(self.name, target.version, key, value)
         after = self.alias(CHAMPION)
@@ -306,54 +327,64 @@ class Registry:
             "version": target.version,
             "previous": champion.version if champion is not None else None,
             "changed": True,
-            "forced": evidence is None,
+            "forced": bool(refusals),
             "evaluation_run_id": evidence.info.run_id if evidence is not None else None,
         }
 
-    def _check_promotion(self, target: VersionInfo, champion: VersionInfo | None, force: bool) -> Any | None:
-        """The evaluation that allows the promotion, or a PromotionRefusedError; None when forced."""
+    def _check_promotion(self, target: VersionInfo, champion: VersionInfo | None) -> tuple[Any | None, list[str]]:
+        """-> (the version's latest evaluation, or None; what refuses the promotion, one line each)."""
         if not target.run_id:
             raise RegistryError(f"{self.name} version {target.version} has no source run to find its evaluation")
+        refusals: list[str] = []
         evaluation = self.latest_evaluation(target.run_id)
         if evaluation is None:
-            if force:
-                self.say(f"promote: no evaluation of version {target.version} on record; promoting anyway (--force)")
-                return None
-            raise PromotionRefusedError(
-                f"refused: {self.name} version {target.version} has no evaluation on record "
-                f"(run churn evaluate --model-uri models:/{self.name}/{target.version} --data ..., or give --force)"
-            )
-        tags = evaluation.data.tags
-        status = tags.get(TAG_STATUS)
-        if status != "passed":
-            raise PromotionRefusedError(
-                f"refused: the latest evaluation of {self.name} version {target.version} "
-                f"(run {evaluation.info.run_id}) failed its gates: {tags.get(TAG_SUMMARY, status or 'no gate result')}"
-            )
-        if self.cfg.evaluation.require_improvement and champion is not None:
-            against = tags.get(TAG_BASELINE_VERSION)
-            same_model = tags.get(TAG_BASELINE_NAME, self.name) == self.name
-            if against != champion.version or not same_model:
-                raise PromotionRefusedError(
-                    f"refused: evaluation.require_improvement is on and the latest evaluation of version "
-                    f"{target.version} (run {evaluation.info.run_id}) was not compared with the current champion "
-                    f"(version {champion.version}); evaluate with --compare-baseline models:/{self.name}@{CHAMPION}"
-                )
-            if tags.get(TAG_VERDICT) != "better":
-                raise PromotionRefusedError(
-                    f"refused: version {target.version} is {tags.get(TAG_VERDICT, 'not shown to be better')} "
-                    f"compared with the champion (version {champion.version}); evaluation.require_improvement is on"
-                )
-        return evaluation
+            refusals.append(
+                f"{self.name} version {target.version} has no evaluation on record "
+                f"(run churn evaluate --model-uri models:/{self.name}/{target.version} --data ..., or give --force)")
+        else:
+            tags = evaluation.data.tags
+            status = tags.get(TAG_STATUS)
+            if status != "passed":
+                refusals.append(
+                    f"the latest evaluation of {self.name} version {target.version} (run {evaluation.info.run_id} "
+                    f"on {tags.get('data.source', '?')}) failed its gates: {tags.get(TAG_SUMMARY, status or 'no gate result')}")
+        if champion is None:
+            return evaluation, refusals
+        # Over an existing champion: an evaluation compared with THAT champion, not significantly worse.
+        compared = self.latest_evaluation(target.run_id, baseline_version=champion.version)
+        if compared is None:
+            refusals.append(
+                f"no evaluation of version {target.version} was compared with the current champion (version "
+                f"{champion.version}); evaluate with --compare-baseline models:/{self.name}@{CHAMPION}")
+            return evaluation, refusals
+        verdict = compared.data.tags.get(TAG_VERDICT, "not compared")
+        diff = compared.data.metrics.get("diff_roc_auc")
+        low, high = compared.data.metrics.get("auc_diff_ci_low"), compared.data.metrics.get("auc_diff_ci_high")
+        shown = f" (AUC {diff:+.4f}, CI [{low:+.4f}, {high:+.4f}], run {compared.info.run_id})" if None not in (diff, low, high) else ""
+        if verdict == "worse":
+            refusals.append(f"version {target.version} is significantly worse than the champion (version "
+                            f"{champion.version}){shown}")
+        elif self.cfg.evaluation.require_improvement and verdict != "better":
+            refusals.append(f"version {target.version} is {verdict} compared with the champion (version "
+                            f"{champion.version}){shown}; evaluation.require_improvement asks for significantly better")
+        return evaluation, refusals
 
-    def rollback(self) -> dict[str, Any]:
-        """``champion`` back to ``previous``; the demoted version is tagged as rolled back."""
+    def rollback(self, force: bool = False) -> dict[str, Any]:
+        """``champion`` back to ``previous``; the demoted version is tagged as rolled back. A
+        ``previous`` whose latest evaluation failed its gates needs ``force``."""
         with self._lock():
             champion, previous = self.alias(CHAMPION), self.alias(PREVIOUS)
             if previous is None:
                 raise RegistryError(f"{self.name} has no {PREVIOUS!r} version to roll back to")
             if champion is not None and champion.version == previous.version:
                 raise RegistryError(f"{CHAMPION} and {PREVIOUS} are both version {previous.version}: nothing to roll back")
+            if previous.gate == "failed":
+                why = (f"version {previous.version}'s latest evaluation failed its gates "
+                       f"({previous.tags.get(TAG_GATE_SOURCE, 'source unknown')}): "
+                       f"{previous.tags.get(TAG_SUMMARY, '')}")
+                if not force:
+                    raise PromotionRefusedError(f"refused: rollback to {why}; give --force to roll back anyway")
+                self.say(f"rollback: rolling back anyway (--force): {why}")
             # The version before `previous` (if it is still a sound one) becomes the new `previous`.
             earlier = previous.tags.get(TAG_PROMOTED_FROM)
             with mlflow_errors(f"rolling back {self.name}"):

@@ -118,8 +118,6 @@ def test_promotion_refusals_change_no_alias(lab):
     before = aliases(cfg)
     with pytest.raises(PromotionRefusedError, match=r"failed its gates: roc_auc: failed \(0\.\d+ < 0.85\)"):
         reg.promote()
-    with pytest.raises(PromotionRefusedError, match="failed its gates"):
-        reg.promote(weak.version, force=True)  # --force covers a missing evaluation, never a failed one
     with pytest.raises(PromotionRefusedError, match="no evaluation on record"):
         reg.promote(unevaluated.version)
     assert aliases(cfg) == before
@@ -129,6 +127,12 @@ def test_promotion_refusals_change_no_alias(lab):
     assert res.returncode == 3 and res.stderr.strip().startswith("error: refused: the latest evaluation")
     assert len(res.stderr.strip().splitlines()) == 1
     assert aliases(cfg) == before
+    # --force is explicit, and every reason it overrode is recorded on the version
+    out = reg.promote(weak.version, force=True)
+    assert out["forced"] and aliases(cfg)["champion"] == weak.version
+    forced = reg.version(weak.version).tags["churn.promotion.forced"]
+    assert forced.startswith("forced by ") and "failed its gates" in forced
+    assert "was compared with the current champion (version 1)" in forced
 
 
 def test_promote_moves_champion_and_keeps_previous_then_force_is_recorded(lab):
@@ -137,14 +141,15 @@ def test_promote_moves_champion_and_keeps_previous_then_force_is_recorded(lab):
     v1, _ = reg.register(lab["runs"]["good1"], alias="staging")
     evaluate_version(lab, cfg, v1.version)
     out = reg.promote()
-    assert out["changed"] and out["previous"] is None and aliases(cfg) == {"staging": "1", "champion": "1"}
-    assert reg.promote()["changed"] is False  # already champion
+    # the promoted version is no longer a candidate: staging is cleared
+    assert out["changed"] and out["previous"] is None and aliases(cfg) == {"champion": "1"}
+    assert reg.promote("1")["changed"] is False  # already champion
 
     v2, _ = reg.register(lab["runs"]["good2"], alias="staging")
     out = reg.promote(force=True)  # no evaluation of v2: forced, and recorded
-    assert out["forced"] and aliases(cfg) == {"staging": "2", "champion": "2", "previous": "1"}
+    assert out["forced"] and aliases(cfg) == {"champion": "2", "previous": "1"}
     tags = reg.version(v2.version).tags
-    assert tags["churn.promotion.forced"].startswith("forced without an evaluation by ")
+    assert tags["churn.promotion.forced"].startswith("forced by ") and "no evaluation on record" in tags["churn.promotion.forced"]
     assert tags["churn.promoted_from"] == "1" and tags["churn.promoted_by"]
 
 
@@ -158,7 +163,7 @@ def test_require_improvement_needs_a_win_over_the_current_champion(lab):
     # evaluated, passes thresholds with relaxed gates, but never compared with the champion
     loose = fresh(lab, "reg_improve", **{"evaluation.thresholds": {"roc_auc": 0.5}})
     evaluate_version(lab, loose, challenger.version)
-    with pytest.raises(PromotionRefusedError, match="was not compared with the current champion"):
+    with pytest.raises(PromotionRefusedError, match="no evaluation of version 2 was compared with the current champion"):
         reg.promote(challenger.version)
     # compared, and clearly worse: the gate itself fails
     res = evaluate_version(lab, cfg, challenger.version, baseline="models:/reg_improve@champion")
@@ -166,6 +171,62 @@ def test_require_improvement_needs_a_win_over_the_current_champion(lab):
     with pytest.raises(PromotionRefusedError):
         reg.promote(challenger.version)
     assert aliases(cfg) == {"champion": champion.version}
+
+
+def test_by_default_a_challenger_must_not_be_worse_than_the_champion(lab):
+    """Issue: a version whose comparison with the champion said "worse" was promoted because
+    require_improvement was off. By default: compared with THIS champion, not significantly worse."""
+    cfg = fresh(lab, "reg_not_worse", **{"evaluation.thresholds": {"roc_auc": 0.6}})
+    reg = Registry(cfg, **QUIET)
+    champion, _ = reg.register(lab["runs"]["good2"])
+    worse, _ = reg.register(lab["runs"]["good1"])  # fewer, shallower trees
+    same, _ = reg.register(lab["runs"]["good3"])
+    evaluate_version(lab, cfg, champion.version)
+    reg.promote(champion.version)
+    res = evaluate_version(lab, cfg, worse.version, baseline="models:/reg_not_worse@champion")
+    assert res.gate.passed and res.comparison.verdict == "worse", res.comparison
+    with pytest.raises(PromotionRefusedError, match=r"is significantly worse than the champion \(version 1\) \(AUC -"):
+        reg.promote(worse.version)
+    assert aliases(cfg) == {"champion": champion.version}
+    res = evaluate_version(lab, cfg, same.version, baseline="models:/reg_not_worse@champion")
+    assert res.comparison.verdict != "worse"
+    assert reg.promote(same.version)["changed"] and aliases(cfg)["champion"] == same.version
+
+
+def test_a_failed_gate_is_named_with_its_evaluation_and_guards_rollback(lab):
+    """Issue: evaluating the champion on other data rewrote its gate tags to failed, and rollback or
+    "already champion" kept it without a word. The gate status names the evaluation and the data;
+    rollback to a version whose latest evaluation failed needs --force."""
+    cfg = fresh(lab, "reg_gate_source")
+    reg = Registry(cfg, **QUIET)
+    # runs of its own: their failing evaluation must not follow the shared runs into other tests
+    data = lab["ws"] / "train.parquet"
+    first, _ = reg.register(log_local_model(cfg, data, rounds=40, run_name="gs1", max_depth=4))
+    second, _ = reg.register(log_local_model(cfg, data, rounds=60, run_name="gs2", max_depth=5, seed=2))
+    evaluate_version(lab, cfg, first.version)
+    reg.promote(first.version)
+    evaluate_version(lab, cfg, second.version, baseline="models:/reg_gate_source@champion")
+    reg.promote(second.version)
+    # the old champion (now previous) evaluated on other data where it fails the gates
+    hard = fresh(lab, "reg_gate_source", **{"evaluation.thresholds": {"roc_auc": 0.999}})
+    failing = evaluate_version(lab, hard, first.version)
+    tags = reg.version(first.version).tags
+    assert tags["churn.gate.status"] == "failed"
+    assert tags["churn.gate.source"] == f"evaluation run {failing.run_id} on {lab['test']} (digest {failing_digest(lab)})"
+    with pytest.raises(PromotionRefusedError, match="refused: rollback to version 1's latest evaluation failed its gates"):
+        reg.rollback()
+    assert aliases(cfg) == {"champion": "2", "previous": "1"}
+    said: list[str] = []
+    assert Registry(cfg, say=said.append).rollback(force=True)["champion"] == "1"
+    assert any("rolling back anyway (--force)" in line for line in said)
+    Registry(cfg, say=said.append).promote("1")  # already champion: a warning, nothing moves
+    assert any("its latest evaluation failed its gates (evaluation run" in line for line in said)
+
+
+def failing_digest(lab) -> str:
+    from churnlib.data import resolve_source
+
+    return resolve_source(str(lab["test"])).digest
 
 
 def test_rollback_returns_to_previous_and_tags_the_demoted(lab):
@@ -226,9 +287,10 @@ def test_racing_promotions_end_on_versions_that_passed(lab):
     a, _ = reg.register(lab["runs"]["good2"])
     b, _ = reg.register(lab["runs"]["good3"])
     bad, _ = reg.register(lab["runs"]["weak"])
-    for v in (base, a, b, bad):
-        evaluate_version(lab, cfg, v.version)
+    evaluate_version(lab, cfg, base.version)
     reg.promote(base.version)
+    for v in (a, b, bad):  # each compared with the champion of the moment (base)
+        evaluate_version(lab, cfg, v.version, baseline="models:/reg_race@champion")
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     common = ["--set", f"workspace={lab['ws'] / '.churn'}", "--set", "model.registered_name=reg_race"]
     procs = [
@@ -237,14 +299,13 @@ def test_racing_promotions_end_on_versions_that_passed(lab):
         for v in (a, b, bad)
     ]
     codes = [p.wait(timeout=300) for p in procs]
-    assert codes[:2] == [0, 0] and codes[2] == 3
+    # serialised by the lock: the first wins; the second was compared with a champion that is no
+    # longer the champion, so it is refused (3) like the failing one
+    assert sorted(codes[:2]) == [0, 3] and codes[2] == 3
     final = aliases(cfg)
-    passed = {base.version, a.version, b.version}
-    assert final["champion"] in {a.version, b.version}
-    assert final["previous"] in passed and final["previous"] != final["champion"]
+    winner = (a, b)[codes.index(0)].version
+    assert final == {"champion": winner, "previous": base.version}
     assert bad.version not in final.values()
-    # serialised by the lock: the loser's promotion made the winner `previous`
-    assert {final["champion"], final["previous"]} == {a.version, b.version}
 
 
 def test_mlflow_models_serve_answers_for_the_champion(lab):
@@ -311,10 +372,11 @@ def test_scripts_train_eval_register_alias_promote_list_info(tmp_path):
     res = script("promote_model.sh", *common)
     assert "champion: 1" in res.stdout
     res = script("list_models.sh", *common)
-    assert any(line.startswith("1 ") and "champion,staging" in line and "passed" in line for line in res.stdout.splitlines())
+    # promoted: champion, and no longer staging
+    assert any(line.startswith("1 ") and " champion " in line and "passed" in line for line in res.stdout.splitlines())
     res = script("model_info.sh", "--json", *common)
     info = json.loads(res.stdout)
-    assert info["aliases"] == ["champion", "staging"] and info["run_id"] == run_id
+    assert info["aliases"] == ["champion"] and info["run_id"] == run_id
     assert float(info["tags"]["train.best_valid_auc"]) > 0.85  # the run's key metrics travel with the version
     # a missing argument stops the script before anything runs
     res = script("register_model.sh", *common, ok=False)
