@@ -412,15 +412,16 @@ def canonical_ids(ids: pd.Series) -> pd.Series:
     block (an empty cell turns a block's integer ids into floats: 17.0 is still 17), anything
     else by its text. So one customer hashes the same in every block, file and format."""
     values = ids
-    if values.dtype.kind == "f":
+    if pd.api.types.is_bool_dtype(values.dtype):
+        return values.astype("string").fillna("")
+    if pd.api.types.is_integer_dtype(values.dtype):
+        # numpy, nullable (Int64) and Arrow-backed integers alike; a missing id hashes as 0
+        return pd.Series(values.to_numpy(dtype=np.int64, na_value=0), index=ids.index)
+    if pd.api.types.is_float_dtype(values.dtype):
         arr = values.to_numpy(dtype=np.float64, na_value=np.nan)
         known = ~np.isnan(arr)
         if np.array_equal(arr[known], np.round(arr[known])) and (np.abs(arr[known]) < 2**63).all():
             return pd.Series(np.where(known, arr, 0).astype(np.int64), index=ids.index)
-    elif values.dtype.kind in "iu":
-        return values.astype(np.int64)
-    elif str(values.dtype) in ("Int64", "Int32", "Int16", "Int8", "UInt64", "UInt32", "UInt16", "UInt8"):
-        return values.fillna(0).astype(np.int64)
     return values.astype("string").fillna("")
 
 

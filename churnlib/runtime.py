@@ -112,6 +112,9 @@ def release_ray() -> None:
 
     if _CONNECTED_HERE and ray.is_initialized():
         ray.shutdown()
+    if _STARTED_HERE:
+        # the address of the dashboard that just stopped must not steer anything started later
+        os.environ.pop("RAY_API_SERVER_ADDRESS", None)
     _STARTED_HERE = _CONNECTED_HERE = False
 
 

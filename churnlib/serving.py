@@ -286,9 +286,11 @@ def cleanup(started: Started) -> None:
         for proc in alive:
             with contextlib.suppress(psutil.Error):
                 proc.kill()
-    for proc in haproxy_processes(started.state_dir):
+    leftover = haproxy_processes(started.state_dir)
+    for proc in leftover:
         with contextlib.suppress(psutil.Error):
             proc.kill()
+    psutil.wait_procs(leftover, timeout=5)  # gone, so their listening port is free when this returns
     if started.state_dir is not None:
         shutil.rmtree(started.state_dir, ignore_errors=True)
 

@@ -198,7 +198,8 @@ def test_train_evaluate_register_promote_load_against_the_server(remote):
             cur.execute("SELECT run_uuid, status FROM runs WHERE run_uuid IN (%s, %s)", (trained.run_id, evaluated.run_id))
             assert dict(cur.fetchall()) == {trained.run_id: "FINISHED", evaluated.run_id: "FINISHED"}
             cur.execute("SELECT alias, version FROM registered_model_aliases WHERE name = %s", (cfg.model.registered_name,))
-            assert dict(cur.fetchall()) == {"staging": int(version.version), "champion": int(version.version)}
+            # promotion moved the version from staging to champion (staging is cleared)
+            assert dict(cur.fetchall()) == {"champion": int(version.version)}
 
 
 # Failures: one line, exit 1, no RUNNING run where the server is reachable ---------------------------------

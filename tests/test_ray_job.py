@@ -59,7 +59,11 @@ def ray_cluster(tmp_path_factory):
     token = tmp / "auth_token"
     token.write_text(secrets.token_hex(32))
     token.chmod(0o600)
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    # Nothing of the session's own Ray instance: its dashboard address (which `churn`
+    # exports to the processes of an instance it starts) would send this cluster's
+    # Ray Train helpers to the wrong dashboard, with the wrong token.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI")}
     env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)})
     env["PATH"] = f"{bindir}{os.pathsep}{env.get('PATH', '')}"
     # Its own temp dir (short: Ray's socket paths have a length limit), so the

@@ -574,6 +574,7 @@ def test_churn_serve_exits_when_its_ray_instance_dies(lab, champion):
                                             f"with -9); port {port} freed")
     assert took < 15
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a server binds it (TIME_WAIT is no owner)
         s.bind(("127.0.0.1", port))  # free
     assert alive(tree) == []
     assert not [d for d in Path(tempfile.gettempdir()).glob("churn-serve-*") if d.stat().st_mtime > started_at]
