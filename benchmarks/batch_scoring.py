@@ -37,17 +37,17 @@ sys.path.insert(0, str(HERE.parent))
 
 def _champion(cfg, rounds: int, ws: Path) -> tuple[str, str]:
     """Train, log (as `churn train` logs) and register a model; alias champion. -> (name, version)."""
+    import pandas as pd
     import xgboost as xgb
 
     from churnlib import tracking
-    from churnlib.data import check_columns, encode_batch, resolve_source
-    from churnlib.drift import build_profile
-    from churnlib.features import FeatureSpec
-    from churnlib.generate import generate
-    from churnlib.registry import Registry
-    from churnlib.training import _log_model
-
-    import pandas as pd
+    from churnlib.data.features import FeatureSpec
+    from churnlib.data.generation import generate
+    from churnlib.data.preparation import encode_batch
+    from churnlib.data.profiles import build_profile
+    from churnlib.data.sources import check_columns, resolve_source
+    from churnlib.model.packaging import log_model
+    from churnlib.registry.registry import Registry
 
     spec = FeatureSpec.from_config(cfg.features)
     path = generate(100_000, ws / "train.parquet", seed=3)
@@ -59,7 +59,7 @@ def _champion(cfg, rounds: int, ws: Path) -> tuple[str, str]:
     booster = xgb.train({**cfg.xgb_params(), "max_depth": 6, "nthread": os.cpu_count()}, dtrain, rounds)
     tracking.connect(cfg)
     with tracking.tracked_run(cfg, "benchmark-model", {"churn.command": "train"}) as run:
-        _log_model(cfg, spec, source, columns, booster, rounds - 1, run.info.run_id, build_profile(enc["X"], spec))
+        log_model(cfg, spec, source, columns, booster, rounds - 1, run.info.run_id, build_profile(enc["X"], spec))
     reg = Registry(cfg, say=lambda m: None)
     info, _ = reg.register(run.info.run_id)
     reg.set_alias(info.version, "champion")
@@ -70,7 +70,7 @@ def plain(table: Path, out: Path, predictor, name: str, version: str) -> dict[st
     import numpy as np
     import pandas as pd
 
-    from churnlib.features import encode_columns
+    from churnlib.data.features import encode_columns
 
     spec = predictor.spec
     predictor.booster.set_param({"nthread": os.cpu_count() or 1})
@@ -106,10 +106,11 @@ def main() -> int:
     ap.add_argument("--out", default=str(HERE / "results" / "batch_scoring.json"))
     args = ap.parse_args()
 
-    from churnlib import loading, tracking
-    from churnlib.batch import predict
+    from churnlib import tracking
+    from churnlib.batch.predict import predict
     from churnlib.config import load_config
-    from churnlib.generate import generate
+    from churnlib.data.generation import generate
+    from churnlib.model import loading
     from churnlib.runtime import ensure_ray, quiet_logs
 
     quiet_logs(False)

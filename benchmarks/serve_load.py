@@ -54,11 +54,12 @@ def prepare(workspace: Path) -> tuple[str, list[dict]]:
 
     from churnlib import tracking
     from churnlib.config import load_config
-    from churnlib.data import check_columns, encode_batch, resolve_source
-    from churnlib.features import FeatureSpec
-    from churnlib.generate import generate, iter_chunks
-    from churnlib.registry import Registry
-    from churnlib.training import _log_model
+    from churnlib.data.features import FeatureSpec
+    from churnlib.data.generation import generate, iter_chunks
+    from churnlib.data.preparation import encode_batch
+    from churnlib.data.sources import check_columns, resolve_source
+    from churnlib.model.packaging import log_model
+    from churnlib.registry.registry import Registry
 
     cfg = load_config(overrides={"workspace": str(workspace)}, env={})
     spec = FeatureSpec.from_config(cfg.features)
@@ -73,7 +74,7 @@ def prepare(workspace: Path) -> tuple[str, list[dict]]:
     booster = xgb.train({**cfg.xgb_params(), "nthread": os.cpu_count(), "max_depth": 6}, d, 100)
     tracking.connect(cfg)
     with tracking.tracked_run(cfg, "serve-benchmark", {"data.digest": source.digest}) as run:
-        _log_model(cfg, spec, source, columns, booster, 99, run.info.run_id)
+        log_model(cfg, spec, source, columns, booster, 99, run.info.run_id)
     reg = Registry(cfg, say=lambda m: None)
     version, _ = reg.register(run.info.run_id)
     reg.promote(version.version, force=True)

@@ -48,10 +48,10 @@ def main() -> int:
     import xgboost as xgb
 
     from churnlib.config import load_config
-    from churnlib.data import encode_batch
-    from churnlib.explain import explain
-    from churnlib.features import FeatureSpec
-    from churnlib.generate import iter_chunks
+    from churnlib.data.features import FeatureSpec
+    from churnlib.data.generation import iter_chunks
+    from churnlib.data.preparation import encode_batch
+    from churnlib.model.explain import explain
 
     threads = os.cpu_count() or 1
     cfg = load_config(env={})

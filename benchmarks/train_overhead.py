@@ -24,7 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 HERE = Path(__file__).resolve().parent
 
 
@@ -32,8 +31,8 @@ def plain(path: Path, rounds: int, depth: int, cfg) -> dict:
     import pandas as pd
     import xgboost as xgb
 
-    from churnlib.data import encode_batch
-    from churnlib.features import FeatureSpec
+    from churnlib.data.features import FeatureSpec
+    from churnlib.data.preparation import encode_batch
 
     spec = FeatureSpec.from_config(cfg.features)
     t0 = time.perf_counter()
@@ -67,7 +66,7 @@ def plain(path: Path, rounds: int, depth: int, cfg) -> dict:
 
 def ours(path: Path, rounds: int, depth: int, workspace: str) -> dict:
     from churnlib.config import load_config
-    from churnlib.training import train
+    from churnlib.train.command import train
 
     cfg = load_config(
         overrides={
@@ -104,7 +103,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from churnlib.config import load_config
-    from churnlib.generate import generate
+    from churnlib.data.generation import generate
 
     data_dir = HERE / "results" / "data"
     path = data_dir / f"churn_{args.rows}.parquet"

@@ -27,7 +27,7 @@ sys.path.insert(0, str(HERE.parent))
 
 def sweep(workspace: Path, data: Path, scheduler: str, args: argparse.Namespace) -> dict:
     from churnlib.config import load_config
-    from churnlib.tuning import tune
+    from churnlib.tune.command import tune
 
     cfg = load_config(env={}, overrides={
         "workspace": str(workspace),
@@ -71,7 +71,7 @@ def main() -> int:
 
     import ray
 
-    from churnlib.generate import generate
+    from churnlib.data.generation import generate
 
     workspace = Path(tempfile.mkdtemp(prefix="churn-tune-bench-"))
     data = generate(args.rows, workspace / "train.parquet", seed=5)

@@ -13,8 +13,22 @@ import sys
 import traceback
 from typing import Any, Callable, Sequence
 
+from churnlib import interrupts
+
+# The commands' modules are imported when their command runs, not here: they pull in
+# pandas, numpy and pyarrow (0.6 s), and `churn --help` or a bad flag should answer at once.
+# This is the one place project modules are imported inside functions (tests/test_layout.py).
+from churnlib.config import config_to_yaml, load_config
 from churnlib.console import say
-from churnlib.errors import ChurnError, ConfigError
+from churnlib.errors import (
+    ChurnError,
+    ConfigError,
+    GateFailedError,
+    RegistryError,
+    last_line,
+    telling_line,
+)
+from churnlib.runtime import ensure_ray, quiet_logs
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,6 +47,7 @@ def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `churn` argument parser: every subcommand with its help and examples."""
     parser = _Parser(prog="churn", description="Churn prediction on Ray and MLflow")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -136,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_predict_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of `churn predict` (shared with `python -m ray_jobs.batch_predict`)."""
     p.add_argument("--input", required=True, help="CSV or Parquet file or folder, local or s3://")
     p.add_argument("--output", required=True, help="Parquet folder to create (local or s3://); must not exist")
     p.add_argument("--model-uri", help="default: models:/<model.registered_name>@<serve.alias> (the champion)")
@@ -145,6 +161,7 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_tune_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of `churn tune` (shared with `python -m ray_jobs.tune`)."""
     p.add_argument("--data", help="CSV or Parquet file or folder, local or s3:// (default: generated)")
     p.add_argument("--num-samples", type=int, help="trials (default: tune.num_samples)")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: what the cluster fits)")
@@ -156,6 +173,7 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of `churn evaluate` (shared with `python -m ray_jobs.evaluate`)."""
     p.add_argument("--model-uri", required=True, help="runs:/<id>/model, models:/<name>/<version> or models:/<name>@<alias>")
     p.add_argument("--data", required=True, help="test table with the target column: CSV or Parquet, local or s3://")
     p.add_argument("--compare-baseline", metavar="URI", help="score this model on the same rows too, e.g. models:/xgboost_churn_model@champion")
@@ -165,8 +183,6 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from churnlib.config import load_config
-
     return load_config(args.config, args.sets)
 
 
@@ -178,7 +194,8 @@ def _emit(args: argparse.Namespace, payload: dict[str, Any], human: Callable[[],
 
 
 def cmd_data_generate(args: argparse.Namespace) -> int:
-    from churnlib.generate import generate
+    """`churn data generate`: write a deterministic synthetic table."""
+    from churnlib.data.generation import generate
 
     path = generate(args.rows, args.out, seed=args.seed)
     _emit(args, {"path": str(path), "rows": args.rows, "seed": args.seed}, lambda: say(f"wrote {args.rows} rows to {path}"))
@@ -186,16 +203,17 @@ def cmd_data_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_data_validate(args: argparse.Namespace) -> int:
-    from churnlib import data as data_mod
-    from churnlib.features import FeatureSpec
-    from churnlib.runtime import ensure_ray
+    """`churn data validate`: count every problem per column; exit 2 when the table cannot be used."""
+    from churnlib.data.features import FeatureSpec
+    from churnlib.data.sources import check_columns, resolve_source
+    from churnlib.data.validation import validate
 
     cfg = _load(args)
     spec = FeatureSpec.from_config(cfg.features)
-    source = data_mod.resolve_source(args.path)
-    columns = data_mod.check_columns(source, spec, need_target=not args.no_target)
+    source = resolve_source(args.path)
+    columns = check_columns(source, spec, need_target=not args.no_target)
     ensure_ray(cfg.ray, verbose=args.verbose)
-    report = data_mod.validate(source, spec, columns, with_target=not args.no_target)
+    report = validate(source, spec, columns, with_target=not args.no_target)
     payload = {"path": source.uri, "format": source.format, "files": len(source.files), "digest": source.digest, "valid": True, **report.to_dict()}
 
     def human() -> None:
@@ -211,8 +229,8 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from churnlib.config import load_config
-    from churnlib.training import train
+    """`churn train`: train on Ray Train and log the run and the model to MLflow."""
+    from churnlib.train.command import train
 
     sets = args.sets + ([f"training.resume_from={args.resume_from}"] if args.resume_from else [])
     cfg = load_config(args.config, sets)
@@ -234,7 +252,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from churnlib.tuning import tune
+    """`churn tune`: a Ray Tune sweep, every trial an MLflow child run."""
+    from churnlib.tune.command import tune
 
     cfg = _load(args)
     for flag in ("num_samples", "max_concurrent"):
@@ -258,7 +277,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from churnlib.batch import predict
+    """`churn predict`: score a table with a model (the champion by default), with rejects and drift."""
+    from churnlib.batch.predict import predict
 
     cfg = _load(args)
     result = predict(cfg, args.input, args.output, model_uri=args.model_uri, explain=args.explain,
@@ -276,7 +296,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_drift(args: argparse.Namespace) -> int:
-    from churnlib.batch import drift_report
+    """`churn drift`: how far a table has moved from a model's (or another table's) profile."""
+    from churnlib.batch.drift import drift_report
 
     cfg = _load(args)
     drifts = drift_report(cfg, args.reference, args.data, verbose=args.verbose, say=say)
@@ -291,6 +312,7 @@ def cmd_drift(args: argparse.Namespace) -> int:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
+    """`churn quickstart`: the whole lifecycle on generated data, one line per step."""
     from churnlib.quickstart import quickstart
 
     cfg = _load(args)
@@ -299,8 +321,8 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from churnlib.errors import GateFailedError
-    from churnlib.evaluation import evaluate
+    """`churn evaluate`: metrics, SHAP, comparison and gates; exit 3 when a gate fails."""
+    from churnlib.evaluate.command import evaluate
 
     cfg = _load(args)
     result = evaluate(
@@ -325,14 +347,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _registry(args: argparse.Namespace):
-    from churnlib.registry import Registry
-    from churnlib.runtime import quiet_logs
+    from churnlib.registry.registry import Registry
 
     quiet_logs(args.verbose)
     return Registry(_load(args), say=say)
 
 
 def cmd_models_register(args: argparse.Namespace) -> int:
+    """`churn models register`: a run's model as a new registry version (alias staging)."""
     reg = _registry(args)
     info, created = reg.register(args.run_id, alias=args.alias, description=args.description)
 
@@ -347,6 +369,7 @@ def cmd_models_register(args: argparse.Namespace) -> int:
 
 
 def cmd_models_set_alias(args: argparse.Namespace) -> int:
+    """`churn models set-alias`: point an alias at a version."""
     reg = _registry(args)
     info = reg.set_alias(args.version, args.alias)
     _emit(args, info.to_dict(), lambda: say(f"{reg.name}@{args.alias} -> version {info.version}"))
@@ -354,6 +377,7 @@ def cmd_models_set_alias(args: argparse.Namespace) -> int:
 
 
 def cmd_models_delete_alias(args: argparse.Namespace) -> int:
+    """`churn models delete-alias`: remove an alias."""
     reg = _registry(args)
     version = reg.delete_alias(args.alias)
     _emit(args, {"alias": args.alias, "was": version},
@@ -362,6 +386,7 @@ def cmd_models_delete_alias(args: argparse.Namespace) -> int:
 
 
 def cmd_models_promote(args: argparse.Namespace) -> int:
+    """`churn models promote`: staging (or a version) to champion when its evaluation allows it."""
     reg = _registry(args)
     result = reg.promote(args.version, force=args.force)
 
@@ -376,6 +401,7 @@ def cmd_models_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_models_rollback(args: argparse.Namespace) -> int:
+    """`churn models rollback`: champion back to the version it replaced."""
     reg = _registry(args)
     result = reg.rollback(force=args.force)
 
@@ -388,6 +414,7 @@ def cmd_models_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
+    """`churn models list`: every version with its aliases, gate status and headline metrics."""
     reg = _registry(args)
     versions = reg.versions()
 
@@ -410,8 +437,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 
 def cmd_models_info(args: argparse.Namespace) -> int:
-    from churnlib.errors import RegistryError
-
+    """`churn models info`: one version (or alias) in full."""
     reg = _registry(args)
     if args.version:
         info = reg.version(args.version)
@@ -435,7 +461,8 @@ def cmd_models_info(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from churnlib.serving import run_until_interrupted
+    """`churn serve`: the Serve application on this machine until Ctrl-C."""
+    from churnlib.serving.runner import run_until_interrupted
 
     cfg = _load(args)
     builder_args = {"config": args.config, "set": args.sets, "alias": args.alias, "replicas": args.replicas,
@@ -445,8 +472,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from churnlib.config import config_to_yaml
-
+    """`churn config`: the resolved configuration, or the default file."""
     cfg = _load(args)
     if args.json:
         print(json.dumps(cfg.model_dump(mode="json")))
@@ -467,23 +493,20 @@ def load_dotenv_file() -> None:
 
 def _service_error(exc: BaseException) -> str | None:
     """A failure of MLflow or of the S3 artifact store mid-command, as one line (else None)."""
-    from churnlib.tracking import _first_line
-
     for e in (exc, exc.__cause__, exc.__context__):
         if e is None:
             continue
         module = type(e).__module__
         if module.startswith("mlflow"):
-            return f"MLflow: {_first_line(e)}"
+            return f"MLflow: {telling_line(e)}"
         if module.startswith(("botocore", "boto3", "s3transfer")):
-            return f"S3 artifact store: {_first_line(e)}"
+            return f"S3 artifact store: {telling_line(e)}"
     return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The `churn` entry point: the exit code of the command (errors as one line on stderr)."""
     import os
-
-    from churnlib import interrupts
 
     # A Ray call after the command let go of Ray (an interrupt) must not start a new instance.
     os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
@@ -509,8 +532,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if service:
             print(f"error: {service}", file=sys.stderr, flush=True)
             return 1
-        lines = [line for line in str(exc).splitlines() if line.strip()]
-        print(f"error: unexpected {type(exc).__name__}: {lines[-1] if lines else ''} (run with --verbose for details)", file=sys.stderr, flush=True)
+        print(f"error: unexpected {type(exc).__name__}: {last_line(exc)} (run with --verbose for details)",
+              file=sys.stderr, flush=True)
         return 1
 
 

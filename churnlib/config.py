@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from churnlib.errors import ConfigError
 
@@ -43,6 +50,7 @@ class _Section(BaseModel):
 
 
 class MlflowConfig(_Section):
+    """Where runs and models are tracked: tracking/registry URIs, experiment, run tags."""
     tracking_uri: str | None = None
     registry_uri: str | None = None
     experiment_name: str = Field(min_length=1)
@@ -52,6 +60,7 @@ class MlflowConfig(_Section):
 
 
 class ModelConfig(_Section):
+    """The registered model's name, the decision threshold and the validation split."""
     name: str = Field(min_length=1)
     registered_name: str = Field(min_length=1)
     validation_split: float = Field(gt=0.0, lt=1.0)
@@ -60,6 +69,7 @@ class ModelConfig(_Section):
 
 
 class XGBoostConfig(_Section):
+    """XGBoost's training parameters (objective, rounds, depth, learning rate, ...)."""
     booster: Literal["gbtree", "dart"]
     device: Literal["auto", "cpu", "cuda"]
     tree_method: Literal["hist", "approx"]
@@ -106,6 +116,7 @@ class XGBoostConfig(_Section):
 
 
 class TrainingConfig(_Section):
+    """Checkpoints, failures, resuming, streaming and progress of a training run."""
     checkpoint_every: int = Field(ge=0)
     max_failures: int = Field(ge=-1)
     keep_checkpoints: int | None = Field(default=2, ge=1)
@@ -117,12 +128,14 @@ class TrainingConfig(_Section):
 
 
 class DataConfig(_Section):
+    """Where the training data is (or how much to generate) and the test table."""
     path: str | None = None
     generate_rows: int = Field(ge=10)
     generate_seed: int = Field(ge=0)
 
 
 class RayConfig(_Section):
+    """Which Ray cluster, how many workers, their CPUs and GPUs, how long to wait for them."""
     address: str | None = None
     num_workers: int = Field(ge=1)
     cpus_per_worker: float = Field(gt=0.0)
@@ -132,6 +145,7 @@ class RayConfig(_Section):
 
 
 class ShapConfig(_Section):
+    """How evaluation explains the model: algorithm, sample size, top customers."""
     enabled: bool
     explainer_type: Literal["tree", "exact", "tree_explainer"]
     max_samples: int = Field(ge=1)
@@ -140,6 +154,7 @@ class ShapConfig(_Section):
 
 
 class BootstrapConfig(_Section):
+    """The paired bootstrap that compares a model with its baseline."""
     resamples: int = Field(ge=10)
     confidence: float = Field(gt=0.5, lt=1.0)
     max_rows: int = Field(ge=100)
@@ -147,6 +162,7 @@ class BootstrapConfig(_Section):
 
 
 class EvaluationConfig(_Section):
+    """Evaluation: thresholds (the gates), comparison, SHAP, calibration bins."""
     shap: ShapConfig
     thresholds: dict[str, float] = {}
     require_improvement: bool = False
@@ -163,6 +179,7 @@ class EvaluationConfig(_Section):
 
 
 class ScoringConfig(_Section):
+    """The Ray Data actor pool that scores tables (evaluate, predict)."""
     batch_size: int = Field(ge=1)
     actors: int = Field(ge=1)
     cpus_per_actor: float = Field(gt=0.0)
@@ -171,6 +188,7 @@ class ScoringConfig(_Section):
 
 
 class DriftConfig(_Section):
+    """The training profile's size and the PSI thresholds of the drift verdicts."""
     profile_rows: int = Field(ge=100)
     psi_moderate: float = Field(gt=0.0)
     psi_major: float = Field(gt=0.0)
@@ -225,6 +243,7 @@ class DistributionConfig(_Section):
 
 
 class TuneSettings(_Section):
+    """A sweep: trials, search algorithm and space, ASHA, concurrency, its name."""
     num_samples: int = Field(ge=1)
     max_concurrent: int | None = Field(default=None, ge=1)
     search: Literal["optuna", "random"]
@@ -256,6 +275,7 @@ class TuneSettings(_Section):
 
 
 class ServeConfig(_Section):
+    """`churn serve`: host, port, replicas, batching, limits, the alias it follows."""
     import_path: str = Field(pattern=r"^[\w.]+:[\w]+$")
     alias: str = Field(min_length=1)
     host: str = Field(min_length=1)
@@ -278,6 +298,7 @@ class ServeConfig(_Section):
 
 
 class TargetConfig(_Section):
+    """The target column and how its positive and negative values are spelled."""
     column: str = Field(min_length=1)
     positive: str | int | bool
     negative: str | int | bool
@@ -290,6 +311,7 @@ class TargetConfig(_Section):
 
 
 class FeaturesConfig(_Section):
+    """The id, numeric and categorical columns (with their levels) of the table."""
     id_column: str | None = None
     target: TargetConfig
     numeric: list[str] = []
@@ -326,6 +348,7 @@ class FeaturesConfig(_Section):
 
 
 class Config(_Section):
+    """The whole configuration: every section, validated, with the workspace's paths."""
     workspace: str
     mlflow: MlflowConfig
     model: ModelConfig
@@ -430,6 +453,7 @@ _REPLACED_MAPPINGS = {"categorical", "thresholds", "search_space"}
 
 
 def default_config_text() -> str:
+    """The packaged default configuration file, as text."""
     return resources.files("churnlib").joinpath("default_config.yaml").read_text(encoding="utf-8")
 
 
@@ -541,4 +565,5 @@ def load_config(
 
 
 def config_to_yaml(cfg: Config) -> str:
+    """``cfg`` as YAML (what `churn config` prints and runs log as an artifact)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -6,4 +6,5 @@ import sys
 
 
 def say(message: str) -> None:
+    """Print a line for people: stderr, flushed (stdout is kept for ``--json``)."""
     print(message, file=sys.stderr, flush=True)

@@ -6,11 +6,64 @@ nothing else in the library prints tracebacks for these.
 
 from __future__ import annotations
 
+import re
+
+# Turning someone else's exception into the one line a user reads: here and nowhere else.
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_TELLING = ("refused", "denied", "does not exist", "NoSuchBucket", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+            "AccessDenied", "timeout", "timed out")
+
+
+def strip_ansi(text: str) -> str:
+    """``text`` without terminal colour codes (Ray colours some of its messages)."""
+    return _ANSI.sub("", text)
+
+
+def _lines(exc: BaseException) -> list[str]:
+    text = strip_ansi(str(getattr(exc, "message", None) or exc))
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
 
 def one_line(exc: BaseException, limit: int = 500) -> str:
     """An error as one line (whitespace collapsed, at most ``limit`` characters)."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = " ".join(strip_ansi(str(exc)).split()) or type(exc).__name__
     return text[:limit]
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of a multi-line error (its type when it has no text)."""
+    lines = _lines(exc)
+    return (lines[0] if lines else type(exc).__name__)[:limit]
+
+
+def last_line(exc: BaseException, limit: int = 300) -> str:
+    """The last line of a multi-line error: where Python and Ray put the actual message."""
+    lines = _lines(exc)
+    return (lines[-1] if lines else "")[:limit]
+
+
+def telling_line(exc: BaseException, limit: int = 300) -> str:
+    """The most telling line of a (possibly wrapped) client error: the one that says refused, denied,
+    missing or timed out, else the first (boto's and MLflow's "(Background on this error ...)" skipped)."""
+    lines = [line for line in _lines(exc) if not line.startswith("(Background")]
+    for line in lines:
+        if any(word in line for word in _TELLING):
+            return line[:limit]
+    return (lines[0] if lines else type(exc).__name__)[:limit]
+
+
+def root_cause(exc: BaseException, limit: int = 500) -> str:
+    """``Type: message`` of the innermost cause (Ray wraps a worker's error in its own several times)."""
+    seen = set()
+    while True:
+        nxt = getattr(exc, "cause", None) or exc.__cause__
+        if nxt is None or id(nxt) in seen:
+            break
+        seen.add(id(exc))
+        exc = nxt
+    text = last_line(exc, limit) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"[:limit]
 
 
 class ChurnError(Exception):
@@ -88,3 +141,7 @@ class PromotionRefusedError(ChurnError):
     """A promotion refused by its gates (or for want of an evaluation); no alias moved (exit 3)."""
 
     exit_code = 3
+
+
+class ServeError(ChurnError):
+    """The server cannot go on (its Ray instance died) (exit 1)."""

@@ -11,7 +11,7 @@ Libraries fight over these signals, so the handlers are installed again
 after each of them: ``ray.init`` sets SIGTERM to ``sys.exit`` and its C++
 core then to a handler that dumps a stack and aborts (exit 134), and Ray
 Train's ``fit`` sets SIGINT to its own abort when called from the main thread
-(``training.fit`` runs it in a helper thread instead). While Ray Tune runs a
+(``churnlib.train.trainer.fit`` runs it in a helper thread instead). While Ray Tune runs a
 sweep, SIGINT belongs to Tune's graceful stop (it saves the sweep so that
 ``--resume`` works); SIGTERM is then handed to the same stop.
 

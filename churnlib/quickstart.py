@@ -11,45 +11,33 @@ the step, with the exit code of the error (3 for a gate that refuses the model).
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
+from churnlib.batch.predict import predict
 from churnlib.console import say as default_say
-from churnlib.errors import ChurnError, GateFailedError
+from churnlib.data.generation import generate
+from churnlib.errors import ChurnError, GateFailedError, first_line
+from churnlib.evaluate.command import evaluate
+from churnlib.registry.registry import STAGING, Registry
+from churnlib.runtime import free_port, quiet_logs
+from churnlib.serving.runner import start, stop
+from churnlib.train.command import default_data_path, train
+
+if TYPE_CHECKING:
+    from churnlib.config import Config
 
 STEPS = ("data", "train", "evaluate", "register", "promote", "serve", "requests", "batch", "stop")
 
 
-def free_port(preferred: int) -> int:
-    """``preferred`` when it is free on loopback, else any free port."""
-    import socket
-
-    for port in (preferred, 0):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return s.getsockname()[1]
-            except OSError:
-                continue
-    raise ChurnError("no free port for Serve")
-
-
-def quickstart(cfg: Any, rows: int | None = None, port: int | None = None, verbose: bool = False,
+def quickstart(cfg: Config, rows: int | None = None, port: int | None = None, verbose: bool = False,
                config_path: str | None = None, sets: list[str] | None = None,
                say: Callable[[str], None] = default_say) -> dict[str, Any]:
     """Run every step; -> what they made (paths, results, the Serve URL). ``config_path``
     and ``sets`` are the command's, handed to the Serve application as `churn serve` does."""
     import requests
 
-    from churnlib import serving
-    from churnlib.batch import predict
-    from churnlib.evaluation import evaluate
-    from churnlib.generate import generate
-    from churnlib.registry import STAGING, Registry
-    from churnlib.training import default_data_path, train
-
     if rows:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"generate_rows": rows})})
-    from churnlib.runtime import quiet_logs
 
     quiet_logs(verbose)
     quiet = (lambda m: None) if not verbose else say
@@ -70,7 +58,7 @@ def quickstart(cfg: Any, rows: int | None = None, port: int | None = None, verbo
             raise
         except Exception as exc:  # noqa: BLE001 - still one line, naming the step
             raise ChurnError(f"quickstart step {step_no}/{len(STEPS)} ({name}): {type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+                             f"{first_line(exc) if str(exc) else ''}") from exc
         say(f"[{step_no}/{len(STEPS)}] {name}: {line} ({time.perf_counter() - t0:.1f} s)")
 
     data_dir = cfg.workspace_path / "data"
@@ -129,7 +117,7 @@ def quickstart(cfg: Any, rows: int | None = None, port: int | None = None, verbo
         # half a CPU for the replica: on 2 cores the batch step scores beside it
         serve_sets = [*(sets or []), f"workspace={cfg.workspace_path}",
                       f"serve.cpus_per_replica={min(cfg.serve.cpus_per_replica, 0.5):g}"]
-        out["serve"] = serving.start(cfg, {"config": config_path, "set": serve_sets}, chosen, verbose=verbose)
+        out["serve"] = start(cfg, {"config": config_path, "set": serve_sets}, chosen, verbose=verbose)
         out["url"] = out["serve"].url
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -165,7 +153,7 @@ def quickstart(cfg: Any, rows: int | None = None, port: int | None = None, verbo
     def stop_step() -> str:
         say(f"      MLflow UI:  mlflow ui --backend-store-uri {cfg.tracking_uri}   (then http://127.0.0.1:5000)")
         say(f"      Serve docs: {out['url']}/docs   (run `churn serve` to keep it up)")
-        serving.stop(out.pop("serve"), cfg.serve.shutdown_grace_s, quiet)
+        stop(out.pop("serve"), cfg.serve.shutdown_grace_s, quiet)
         return "Serve stopped"
 
     try:
@@ -174,6 +162,6 @@ def quickstart(cfg: Any, rows: int | None = None, port: int | None = None, verbo
             step(name, fn)
     finally:
         if "serve" in out:
-            serving.stop(out.pop("serve"), cfg.serve.shutdown_grace_s, quiet)
+            stop(out.pop("serve"), cfg.serve.shutdown_grace_s, quiet)
     say(f"quickstart: done in {time.perf_counter() - t_all:.1f} s")
     return out

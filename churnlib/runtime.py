@@ -83,7 +83,7 @@ def ensure_ray(ray_cfg: Any, verbose: bool = False) -> bool:
         # State API) find several and fail ("Found multiple active Ray instances"):
         # a trial that ASHA stopped then keeps its CPUs and the sweep waits for ever.
         # Every process of this instance inherits the address of its own dashboard.
-        dashboard_port = _free_port()
+        dashboard_port = free_port()
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
         ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
                  dashboard_port=dashboard_port, **kwargs)
@@ -118,12 +118,34 @@ def release_ray() -> None:
     _STARTED_HERE = _CONNECTED_HERE = False
 
 
-def _free_port() -> int:
+def _bindable(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::") else host
+
+
+def free_port(preferred: int | None = None, host: str = "127.0.0.1") -> int:
+    """``preferred`` when it is free on ``host``, else any free port (the one free-port helper)."""
+    import socket
+
+    for port in (preferred, 0) if preferred else (0,):
+        with socket.socket() as s:
+            try:
+                s.bind((_bindable(host), port))
+                return s.getsockname()[1]
+            except OSError:
+                continue
+    raise ResourceError(f"no free port on {host}")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """A one-line ResourceError when a server could not listen on ``host:port``."""
     import socket
 
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            raise ResourceError(f"port {port} on {host} is in use; choose another with --port") from None
 
 
 def check_resources(ray_cfg: Any, local: bool, streaming: bool = False) -> None:

@@ -12,9 +12,13 @@ import re
 import subprocess
 import time
 import warnings
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-from churnlib.errors import ChurnError, TrackingError
+from churnlib.errors import ChurnError, TrackingError, telling_line
+from churnlib.figures import log_figure, pyplot
+
+if TYPE_CHECKING:
+    from churnlib.config import Config
 
 
 def metric_key(name: str) -> str:
@@ -22,7 +26,7 @@ def metric_key(name: str) -> str:
     return name.replace("@", "_at_").replace("-", "_")
 
 
-def configure(cfg: Any) -> None:
+def configure(cfg: Config) -> None:
     """Point the MLflow client at the configured store (called by commands, never at import)."""
     import mlflow
 
@@ -46,7 +50,7 @@ def redact(uri: str) -> str:
     return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", uri)
 
 
-def check_reachable(cfg: Any) -> None:
+def check_reachable(cfg: Config) -> None:
     """Fail fast, in one line, when the tracking store cannot be reached.
 
     An HTTP server must answer its health check; a database store (MLflow
@@ -70,7 +74,7 @@ def check_reachable(cfg: Any) -> None:
                                     max_retries=0, timeout=10, raise_on_status=False, json={"max_results": 1})
             failed = f"HTTP {response.status_code}" if response.status_code >= 500 else None
         except Exception as exc:  # noqa: BLE001 - timeouts and connection errors alike
-            failed = "no answer within 10 s" if "timeout" in str(exc).lower() else _first_line(exc)
+            failed = "no answer within 10 s" if "timeout" in str(exc).lower() else telling_line(exc)
         if failed:
             raise TrackingError(
                 f"MLflow tracking server at {uri} is up but its API fails ({failed}): its backend store "
@@ -88,18 +92,7 @@ def check_reachable(cfg: Any) -> None:
                 pass
             engine.dispose()
         except Exception as exc:  # noqa: BLE001 - sqlalchemy/driver errors of every kind
-            raise TrackingError(f"MLflow backend store unreachable at {redact(uri)}: {_first_line(exc)}") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    """The most telling line of a (possibly wrapped, multi-line) error."""
-    text = str(getattr(exc, "message", None) or exc)
-    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("(Background")]
-    for line in lines:
-        if any(word in line for word in ("refused", "denied", "does not exist", "NoSuchBucket", "InvalidAccessKeyId",
-                                         "SignatureDoesNotMatch", "AccessDenied", "timeout", "timed out")):
-            return line[:300]
-    return (lines[0] if lines else type(exc).__name__)[:300]
+            raise TrackingError(f"MLflow backend store unreachable at {redact(uri)}: {telling_line(exc)}") from None
 
 
 def _server_message(exc: BaseException) -> str:
@@ -107,13 +100,13 @@ def _server_message(exc: BaseException) -> str:
     response = getattr(exc, "response", None)
     if response is not None:
         try:
-            return str(response.json().get("message") or "")[:300] or _first_line(exc)
+            return str(response.json().get("message") or "")[:300] or telling_line(exc)
         except ValueError:
             pass
-    return _first_line(exc)
+    return telling_line(exc)
 
 
-def check_artifact_store(cfg: Any, experiment_id: str) -> None:
+def check_artifact_store(cfg: Config, experiment_id: str) -> None:
     """Fail fast, in one line, when the experiment's artifact store cannot be written.
 
     Direct S3 (``s3://`` artifact location): the bucket must exist and the
@@ -141,7 +134,7 @@ def check_artifact_store(cfg: Any, experiment_id: str) -> None:
                 f"artifact store {location}: {reason.get(code, err.get('Message') or code)} (S3 {code} on bucket {bucket!r})"
             ) from None
         except BotoCoreError as exc:
-            raise TrackingError(f"artifact store {location}: {_first_line(exc)}") from None
+            raise TrackingError(f"artifact store {location}: {telling_line(exc)}") from None
     elif location.startswith("mlflow-artifacts:"):
         import requests
 
@@ -153,7 +146,7 @@ def check_artifact_store(cfg: Any, experiment_id: str) -> None:
             ) from None
 
 
-def preflight(cfg: Any) -> str:
+def preflight(cfg: Config) -> str:
     """Before any slow work: the store answers, the experiment exists, its artifact store takes writes.
 
     -> the experiment id. Commands that write runs (train, evaluate, tune) call this first.
@@ -164,7 +157,8 @@ def preflight(cfg: Any) -> str:
     return experiment_id
 
 
-def ensure_experiment(cfg: Any) -> str:
+def ensure_experiment(cfg: Config) -> str:
+    """The configured experiment's id, created when missing (its artifact location checked)."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -183,10 +177,11 @@ def ensure_experiment(cfg: Any) -> str:
             raise TrackingError(f"MLflow experiment {name!r} is deleted; restore it or choose another name")
         return exp.experiment_id
     except MlflowException as exc:
-        raise TrackingError(f"MLflow at {redact(cfg.tracking_uri)}: {_first_line(exc)}") from None
+        raise TrackingError(f"MLflow at {redact(cfg.tracking_uri)}: {telling_line(exc)}") from None
 
 
 def git_commit(path: str | os.PathLike = ".") -> str | None:
+    """The commit of the git checkout at ``path``, if any."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=5, check=True
@@ -196,7 +191,7 @@ def git_commit(path: str | os.PathLike = ".") -> str | None:
     return out.stdout.strip() or None
 
 
-def connect(cfg: Any) -> None:
+def connect(cfg: Config) -> None:
     """Point MLflow at the configured store and fail fast when its server is down.
 
     Commands call this first, before starting anything slow (Ray)."""
@@ -205,7 +200,7 @@ def connect(cfg: Any) -> None:
 
 
 @contextlib.contextmanager
-def tracked_run(cfg: Any, run_name: str | None, tags: dict[str, str] | None = None, nested: bool = False) -> Iterator[Any]:
+def tracked_run(cfg: Config, run_name: str | None, tags: dict[str, str] | None = None, nested: bool = False) -> Iterator[Any]:
     """Start a run (after ``connect``); end it FINISHED, or FAILED (KILLED on Ctrl-C) with the error as a tag."""
     import mlflow
 
@@ -275,10 +270,8 @@ def importance_table(booster: Any, feature_names: list[str]) -> dict[str, dict[s
 
 
 def importance_figure(table: dict[str, dict[str, float]]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Feature importance by gain, weight and cover, one panel each."""
+    plt = pyplot()
 
     kinds = list(table)
     features = list(next(iter(table.values())))
@@ -294,14 +287,12 @@ def importance_figure(table: dict[str, dict[str, float]]):
 
 def log_importance(booster: Any, feature_names: list[str]) -> None:
     """Feature importance (gain, weight, cover) as feature_importance.json and .png in the active run."""
-    import matplotlib.pyplot as plt
     import mlflow
 
     table = importance_table(booster, feature_names)
     mlflow.log_dict(table, "feature_importance.json")
     fig = importance_figure(table)
-    mlflow.log_figure(fig, "feature_importance.png")
-    plt.close(fig)
+    log_figure(fig, "feature_importance.png")
 
 
 def log_dataset(source: Any, spec: Any, context: str) -> None:
@@ -321,3 +312,8 @@ def log_dataset(source: Any, spec: Any, context: str) -> None:
         ds_source = resolve_dataset_source(source.uri)
     dataset = MetaDataset(source=ds_source, name=source.name, digest=source.digest, schema=schema)
     mlflow.log_input(dataset, context=context)
+
+
+def metric_name(text: str) -> str:
+    """``text`` as a valid MLflow metric name (other characters become ``_``)."""
+    return re.sub(r"[^0-9A-Za-z_.\-/]", "_", text)

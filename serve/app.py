@@ -59,11 +59,13 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from ray import serve
 
+from churnlib.config import Config, load_config
+from churnlib.data.features import FeatureSpec, to_matrix
 from churnlib.errors import FeatureError, NoSuchAliasError, one_line
-from churnlib.explain import explain, top_reasons
-from churnlib.features import FeatureSpec, to_matrix
+from churnlib.model.explain import explain, top_reasons
 from serve.loaders import LoadedVersion, RegistryLoader, UriLoader
 from serve.validation import Limits, RequestError, Validator
+
 
 logger = logging.getLogger("ray.serve")
 
@@ -79,6 +81,7 @@ def _json(payload: Any) -> Response:
 
 
 class ErrorBody(BaseModel):
+    """The body of every error response: what went wrong, in one line."""
     detail: str
     errors: Optional[list[dict[str, Any]]] = None
 
@@ -387,7 +390,7 @@ class ChurnService:
         return {**model.describe(), "source": self._loader.describe()}
 
 
-def settings_from_config(cfg: Any, api_key_sha256: Union[str, None] = None) -> dict[str, Any]:
+def settings_from_config(cfg: Config, api_key_sha256: Union[str, None] = None) -> dict[str, Any]:
     """The deployment's settings; the API key as its SHA-256 (given, or of ``CHURN_API_KEY``)."""
     s = cfg.serve
     key = os.environ.get("CHURN_API_KEY")
@@ -418,8 +421,6 @@ def build_app(args: Union[dict[str, Any], None] = None):
     object with ``current``/``load``/``describe``/``follows_alias``; tests pass
     a ``UriLoader`` of a small real model).
     """
-    from churnlib.config import load_config
-
     args = dict(args or {})
     cfg = load_config(args.get("config"), args.get("set"))
     loader = args.get("loader")

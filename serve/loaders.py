@@ -16,7 +16,13 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from churnlib.model import loading
+from churnlib.tags import TAG_EVAL_PREFIX, TAG_EVAL_RUN, TAG_TRAIN_PREFIX
+
+if TYPE_CHECKING:
+    from churnlib.config import Config
 
 _REPLICA_MLFLOW_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
@@ -25,7 +31,7 @@ _REPLICA_MLFLOW_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQU
 class LoadedVersion:
     """A model ready to answer, with what ``/model`` reports about it."""
 
-    predictor: Any  # churnlib.model.ChurnPredictor
+    predictor: Any  # churnlib.model.predictor.ChurnPredictor
     name: str
     version: str
     alias: str | None
@@ -64,7 +70,7 @@ class RegistryLoader:
         self.tracking_uri, self.registry_uri, self.name, self.alias = tracking_uri, registry_uri, name, alias
 
     @classmethod
-    def from_config(cls, cfg: Any, alias: str | None = None) -> "RegistryLoader":
+    def from_config(cls, cfg: Config, alias: str | None = None) -> "RegistryLoader":
         return cls(cfg.tracking_uri, cfg.registry_uri, cfg.model.registered_name, alias or cfg.serve.alias)
 
     def describe(self) -> str:
@@ -72,8 +78,6 @@ class RegistryLoader:
 
     def current(self) -> str:
         """The version behind the alias now; NoSuchAliasError when there is none yet."""
-        from churnlib import loading
-
         _configure_mlflow(self.tracking_uri, self.registry_uri)
         ref = loading.resolve(self.describe())
         return str(ref.version)
@@ -81,14 +85,12 @@ class RegistryLoader:
     def load(self, version: str) -> LoadedVersion:
         from mlflow import MlflowClient
 
-        from churnlib import loading
-
         _configure_mlflow(self.tracking_uri, self.registry_uri)
         loaded = loading.load(f"models:/{self.name}/{version}")
         tags = MlflowClient().get_model_version(self.name, version).tags or {}
         metrics = {}
         for key, value in tags.items():
-            if key.startswith(("train.", "churn.eval.")) and key != "churn.eval.run_id":
+            if key.startswith((TAG_TRAIN_PREFIX, TAG_EVAL_PREFIX)) and key != TAG_EVAL_RUN:
                 try:
                     metrics[key] = float(value)
                 except ValueError:
@@ -111,8 +113,6 @@ class UriLoader:
         return self.uri
 
     def load(self, key: str) -> LoadedVersion:
-        from churnlib import loading
-
         _configure_mlflow(self.tracking_uri, self.registry_uri)
         loaded = loading.load(key)
         ref = loaded.ref

@@ -2,7 +2,7 @@
 
 ``Validator(spec, limits).parse(body)`` parses and checks a JSON body in one
 pass of pydantic-core and returns the records (plain dicts, ready for
-``churnlib.features.to_matrix``), the customer ids and whether one record (an
+``churnlib.data.features.to_matrix``), the customer ids and whether one record (an
 object) or a list came in. Every refusal is a ``RequestError`` with its HTTP
 status and a body naming the record and the field:
 
@@ -89,6 +89,7 @@ def record_type(spec: Any, unknown_fields: str = "reject", descriptions: dict[st
 
 @dataclass
 class Parsed:
+    """Validated records: their ids and the rows to score, in request order."""
     records: list[dict]
     ids: list
     single: bool

@@ -109,7 +109,7 @@ def log_local_model(cfg, data_path, rounds: int = 40, run_name: str = "local-mod
     """Train a booster in this process on ``data_path`` and log it as `churn train` logs its model.
 
     The model (pyfunc on raw records, booster, feature spec, signature) is the
-    real artifact format: ``churnlib.training._log_model`` writes it. Only the
+    real artifact format: ``churnlib.training.log_model`` writes it. Only the
     fitting skips Ray Train, which test_training covers, so a test can make
     several models of known quality in seconds. Returns the run id.
     """
@@ -117,9 +117,10 @@ def log_local_model(cfg, data_path, rounds: int = 40, run_name: str = "local-mod
     import xgboost as xgb
 
     from churnlib import tracking
-    from churnlib.data import check_columns, encode_batch, resolve_source
-    from churnlib.features import FeatureSpec
-    from churnlib.training import _log_model
+    from churnlib.data.features import FeatureSpec
+    from churnlib.data.preparation import encode_batch
+    from churnlib.data.sources import check_columns, resolve_source
+    from churnlib.model.packaging import log_model
 
     spec = FeatureSpec.from_config(cfg.features)
     source = resolve_source(str(data_path))
@@ -131,11 +132,11 @@ def log_local_model(cfg, data_path, rounds: int = 40, run_name: str = "local-mod
                          feature_types=spec.feature_types, enable_categorical=True)
     booster = xgb.train({**cfg.xgb_params(), "nthread": 1, **params}, dtrain, rounds)
     tracking.connect(cfg)
-    from churnlib.drift import build_profile
+    from churnlib.data.profiles import build_profile
 
     tags = {"churn.command": "train", "data.digest": source.digest, "data.source": source.uri}
     with tracking.tracked_run(cfg, run_name, tags) as run:
-        _log_model(cfg, spec, source, columns, booster, rounds - 1, run.info.run_id, build_profile(enc["X"][ok], spec))
+        log_model(cfg, spec, source, columns, booster, rounds - 1, run.info.run_id, build_profile(enc["X"][ok], spec))
     return run.info.run_id
 
 

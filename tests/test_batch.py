@@ -14,12 +14,12 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from churnlib import drift as drift_mod
-from churnlib.batch import predict
+from churnlib.batch.predict import predict
+from churnlib.data.features import FeatureSpec
+from churnlib.data.generation import generate
+from churnlib.data.profiles import batch_counts, build_profile, compare, merge_counts
 from churnlib.errors import ChurnError, DataError
-from churnlib.features import FeatureSpec
-from churnlib.generate import generate
-from churnlib.registry import Registry
+from churnlib.registry.registry import Registry
 from tests.conftest import (
     KAGGLE_TEST,
     KAGGLE_TRAIN_PARTIAL,
@@ -104,9 +104,9 @@ def test_rejects_hold_each_bad_row_with_its_reason(store, scored):
 
 
 def test_explain_gives_the_three_largest_contributions(store, scored):
-    from churnlib import loading
-    from churnlib.explain import explain
-    from churnlib.features import encode_columns
+    from churnlib.data.features import encode_columns
+    from churnlib.model import loading
+    from churnlib.model.explain import explain
 
     _, df = scored
     assert [c for c in df.columns if c.startswith("reason_")] == ["reason_1", "reason_2", "reason_3"]
@@ -274,13 +274,13 @@ def test_predict_reads_and_writes_s3(store, s3_endpoint, monkeypatch):
 
 def test_profile_compared_with_its_own_data_is_stable_and_a_shift_is_not(store):
     spec = FeatureSpec.from_config(store["cfg"].features)
-    from churnlib.features import encode_columns
+    from churnlib.data.features import encode_columns
 
     table = pd.read_parquet(store["ws"] / "score.parquet")
     X, _, _ = encode_columns(table, spec)
-    profile = drift_mod.build_profile(X, spec)
-    halves = [drift_mod.batch_counts(X[:1000], profile, spec), drift_mod.batch_counts(X[1000:], profile, spec)]
-    same = drift_mod.compare(profile, drift_mod.merge_counts(halves))
+    profile = build_profile(X, spec)
+    halves = [batch_counts(X[:1000], profile, spec), batch_counts(X[1000:], profile, spec)]
+    same = compare(profile, merge_counts(halves))
     assert {d.verdict for d in same} == {"stable"}
     assert max(d.psi for d in same) < 1e-9 and max(d.ks for d in same) < 1e-9
     shifted = X.copy()
@@ -288,7 +288,7 @@ def test_profile_compared_with_its_own_data_is_stable_and_a_shift_is_not(store):
     shifted[:, age] += 15  # everyone fifteen years older
     # 3% lose their tenure: PSI of the missing bin alone 0.03 * ln(0.03 / 1e-4) = 0.17
     shifted[: len(X) * 3 // 100, spec.feature_names.index("Tenure")] = np.nan
-    by_name = {d.feature: d for d in drift_mod.compare(profile, drift_mod.batch_counts(shifted, profile, spec))}
+    by_name = {d.feature: d for d in compare(profile, batch_counts(shifted, profile, spec))}
     assert by_name["Age"].verdict == "major" and by_name["Age"].ks > 0.3
     assert by_name["Tenure"].verdict == "moderate" and by_name["Tenure"].missing_current == pytest.approx(0.03)
     assert by_name["Support Calls"].verdict == "stable"
@@ -303,7 +303,7 @@ def test_drift_thresholds_must_be_ordered(tmp_path):
 
 def test_real_kaggle_training_and_test_files_are_reported_shifted(store):
     """SOURCE.md: the training slice has narrower ranges and no Monthly contracts."""
-    from churnlib.batch import drift_report
+    from churnlib.batch.drift import drift_report
 
     train = require_shared(KAGGLE_TRAIN_PARTIAL)
     test = require_shared(KAGGLE_TEST)

@@ -13,11 +13,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from churnlib import data as data_mod
 from churnlib.config import load_config
+from churnlib.data.features import FeatureSpec
+from churnlib.data.generation import COLUMNS, churn_logit, generate, iter_chunks
+from churnlib.data.preparation import id_text, prepare, split_mask
+from churnlib.data.sources import check_columns, resolve_source
+from churnlib.data.validation import validate
 from churnlib.errors import DataError
-from churnlib.features import FeatureSpec
-from churnlib.generate import COLUMNS, churn_logit, generate, iter_chunks
 from tests.conftest import KAGGLE_TEST, REPO, TELCO, require_shared, run_cli
 
 SPEC = FeatureSpec.from_config(load_config(env={}).features)
@@ -79,33 +81,33 @@ def test_cli_generate(tmp_path):
 
 def test_resolve_file_folder_and_errors(tmp_path):
     generate(100, tmp_path / "one.csv")
-    src = data_mod.resolve_source(str(tmp_path / "one.csv"))
+    src = resolve_source(str(tmp_path / "one.csv"))
     assert src.format == "csv" and len(src.files) == 1 and len(src.digest) == 16
     folder = tmp_path / "parts"
     (folder / "sub").mkdir(parents=True)
     generate(50, folder / "a.parquet", seed=1)
     generate(50, folder / "sub" / "b.parquet", seed=2)
     (folder / "_SUCCESS").write_text("")
-    src = data_mod.resolve_source(str(folder))
+    src = resolve_source(str(folder))
     assert src.format == "parquet" and [os.path.basename(f) for f in src.files] == ["a.parquet", "b.parquet"]
     with pytest.raises(DataError, match="not found"):
-        data_mod.resolve_source(str(tmp_path / "missing.csv"))
+        resolve_source(str(tmp_path / "missing.csv"))
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(DataError, match="unsupported file type"):
-        data_mod.resolve_source(str(tmp_path / "notes.txt"))
+        resolve_source(str(tmp_path / "notes.txt"))
     generate(10, folder / "c.csv")
     with pytest.raises(DataError, match="mixes CSV and Parquet"):
-        data_mod.resolve_source(str(folder))
+        resolve_source(str(folder))
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no .csv or .parquet"):
-        data_mod.resolve_source(str(tmp_path / "empty"))
+        resolve_source(str(tmp_path / "empty"))
 
 
 def test_digest_follows_content(tmp_path):
     a = generate(100, tmp_path / "a.csv", seed=1)
-    d1 = data_mod.resolve_source(str(a)).digest
+    d1 = resolve_source(str(a)).digest
     generate(100, tmp_path / "a.csv", seed=2)
-    assert data_mod.resolve_source(str(a)).digest != d1
+    assert resolve_source(str(a)).digest != d1
 
 
 # Validation: each bad case -----------------------------------------------------
@@ -131,15 +133,15 @@ def _table(tmp_path, name="t.csv", rows=300, seed=4, edit=None):
 
 
 def _validate(path, spec=SPEC):
-    src = data_mod.resolve_source(str(path))
-    cols = data_mod.check_columns(src, spec)
-    return data_mod.validate(src, spec, cols)
+    src = resolve_source(str(path))
+    cols = check_columns(src, spec)
+    return validate(src, spec, cols)
 
 
 def _prepare(path, spec=SPEC):
-    src = data_mod.resolve_source(str(path))
-    cols = data_mod.check_columns(src, spec)
-    return data_mod.prepare(src, spec, cols, 0.2, 42)
+    src = resolve_source(str(path))
+    cols = check_columns(src, spec)
+    return prepare(src, spec, cols, 0.2, 42)
 
 
 def _set(col, rows, value):
@@ -208,8 +210,8 @@ def test_split_is_deterministic_across_files_and_formats(ray_session, tmp_path):
     one, three = _prepare(tmp_path / "all.csv"), _prepare(parts)
     assert (one.train_rows, one.valid_rows) == (three.train_rows, three.valid_rows)
     assert abs(one.valid_rows / 3000 - 0.2) < 0.03
-    src = data_mod.resolve_source(str(tmp_path / "all.csv"))
-    other_seed = data_mod.prepare(src, SPEC, data_mod.check_columns(src, SPEC), 0.2, 7)
+    src = resolve_source(str(tmp_path / "all.csv"))
+    other_seed = prepare(src, SPEC, check_columns(src, SPEC), 0.2, 7)
     assert other_seed.valid_rows != one.valid_rows or other_seed.train_rows != one.train_rows
 
 
@@ -269,12 +271,12 @@ def test_reads_csv_from_s3(ray_session, s3_endpoint, tmp_path, monkeypatch):
     for i, seed in enumerate((1, 2)):
         local = _table(tmp_path, f"part{i}.csv", rows=200, seed=seed)
         s3.upload_file(str(local), "churn-data", f"tables/part{i}.csv")
-    src = data_mod.resolve_source("s3://churn-data/tables/")
+    src = resolve_source("s3://churn-data/tables/")
     assert src.format == "csv" and len(src.files) == 2
-    report = data_mod.validate(src, SPEC, data_mod.check_columns(src, SPEC))
+    report = validate(src, SPEC, check_columns(src, SPEC))
     assert report.rows == 400
     with pytest.raises(DataError, match="not found"):
-        data_mod.resolve_source("s3://churn-data/nothing-here.csv")
+        resolve_source("s3://churn-data/nothing-here.csv")
 
 
 def test_cli_validate_scoring_input_without_target(tmp_path):
@@ -292,10 +294,10 @@ def test_id_column_is_optional_but_read_only_when_every_file_has_it(tmp_path):
     folder.mkdir()
     _table(folder, "a.csv", rows=50, seed=1)
     _table(folder, "b.csv", rows=50, seed=2, edit=lambda df: df.drop(columns=["CustomerID"]))
-    src = data_mod.resolve_source(str(folder))
-    assert "CustomerID" not in data_mod.check_columns(src, SPEC)
-    src_a = data_mod.resolve_source(str(folder / "a.csv"))
-    assert data_mod.check_columns(src_a, SPEC)[0] == "CustomerID"
+    src = resolve_source(str(folder))
+    assert "CustomerID" not in check_columns(src, SPEC)
+    src_a = resolve_source(str(folder / "a.csv"))
+    assert check_columns(src_a, SPEC)[0] == "CustomerID"
 
 
 # Edge cases of real tables (no Ray needed) ----------------------------------------------------------------
@@ -308,7 +310,7 @@ def test_a_duplicated_header_column_is_refused(tmp_path):
     text = df.assign(Age2=df["Age"] + 1).to_csv(index=False).replace("Age2", "Age", 1)
     (tmp_path / "dup.csv").write_text(text)
     with pytest.raises(DataError, match=r"dup.csv: column\(s\) 'Age' appear more than once in the header"):
-        data_mod.check_columns(data_mod.resolve_source(str(tmp_path / "dup.csv")), SPEC)
+        check_columns(resolve_source(str(tmp_path / "dup.csv")), SPEC)
     res = run_cli("data", "validate", str(tmp_path / "dup.csv"), cwd=tmp_path)
     assert res.returncode == 2 and "appear more than once" in res.stderr
 
@@ -319,7 +321,7 @@ def test_a_file_with_another_separator_says_so(tmp_path, sep, name):
     path = tmp_path / "other.csv"
     next(iter_chunks(50, seed=1, chunk_rows=50)).to_csv(path, index=False, sep=sep)
     with pytest.raises(DataError, match=f"the file looks {name}-separated, and churn reads comma-separated CSV"):
-        data_mod.check_columns(data_mod.resolve_source(str(path)), SPEC)
+        check_columns(resolve_source(str(path)), SPEC)
 
 
 @pytest.mark.unit
@@ -328,15 +330,15 @@ def test_an_empty_cell_in_the_id_column_moves_no_customer_across_the_split():
     customers changed sides between training and validation."""
     df = next(iter_chunks(3000, seed=4, chunk_rows=3000))
     columns = ["CustomerID", *SPEC.feature_names, "Churn"]
-    clean = data_mod.split_mask(df, SPEC, columns, 0.2, 42)
+    clean = split_mask(df, SPEC, columns, 0.2, 42)
     holed = pd.concat([df.astype(object), pd.DataFrame([{c: None for c in df.columns}])], ignore_index=True)
     holed["CustomerID"] = pd.to_numeric(holed["CustomerID"])  # float64 with a NaN, as a reader makes it
     assert holed["CustomerID"].dtype.kind == "f"
-    assert (data_mod.split_mask(holed, SPEC, columns, 0.2, 42)[:-1] == clean).all()
+    assert (split_mask(holed, SPEC, columns, 0.2, 42)[:-1] == clean).all()
     # and the same id as text, or as another integer type, lands on the same side
     as_text = df.assign(CustomerID=df["CustomerID"].astype(str))
-    assert (data_mod.split_mask(df.assign(CustomerID=df["CustomerID"].astype("uint32")), SPEC, columns, 0.2, 42)
+    assert (split_mask(df.assign(CustomerID=df["CustomerID"].astype("uint32")), SPEC, columns, 0.2, 42)
             == clean).all()
-    assert data_mod.id_text(holed["CustomerID"])[0] == str(df["CustomerID"].iloc[0])
-    assert data_mod.id_text(holed["CustomerID"])[-1] == ""
-    assert 0.15 < data_mod.split_mask(as_text, SPEC, columns, 0.2, 42).mean() < 0.25
+    assert id_text(holed["CustomerID"])[0] == str(df["CustomerID"].iloc[0])
+    assert id_text(holed["CustomerID"])[-1] == ""
+    assert 0.15 < split_mask(as_text, SPEC, columns, 0.2, 42).mean() < 0.25

@@ -16,10 +16,17 @@ from mlflow import MlflowClient
 from sklearn import metrics as skm
 
 from churnlib.config import load_config
+from churnlib.data.generation import generate, iter_chunks
 from churnlib.errors import ConfigError, DataError, ModelNotFoundError
-from churnlib.evaluation import evaluate
-from churnlib.generate import generate, iter_chunks
-from tests.conftest import KAGGLE_TEST, log_local_model, make_config, no_running_runs, require_shared, run_cli
+from churnlib.evaluate.command import evaluate
+from tests.conftest import (
+    KAGGLE_TEST,
+    log_local_model,
+    make_config,
+    no_running_runs,
+    require_shared,
+    run_cli,
+)
 
 QUIET = {"say": lambda m: None}
 # Gates this good model clears and the weak one does not.
@@ -277,7 +284,7 @@ def test_evaluate_on_the_real_kaggle_test_file(store):
 
 def test_metrics_need_no_raw_table_on_the_driver(store):
     """The sums from many blocks equal the sums of the whole: streaming is exact."""
-    from churnlib.metrics import batch_sums, merge_sums, threshold_metrics
+    from churnlib.evaluate.metrics import batch_sums, merge_sums, threshold_metrics
 
     rng = np.random.default_rng(0)
     p, y = rng.random(10_000), (rng.random(10_000) < 0.4).astype(float)

@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 
 from churnlib.config import load_config
+from churnlib.data.features import FeatureSpec, encode_target, to_matrix
+from churnlib.data.generation import iter_chunks
 from churnlib.errors import FeatureError
-from churnlib.features import FeatureSpec, encode_target, to_matrix
-from churnlib.generate import iter_chunks
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,7 @@ def test_records_fast_path_agrees_with_the_dataframe_path(spec):
     """Lists of dicts skip pandas when every cell is plain; the answer (or error) is the same."""
     import random
 
-    from churnlib.features import _records_fast
+    from churnlib.data.features import _records_fast
 
     rng = random.Random(3)
     plain_numbers = [None, float("nan"), 0, 7, -3, 2.5, 1e9 + 1, 16777217]

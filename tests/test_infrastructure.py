@@ -6,21 +6,19 @@ docker-compose.yaml and cluster.yaml are checked offline (no Docker engine, no c
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import socket
 import subprocess
 import threading
-from pathlib import Path
 
 import mlflow
 import pytest
 import yaml
 from mlflow import MlflowClient
 
+from churnlib.data.generation import generate
 from churnlib.errors import TrackingError
-from churnlib.generate import generate
 from tests.conftest import (
     REPO,
     S3_KEYS,
@@ -160,9 +158,9 @@ def remote(mlflow_server, ray_session, tmp_path_factory):
 
 
 def test_train_evaluate_register_promote_load_against_the_server(remote):
-    from churnlib.evaluation import evaluate
-    from churnlib.registry import Registry
-    from churnlib.training import train
+    from churnlib.evaluate.command import evaluate
+    from churnlib.registry.registry import Registry
+    from churnlib.train.command import train
 
     cfg = remote["cfg"]
     quiet = {"say": lambda m: None}
@@ -326,7 +324,7 @@ def test_postgresql_down(postgres_db, s3_endpoint, tmp_path):
     res = run_cli("models", "list", "--set", f"mlflow.tracking_uri={dead}", cwd=tmp_path, timeout=120)
     assert res.returncode == 1
     line = res.stderr.strip()
-    assert line.startswith(f"error: MLflow backend store unreachable at postgresql://postgres:***@127.0.0.1:")
+    assert line.startswith("error: MLflow backend store unreachable at postgresql://postgres:***@127.0.0.1:")
     assert "sekret" not in line and "\n" not in line
 
     name = postgres_db["name"] + "_cut"

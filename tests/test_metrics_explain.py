@@ -9,12 +9,12 @@ import pytest
 import xgboost as xgb
 from sklearn.metrics import roc_auc_score
 
-from churnlib.data import encode_batch
-from churnlib.explain import explain, raw_values, top_reasons
-from churnlib.features import FeatureSpec
-from churnlib.gates import evaluate_gates
-from churnlib.generate import iter_chunks
-from churnlib.metrics import _WeightedAUC, paired_bootstrap, verdict_from_ci
+from churnlib.data.features import FeatureSpec
+from churnlib.data.generation import iter_chunks
+from churnlib.data.preparation import encode_batch
+from churnlib.evaluate.gates import evaluate_gates
+from churnlib.evaluate.metrics import _WeightedAUC, paired_bootstrap, verdict_from_ci
+from churnlib.model.explain import explain, raw_values, top_reasons
 from tests.conftest import make_config
 
 

@@ -15,10 +15,10 @@ import pandas as pd
 import pytest
 import requests
 
+from churnlib.data.generation import generate, iter_chunks
 from churnlib.errors import PromotionRefusedError, RegistryError
-from churnlib.evaluation import evaluate
-from churnlib.generate import generate, iter_chunks
-from churnlib.registry import Registry
+from churnlib.evaluate.command import evaluate
+from churnlib.registry.registry import Registry
 from tests.conftest import REPO, free_port, log_local_model, make_config, run_cli
 
 NAME = "xgboost_churn_model"
@@ -224,7 +224,7 @@ def test_a_failed_gate_is_named_with_its_evaluation_and_guards_rollback(lab):
 
 
 def failing_digest(lab) -> str:
-    from churnlib.data import resolve_source
+    from churnlib.data.sources import resolve_source
 
     return resolve_source(str(lab["test"])).digest
 

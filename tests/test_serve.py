@@ -8,10 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -22,8 +19,9 @@ import pytest
 import requests
 import yaml
 
-from churnlib.generate import generate, iter_chunks
-from churnlib.registry import Registry
+from churnlib.data.generation import generate, iter_chunks
+from churnlib.registry.registry import Registry
+from churnlib.serving.haproxy import use_high_throughput
 from tests.conftest import REPO, free_port, log_local_model, make_config, run_cli
 
 QUIET = {"say": lambda m: None}
@@ -463,7 +461,7 @@ def test_churn_serve_stops_cleanly_under_load(lab, champion, signame, group):
     orphaned Ray agents, /tmp/haproxy-serve left). With an API key: only its hash reaches Ray."""
     import psutil
 
-    from churnlib.serving import haproxy_binary
+    from churnlib.serving.haproxy import haproxy_binary
     from tests.conftest import alive, cli_env, signal_cli
 
     port = free_port()
@@ -516,7 +514,7 @@ def test_a_killed_replica_loses_no_request(lab, champion):
     The stop afterwards is clean."""
     import psutil
 
-    from churnlib.serving import haproxy_binary
+    from churnlib.serving.haproxy import haproxy_binary
     from tests.conftest import signal_cli
 
     if not haproxy_binary():
@@ -614,16 +612,15 @@ def test_high_throughput_mode_selection(lab, monkeypatch):
     """serve.high_throughput: auto follows the HAProxy binary; on without one is a config error."""
     import ray
 
-    from churnlib import serving
     from churnlib.errors import ConfigError
 
     cfg = lambda mode, **kw: make_config(lab["ws"], **{"serve.high_throughput": mode, **kw})  # noqa: E731
     monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh `churn serve` process
-    monkeypatch.setattr(serving, "haproxy_binary", lambda: "/usr/sbin/haproxy")
-    assert serving.use_high_throughput(cfg("auto")) and serving.use_high_throughput(cfg("on"))
-    assert not serving.use_high_throughput(cfg("off"))
-    assert not serving.use_high_throughput(cfg("auto", **{"ray.address": "auto"}))  # a cluster's own env decides
-    monkeypatch.setattr(serving, "haproxy_binary", lambda: None)
-    assert not serving.use_high_throughput(cfg("auto"))
+    monkeypatch.setattr("churnlib.serving.haproxy.haproxy_binary", lambda: "/usr/sbin/haproxy")
+    assert use_high_throughput(cfg("auto")) and use_high_throughput(cfg("on"))
+    assert not use_high_throughput(cfg("off"))
+    assert not use_high_throughput(cfg("auto", **{"ray.address": "auto"}))  # a cluster's own env decides
+    monkeypatch.setattr("churnlib.serving.haproxy.haproxy_binary", lambda: None)
+    assert not use_high_throughput(cfg("auto"))
     with pytest.raises(ConfigError, match="no HAProxy binary"):
-        serving.use_high_throughput(cfg("on"))
+        use_high_throughput(cfg("on"))

@@ -15,10 +15,10 @@ import pytest
 import xgboost as xgb
 from mlflow import MlflowClient
 
+from churnlib.data.features import FeatureSpec, to_matrix
+from churnlib.data.generation import generate, iter_chunks
 from churnlib.errors import DataError, ResourceError
-from churnlib.features import FeatureSpec, to_matrix
-from churnlib.generate import generate, iter_chunks
-from churnlib.training import train
+from churnlib.train.command import train
 from tests.conftest import KAGGLE_TEST, make_config, require_shared, run_cli
 
 
@@ -312,7 +312,7 @@ def test_gpu_setting_reaches_the_trainer_and_xgboost(ray_session, cfg_factory):
     """No GPU here: check what a GPU run would ask Ray for and tell XGBoost."""
     import ray.data
 
-    from churnlib.training import build_trainer, loop_config
+    from churnlib.train.trainer import build_trainer, loop_config
 
     cfg = cfg_factory(ray__use_gpu=True)
     spec = FeatureSpec.from_config(cfg.features)
@@ -353,8 +353,8 @@ def test_unreachable_tracking_server_is_one_line_exit_1(tmp_path):
 @pytest.mark.parametrize(("metric", "xgb_name"), [("auc", "auc"), ("logloss", "logloss"), ("error@0.5", "error")])
 def test_early_stopping_matches_xgboosts_own(metric, xgb_name):
     """Our restartable early stopping picks the same best iteration as XGBoost's EarlyStopping."""
-    from churnlib.data import encode_batch
-    from churnlib.training import _make_callback
+    from churnlib.data.preparation import encode_batch
+    from churnlib.train.loop import _make_callback
 
     cfg = make_config(Path("."), xgboost__eta=0.3, xgboost__max_depth=3)
     spec = FeatureSpec.from_config(cfg.features)

@@ -5,7 +5,6 @@ ASHA stopping trials, --register-best, a bad search space refused up front, resu
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,10 +14,10 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from churnlib.generate import iter_chunks
-from churnlib.registry import Registry
-from churnlib.tuning import tune
-from tests.conftest import REPO, make_config, run_cli
+from churnlib.data.generation import iter_chunks
+from churnlib.registry.registry import Registry
+from churnlib.tune.command import tune
+from tests.conftest import make_config, run_cli
 
 SWEEP = {
     "tune.num_samples": 4,
@@ -150,7 +149,7 @@ def test_an_interrupted_sweep_resumes_with_the_printed_command(ray_session, tmp_
     from tests.conftest import cli_env, signal_cli
 
     data = tmp_path / "sweep.parquet"
-    from churnlib.generate import generate
+    from churnlib.data.generation import generate
 
     generate(3000, data, seed=7)
     sets = [a for k, v in {**SWEEP, "tune.name": "resume-me", "workspace": str(tmp_path / ".churn")}.items()

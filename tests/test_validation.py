@@ -7,7 +7,7 @@ import json
 import pytest
 
 from churnlib.config import load_config
-from churnlib.features import FeatureSpec
+from churnlib.data.features import FeatureSpec
 from serve.validation import FLOAT32_MAX, Limits, RequestError, Validator
 
 pytestmark = pytest.mark.unit

@@ -17,9 +17,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from churnlib.data import ROW_EMPTY, ROW_PROBLEM, _empty_rows, id_text, row_uniform
-from churnlib.features import FeatureSpec, encode_columns, encode_target
-from churnlib.model import ChurnPredictor
+from churnlib.data.features import FeatureSpec, encode_columns, encode_target
+from churnlib.data.preparation import ROW_EMPTY, ROW_PROBLEM, id_text, row_uniform
+from churnlib.data.sources import read_raw
+from churnlib.data.validation import empty_rows
+from churnlib.model.predictor import ChurnPredictor
 
 # Seed of the per-row uniform used to sample rows (explanations); fixed so a
 # rerun on the same table explains the same customers.
@@ -79,7 +81,7 @@ class BatchScorer:
     def __call__(self, df: pd.DataFrame) -> dict[str, np.ndarray]:
         spec = self.spec
         X, bad, _ = encode_columns(df, spec)
-        empty = _empty_rows(df, spec)
+        empty = empty_rows(df, spec)
         out: dict[str, np.ndarray] = {}
         invalid = None
         if self.with_target:
@@ -138,8 +140,6 @@ def score_dataset(
     keep_features: bool = False,
 ):
     """A lazy Ray Dataset of scores over the raw table (see ``BatchScorer``)."""
-    from churnlib.data import read_raw
-
     return read_raw(source, read_spec, columns).map_batches(
         BatchScorer,
         fn_constructor_kwargs={

@@ -1,7 +1,7 @@
 """Evaluation plots (matplotlib, Agg): ROC, PR, calibration, confusion matrix.
 
 Each function takes what the evaluator already computed and returns a figure;
-the caller logs it with ``mlflow.log_figure`` and closes it. Curves are drawn
+the caller logs it with ``figures.log_figure`` (which closes it). Curves are drawn
 from at most ``MAX_POINTS`` points so a test set of millions of rows still
 makes a small PNG.
 """
@@ -12,16 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from churnlib.figures import pyplot
+
 MAX_POINTS = 2000
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _thin(*arrays: np.ndarray) -> list[np.ndarray]:
@@ -36,7 +29,7 @@ def roc_figure(curves: dict[str, tuple[np.ndarray, np.ndarray, float]]):
     """curves: label -> (y, p, auc)."""
     from sklearn.metrics import roc_curve
 
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 5))
     for label, (y, p, auc) in curves.items():
         fpr, tpr, _ = roc_curve(y, p)
@@ -53,7 +46,7 @@ def pr_figure(curves: dict[str, tuple[np.ndarray, np.ndarray, float]]):
     """curves: label -> (y, p, average precision)."""
     from sklearn.metrics import precision_recall_curve
 
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 5))
     base_rate = None
     for label, (y, p, ap) in curves.items():
@@ -71,7 +64,7 @@ def pr_figure(curves: dict[str, tuple[np.ndarray, np.ndarray, float]]):
 
 def calibration_figure(tables: dict[str, list[dict[str, float]]]):
     """tables: label -> calibration rows (see ``metrics.calibration_table``)."""
-    plt = _plt()
+    plt = pyplot()
     fig, (ax, hist) = plt.subplots(2, 1, figsize=(5.5, 7), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfectly calibrated")
     for label, rows in tables.items():
@@ -87,7 +80,8 @@ def calibration_figure(tables: dict[str, list[dict[str, float]]]):
 
 
 def confusion_figure(confusion: dict[str, Any], threshold: float):
-    plt = _plt()
+    """The confusion matrix at the model's threshold, counts and shares."""
+    plt = pyplot()
     m = np.array([[confusion["tn"], confusion["fp"]], [confusion["fn"], confusion["tp"]]], dtype=np.float64)
     fig, ax = plt.subplots(figsize=(4.8, 4.2))
     ax.imshow(m, cmap="Blues")

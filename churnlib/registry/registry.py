@@ -33,29 +33,40 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from churnlib import tracking
 from churnlib.console import say as default_say
 from churnlib.errors import PromotionRefusedError, RegistryError, TrackingError
-from churnlib.evaluation import (
+from churnlib.evaluate.record import version_tags
+from churnlib.model.loading import logged_model_uri
+from churnlib.tags import (
     TAG_BASELINE_NAME,
     TAG_BASELINE_VERSION,
     TAG_COMMAND,
+    TAG_EVAL_PREFIX,
+    TAG_FORCED,
     TAG_GATE_SOURCE,
+    TAG_GATE_STATUS,
+    TAG_GATE_SUMMARY,
+    TAG_PROJECT,
+    TAG_PROMOTED_AT,
+    TAG_PROMOTED_BY,
+    TAG_PROMOTED_FROM,
+    TAG_REGISTERED_AT,
+    TAG_REGISTERED_BY,
+    TAG_ROLLED_BACK,
+    TAG_TRAIN_PREFIX,
     TAG_TRAINING_RUN,
     TAG_VERDICT,
-    version_tags,
 )
-from churnlib.gates import TAG_STATUS, TAG_SUMMARY
+
+if TYPE_CHECKING:
+    from churnlib.config import Config
 
 STAGING, CHAMPION, PRODUCTION, PREVIOUS = "staging", "champion", "production", "previous"
 SYSTEM_ALIASES = (STAGING, CHAMPION, PRODUCTION, PREVIOUS)
 
-TAG_PROMOTED_AT = "churn.promoted_at"
-TAG_PROMOTED_BY = "churn.promoted_by"
-TAG_PROMOTED_FROM = "churn.promoted_from"
-TAG_FORCED = "churn.promotion.forced"
-TAG_ROLLED_BACK = "churn.rolled_back"
 # Training metrics copied onto a version when it is registered.
 KEY_METRICS = ("best_valid_auc", "best_valid_logloss", "best_valid_error", "best_iteration", "train_rows", "valid_rows")
 
@@ -92,6 +103,7 @@ def mlflow_errors(what: str) -> Iterator[None]:
 
 @dataclass
 class VersionInfo:
+    """One registry version as people read it: aliases, gate status, metrics, source run."""
     name: str
     version: str
     aliases: list[str]
@@ -112,7 +124,7 @@ class VersionInfo:
     @property
     def auc(self) -> tuple[float | None, str]:
         """The latest evaluation's ROC AUC if there is one, else the training validation AUC."""
-        for key, kind in (("churn.eval.roc_auc", "eval"), ("train.best_valid_auc", "valid")):
+        for key, kind in ((f"{TAG_EVAL_PREFIX}roc_auc", "eval"), (f"{TAG_TRAIN_PREFIX}best_valid_auc", "valid")):
             if key in self.tags:
                 try:
                     return float(self.tags[key]), kind
@@ -122,7 +134,7 @@ class VersionInfo:
 
     @property
     def gate(self) -> str:
-        return self.tags.get(TAG_STATUS, "not evaluated")
+        return self.tags.get(TAG_GATE_STATUS, "not evaluated")
 
     def to_dict(self) -> dict[str, Any]:
         auc, kind = self.auc
@@ -134,10 +146,8 @@ class VersionInfo:
 class Registry:
     """The registered model ``model.registered_name`` on the configured registry."""
 
-    def __init__(self, cfg: Any, say: Callable[[str], None] = default_say):
+    def __init__(self, cfg: Config, say: Callable[[str], None] = default_say):
         from mlflow import MlflowClient
-
-        from churnlib import tracking
 
         tracking.connect(cfg)  # a server that is down: one line, exit 1, before anything
         self.cfg = cfg
@@ -226,8 +236,6 @@ class Registry:
         """
         from mlflow.exceptions import MlflowException
 
-        from churnlib.loading import logged_model_uri
-
         if alias is not None:
             _check_alias_name(alias)
         source = logged_model_uri(run_id)  # one line when the run or its model does not exist
@@ -238,7 +246,7 @@ class Registry:
                 info, created = VersionInfo.of(mv), False
             else:
                 try:
-                    self.client.create_registered_model(self.name, tags={"churn.project": "churn-prediction"})
+                    self.client.create_registered_model(self.name, tags={TAG_PROJECT: "churn-prediction"})
                 except MlflowException as exc:
                     if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
                         raise
@@ -258,8 +266,8 @@ class Registry:
         for key in ("data.digest", "data.source"):
             if key in run.data.tags:
                 tags[key] = run.data.tags[key]
-        tags["churn.registered_by"] = _who()
-        tags["churn.registered_at"] = _now()
+        tags[TAG_REGISTERED_BY] = _who()
+        tags[TAG_REGISTERED_AT] = _now()
         latest = self.latest_evaluation(run_id)
         if latest is not None:
             tags.update(version_tags(latest.data.tags, latest.data.metrics, latest.info.run_id))
@@ -343,11 +351,11 @@ class Registry:
                 f"(run churn evaluate --model-uri models:/{self.name}/{target.version} --data ..., or give --force)")
         else:
             tags = evaluation.data.tags
-            status = tags.get(TAG_STATUS)
+            status = tags.get(TAG_GATE_STATUS)
             if status != "passed":
                 refusals.append(
                     f"the latest evaluation of {self.name} version {target.version} (run {evaluation.info.run_id} "
-                    f"on {tags.get('data.source', '?')}) failed its gates: {tags.get(TAG_SUMMARY, status or 'no gate result')}")
+                    f"on {tags.get('data.source', '?')}) failed its gates: {tags.get(TAG_GATE_SUMMARY, status or 'no gate result')}")
         if champion is None:
             return evaluation, refusals
         # Over an existing champion: an evaluation compared with THAT champion, not significantly worse.
@@ -381,7 +389,7 @@ class Registry:
             if previous.gate == "failed":
                 why = (f"version {previous.version}'s latest evaluation failed its gates "
                        f"({previous.tags.get(TAG_GATE_SOURCE, 'source unknown')}): "
-                       f"{previous.tags.get(TAG_SUMMARY, '')}")
+                       f"{previous.tags.get(TAG_GATE_SUMMARY, '')}")
                 if not force:
                     raise PromotionRefusedError(f"refused: rollback to {why}; give --force to roll back anyway")
                 self.say(f"rollback: rolling back anyway (--force): {why}")

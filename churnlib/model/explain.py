@@ -24,13 +24,15 @@ from typing import Any
 
 import numpy as np
 
-from churnlib.features import FeatureSpec
+from churnlib.data.features import FeatureSpec
+from churnlib.figures import pyplot
 
 EXPLAINERS = ("tree", "exact", "tree_explainer")
 
 
 @dataclass
 class Explanation:
+    """SHAP values of some rows (log-odds), with the base value, raw feature values and names."""
     values: np.ndarray  # (rows, features): contribution of each raw column, log-odds
     base_values: np.ndarray  # (rows,)
     X: np.ndarray  # (rows, features): the model matrix that was explained
@@ -148,10 +150,7 @@ def _shap_explanation(expl: Explanation, spec: FeatureSpec, rows: slice | np.nda
 
 def beeswarm_figure(expl: Explanation, spec: FeatureSpec):
     """Summary plot: every explained row, per feature (colour = feature value; category code for categoricals)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import shap
 
     plt.figure()
@@ -163,10 +162,8 @@ def beeswarm_figure(expl: Explanation, spec: FeatureSpec):
 
 
 def bar_figure(mean_abs: dict[str, float]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Mean absolute SHAP value per feature."""
+    plt = pyplot()
 
     order = sorted(mean_abs, key=mean_abs.get)
     fig, ax = plt.subplots(figsize=(7, 0.4 * len(order) + 1.5))
@@ -178,10 +175,8 @@ def bar_figure(mean_abs: dict[str, float]):
 
 
 def waterfall_figure(expl: Explanation, spec: FeatureSpec, row: int, title: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """One customer's prediction, feature by feature from the base value."""
+    plt = pyplot()
     import shap
 
     plt.figure()

@@ -52,6 +52,7 @@ def batch_sums(p: np.ndarray, y: np.ndarray, threshold: float, bins: int) -> dic
 
 
 def merge_sums(parts: list[dict[str, Any]], bins: int) -> dict[str, Any]:
+    """Add one batch's streaming sums (confusion, losses, calibration bins) into the totals."""
     total: dict[str, Any] = {k: 0 for k in ("n", "tp", "fp", "tn", "fn")}
     total.update({"logloss_sum": 0.0, "brier_sum": 0.0, "p_sum": 0.0})
     for key in ("bin_count", "bin_p_sum", "bin_y_sum"):

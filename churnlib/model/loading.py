@@ -18,8 +18,10 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
 from churnlib.errors import ModelNotFoundError, NoSuchAliasError, TrackingError
-from churnlib.model import ChurnPredictor
+from churnlib.model.files import BOOSTER_FILE, SPEC_FILE
+from churnlib.model.predictor import ChurnPredictor
 
 _RUNS = re.compile(r"^runs:/(?P<run>[^/]+)/(?P<path>.+)$")
 _ALIAS = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)$")
@@ -48,6 +50,7 @@ class ModelRef:
 
 @dataclass
 class LoadedModel:
+    """A model resolved from a URI: the predictor, where it came from (run, version, alias)."""
     ref: ModelRef
     predictor: ChurnPredictor
 
@@ -125,8 +128,7 @@ def load(uri: str, dst: str | Path | None = None) -> LoadedModel:
 
 
 def find_model_dir(root: Path) -> Path | None:
-    from churnlib.model import BOOSTER_FILE, SPEC_FILE
-
+    """The ``model_dir`` folder inside a downloaded model (where the booster and spec are)."""
     for candidate in (root / "artifacts" / "model_dir", root / "model_dir", root):
         if (candidate / BOOSTER_FILE).is_file() and (candidate / SPEC_FILE).is_file():
             return candidate

@@ -35,9 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from churnlib.features import FeatureSpec
+from churnlib.data.features import FeatureSpec
 
-PROFILE_FILE = "data_profile.json"
 FLOOR = 1e-4
 
 
@@ -124,6 +123,7 @@ def batch_counts(X: np.ndarray, profile: dict[str, Any], spec: FeatureSpec) -> d
 
 
 def merge_counts(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sum the per-batch counts of ``batch_counts`` into one."""
     total: dict[str, Any] = {"rows": 0}
     for part in parts:
         total["rows"] += part.get("rows", 0)
@@ -143,17 +143,20 @@ def merge_counts(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def psi(expected: np.ndarray, actual: np.ndarray) -> float:
+    """Population stability index of two share vectors (shares floored at 1e-4, so never infinite)."""
     e = np.maximum(np.asarray(expected, dtype=np.float64), FLOOR)
     a = np.maximum(np.asarray(actual, dtype=np.float64), FLOOR)
     return float(((a - e) * np.log(a / e)).sum())
 
 
 def verdict(value: float, moderate: float, major: float) -> str:
+    """``stable``, ``moderate`` or ``major`` for a PSI value and the two thresholds."""
     return "stable" if value < moderate else "moderate" if value < major else "major"
 
 
 @dataclass
 class FeatureDrift:
+    """One feature's drift: PSI, KS, missing rates and the verdict."""
     feature: str
     kind: str
     psi: float
@@ -195,6 +198,7 @@ def compare(profile: dict[str, Any], counts: dict[str, Any], moderate: float = 0
 
 
 def summary_line(drifts: list[FeatureDrift]) -> str:
+    """The one line a command prints about drift (the shifted features first)."""
     shifted = [d for d in drifts if d.verdict != "stable"]
     if not shifted:
         return f"drift: all {len(drifts)} features stable"
@@ -202,45 +206,6 @@ def summary_line(drifts: list[FeatureDrift]) -> str:
     return f"drift: {len(shifted)} of {len(drifts)} features shifted: {parts}"
 
 
-def figure(drifts: list[FeatureDrift], moderate: float, major: float):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ordered = sorted(drifts, key=lambda d: d.psi)
-    colours = {"stable": "#228833", "moderate": "#ccbb44", "major": "#ee6677"}
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 0.45 * len(ordered) + 1.8), sharey=True)
-    names = [d.feature for d in ordered]
-    ax.barh(names, [d.psi for d in ordered], color=[colours[d.verdict] for d in ordered])
-    ax.axvline(moderate, ls="--", color="#ccbb44", lw=1)
-    ax.axvline(major, ls="--", color="#ee6677", lw=1)
-    ax.set(xlabel="PSI (population stability index)", title="Drift per feature")
-    ax2.barh(names, [d.ks for d in ordered], color="#4477aa")
-    ax2.set(xlabel="KS statistic (categorical: total variation)", title="Largest CDF gap")
-    fig.tight_layout()
-    return fig
-
-
-def log(drifts: list[FeatureDrift], moderate: float, major: float, prefix: str = "drift") -> None:
-    """Drift metrics (psi_/ks_<feature>), the report JSON and the plot into the active MLflow run."""
-    import matplotlib.pyplot as plt
-    import mlflow
-
-    from churnlib.evaluation import metric_name
-
-    metrics = {}
-    for d in drifts:
-        metrics[metric_name(f"{prefix}_psi_{d.feature}")] = d.psi
-        metrics[metric_name(f"{prefix}_ks_{d.feature}")] = d.ks
-    metrics[f"{prefix}_features_shifted"] = float(sum(d.verdict != "stable" for d in drifts))
-    mlflow.log_metrics(metrics)
-    mlflow.log_dict({"thresholds": {"psi_moderate": moderate, "psi_major": major},
-                     "features": [d.to_dict() for d in drifts]}, f"{prefix}/report.json")
-    fig = figure(drifts, moderate, major)
-    mlflow.log_figure(fig, f"{prefix}/psi.png")
-    plt.close(fig)
-
-
 def dumps(profile: dict[str, Any]) -> str:
+    """The profile as compact JSON (what is stored with the model)."""
     return json.dumps(profile, separators=(",", ":"))

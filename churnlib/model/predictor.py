@@ -22,21 +22,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from churnlib.features import FeatureSpec, to_matrix
-
-BOOSTER_FILE = "booster.ubj"
-SPEC_FILE = "feature_spec.json"
-META_FILE = "model_meta.json"
-OUTPUT_COLUMNS = ("churn_probability", "churn_label")
+from churnlib.data.features import FeatureSpec, to_matrix
+from churnlib.model.files import (
+    BOOSTER_FILE,
+    META_FILE,
+    OUTPUT_COLUMNS,
+    PROFILE_FILE,
+    SPEC_FILE,
+)
 
 
 def save_model_dir(
     path: str | os.PathLike, booster: Any, spec: FeatureSpec, meta: dict[str, Any], profile: dict[str, Any] | None = None
 ) -> Path:
     """Write booster, feature spec, metadata (threshold, ...) and the training data's
-    profile (for drift reports, see ``churnlib.drift``) into ``path``."""
-    from churnlib.drift import PROFILE_FILE
-
+    profile (for drift reports, see ``churnlib.data.profiles``) into ``path``."""
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     booster.save_model(str(out / BOOSTER_FILE))
@@ -67,7 +67,6 @@ class ChurnPredictor:
         # Scoring runs in the caller's process; one thread per call keeps
         # several concurrent callers (actors, replicas) from oversubscribing.
         booster.set_param({"nthread": int(os.environ.get("CHURN_PREDICT_NTHREAD", "1"))})
-        from churnlib.drift import PROFILE_FILE
 
         spec = FeatureSpec.from_json((d / SPEC_FILE).read_text(encoding="utf-8"))
         meta = json.loads((d / META_FILE).read_text(encoding="utf-8"))
@@ -107,42 +106,3 @@ class ChurnPredictor:
             {probability: proba.astype(np.float64), label: (proba >= self.threshold).astype(np.int64)},
             index=index,
         )
-
-
-def __getattr__(name: str) -> Any:
-    # The pyfunc wrapper lives in churnlib.pyfunc so that scoring actors and
-    # replicas, which only need ChurnPredictor, do not import MLflow (over a
-    # second per process). Models logged when it lived here still unpickle.
-    if name == "ChurnModel":
-        from churnlib.pyfunc import ChurnModel
-
-        return ChurnModel
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def signature_for(spec: FeatureSpec):
-    """Input schema: every feature column required; categorical ones are strings.
-
-    Numeric columns are typed ``Any``: MLflow's enforcement refuses int64 where
-    it expects double, and real tables carry integer ages and tenures. Their
-    values are checked by ``to_matrix`` (numbers, numeric strings or empty).
-    """
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
-    from mlflow.types.schema import AnyType
-
-    inputs = [ColSpec(AnyType(), c) for c in spec.numeric] + [
-        ColSpec("string", c) for c in spec.categorical_columns
-    ]
-    outputs = [ColSpec("double", OUTPUT_COLUMNS[0]), ColSpec("long", OUTPUT_COLUMNS[1])]
-    return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
-
-
-def input_example(raw: pd.DataFrame, spec: FeatureSpec, rows: int = 3) -> pd.DataFrame:
-    """A few raw records, typed as the signature says."""
-    ex = raw[spec.input_columns].head(rows).copy()
-    for c in spec.numeric:
-        ex[c] = pd.to_numeric(ex[c], errors="coerce").astype("float64")
-    for c in spec.categorical_columns:
-        ex[c] = ex[c].astype(object)
-    return ex.reset_index(drop=True)

@@ -17,15 +17,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from churnlib.config import EVAL_METRICS_LOWER_IS_BETTER
+from churnlib.tags import TAG_GATE_PREFIX, TAG_GATE_STATUS, TAG_GATE_SUMMARY
 
-TAG_STATUS = "churn.gate.status"
-TAG_SUMMARY = "churn.gate.summary"
-TAG_PREFIX = "churn.gate."
 PASSED, FAILED = "passed", "failed"
 
 
 @dataclass
 class Check:
+    """One gate: the metric, its threshold, the value and whether it passed."""
     name: str
     passed: bool
     detail: str
@@ -36,6 +35,7 @@ class Check:
 
 @dataclass
 class GateResult:
+    """Every gate of an evaluation, its status and summary, and the tags that record it."""
     checks: list[Check] = field(default_factory=list)
 
     @property
@@ -56,9 +56,9 @@ class GateResult:
         return "; ".join(c.line() for c in self.checks)
 
     def tags(self) -> dict[str, str]:
-        tags = {TAG_STATUS: self.status, TAG_SUMMARY: self.summary()[:5000]}
+        tags = {TAG_GATE_STATUS: self.status, TAG_GATE_SUMMARY: self.summary()[:5000]}
         for c in self.checks:
-            tags[f"{TAG_PREFIX}{c.name}"] = f"{PASSED if c.passed else FAILED}: {c.detail}"
+            tags[f"{TAG_GATE_PREFIX}{c.name}"] = f"{PASSED if c.passed else FAILED}: {c.detail}"
         return tags
 
     def to_dict(self) -> dict[str, Any]:
@@ -66,6 +66,7 @@ class GateResult:
 
 
 def check_thresholds(metrics: dict[str, float], thresholds: dict[str, float]) -> list[Check]:
+    """Refuse thresholds on metrics the evaluator does not compute (at config load)."""
     checks = []
     for name, limit in thresholds.items():
         value = metrics.get(name)
@@ -102,6 +103,7 @@ def evaluate_gates(
     baseline_label: str | None = None,
     first_model: bool = False,
 ) -> GateResult:
+    """Check each configured threshold (and the comparison, when required) against the metrics."""
     checks = check_thresholds(metrics, thresholds)
     if require_improvement:
         checks.append(check_improvement(comparison, baseline_label, first_model))

@@ -25,17 +25,34 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import pandas as pd
 
+from churnlib import tracking
+from churnlib.batch.drift import log_drift
 from churnlib.console import say as default_say
+from churnlib.data.preparation import ROW_EMPTY, ROW_PROBLEM, id_arrow_type
+from churnlib.data.profiles import batch_counts, compare, merge_counts, summary_line
+from churnlib.data.sources import check_columns, filesystem, read_raw, resolve_source
+from churnlib.data.validation import as_data_error
 from churnlib.errors import DataError, ResourceError
-from churnlib.scoring import BatchScorer
+from churnlib.model import loading
+from churnlib.model.explain import explain, top_reasons
+from churnlib.model.scoring import BatchScorer, actor_pool, put_payloads
+from churnlib.runtime import ensure_ray, quiet_logs
+from churnlib.tags import TAG_COMMAND, TAG_MODEL_URI, TAG_MODEL_VERSION
+
+if TYPE_CHECKING:
+    from churnlib.config import Config
 
 SUCCESS_MARKER = "_SUCCESS"
+
+
 EXPLAIN_BATCH_ROWS = 4096
+
+
 BLOCK_BYTES = 16 * 2**20
 
 
@@ -52,7 +69,6 @@ class _Tally:
         if drift is not None:
             self.drift.append(drift)
             if len(self.drift) > 64:  # keep the list short: merge as we go
-                from churnlib.drift import merge_counts
 
                 self.drift = [merge_counts(self.drift)]
 
@@ -83,9 +99,6 @@ class PredictUDF(BatchScorer):
     def __call__(self, df: pd.DataFrame) -> Any:  # a pyarrow.Table
         import pyarrow as pa
 
-        from churnlib.data import ROW_EMPTY
-        from churnlib.drift import batch_counts
-
         out = super().__call__(df)
         ok = out["flags"] == 0
         ids_out = self._ids(out, ok)
@@ -107,8 +120,6 @@ class PredictUDF(BatchScorer):
         if self.explain_top:
             reasons: list[list[dict[str, Any]]] = []
             if n_ok:
-                from churnlib.explain import explain, top_reasons
-
                 expl = explain(model.booster, out["X"][ok], model.spec, "tree", nthread=self.nthread)
                 reasons = top_reasons(expl, model.spec, k=self.explain_top)
             for k in range(self.explain_top):
@@ -125,8 +136,6 @@ class PredictUDF(BatchScorer):
         """The customer ids as the input typed them (integers stay integers, for joins); a
         non-integer id in an integer column makes its row a reject."""
         import pyarrow as pa
-
-        from churnlib.data import ROW_PROBLEM
 
         text = out["row_id"] if "row_id" in out else np.full(len(ok), "", dtype=object)
         if self.id_type != "int64":
@@ -160,6 +169,7 @@ class PredictUDF(BatchScorer):
 
 @dataclass
 class PredictResult:
+    """What `churn predict` did: counts (scored, rejected, empty), output paths, the model, drift, speed."""
     output: str
     rejects: str | None
     model_uri: str
@@ -183,9 +193,7 @@ def _staging(output: str):
     """-> (filesystem, final path, staging path, local?) for an output folder."""
     import pyarrow.fs as pafs
 
-    from churnlib.data import _filesystem
-
-    fs, final = _filesystem(output.rstrip("/"))
+    fs, final = filesystem(output.rstrip("/"))
     local = isinstance(fs, pafs.LocalFileSystem)
     if fs.get_file_info(final).type != pafs.FileType.NotFound:
         raise DataError(f"output {output} already exists; choose a new path (nothing is overwritten)")
@@ -195,7 +203,7 @@ def _staging(output: str):
 
 
 def predict(
-    cfg: Any,
+    cfg: Config,
     input_path: str,
     output_path: str,
     model_uri: str | None = None,
@@ -207,14 +215,9 @@ def predict(
     """Score ``input_path`` into the Parquet folder ``output_path`` (see the module doc)."""
     import mlflow
 
-    from churnlib import data as data_mod
-    from churnlib import drift as drift_mod
-    from churnlib import loading, tracking
-    from churnlib.runtime import ensure_ray, quiet_logs
-
     quiet_logs(verbose)
     t_start = time.perf_counter()
-    source = data_mod.resolve_source(input_path)
+    source = resolve_source(input_path)
     rejects_path = rejects_path or f"{output_path.rstrip('/')}_rejects"
     fs, final, staging, local = _staging(output_path)
     rfs, rfinal, rstaging, rlocal = _staging(rejects_path)
@@ -226,13 +229,13 @@ def predict(
                       "version": model.ref.version or (model.ref.run_id or "")[:12]}
     say(f"model: {model.ref.describe()} (training run {model.ref.run_id})")
     spec = predictor.spec
-    columns = data_mod.check_columns(source, spec, need_target=False)
+    columns = check_columns(source, spec, need_target=False)
     ensure_ray(cfg.ray, verbose=verbose)
     scoring = _fit_pool(cfg.scoring, say)
     explain_top = cfg.scoring.explain_top if explain else 0
-    tags = {"churn.command": "predict", "churn.model_uri": uri, "data.source": source.uri, "data.digest": source.digest}
+    tags = {TAG_COMMAND: "predict", TAG_MODEL_URI: uri, "data.source": source.uri, "data.digest": source.digest}
     if model.ref.version:
-        tags["churn.model_version"] = str(model.ref.version)
+        tags[TAG_MODEL_VERSION] = str(model.ref.version)
     # The run covers the scoring: an interrupt or a failure ends it KILLED or FAILED.
     with tracking.tracked_run(cfg, f"predict-{model.ref.name or 'model'}-v{model.ref.version or '?'}", tags) as run:
         tracking.log_params_flat({"input": source.uri, "output": output_path, "model_uri": uri,
@@ -251,11 +254,11 @@ def predict(
         mlflow.log_metrics({**{f"rows_{k}": float(v) for k, v in counts.items()}, "seconds": seconds,
                             "rows_per_s": result.rows_per_s})
         if drift_parts and predictor.profile is not None:
-            drifts = drift_mod.compare(predictor.profile, drift_mod.merge_counts(drift_parts), cfg.drift.psi_moderate,
+            drifts = compare(predictor.profile, merge_counts(drift_parts), cfg.drift.psi_moderate,
                                        cfg.drift.psi_major)
-            say(drift_mod.summary_line(drifts))
+            say(summary_line(drifts))
             result.drift = [d.to_dict() for d in drifts]
-            drift_mod.log(drifts, cfg.drift.psi_moderate, cfg.drift.psi_major)
+            log_drift(drifts, cfg.drift.psi_moderate, cfg.drift.psi_major)
         elif cfg.scoring.drift and predictor.profile is None:
             say("drift: the model carries no training profile (trained before profiles were stored); no drift report")
     return result
@@ -269,10 +272,7 @@ def _score_to(source: Any, spec: Any, columns: list[str], predictor: Any, scorin
     import ray
     import ray.data
 
-    from churnlib import data as data_mod
-    from churnlib.scoring import actor_pool, put_payloads
-
-    id_type = (str(data_mod.id_arrow_type(source, spec.id_column)) if spec.id_column in columns else "string")
+    id_type = (str(id_arrow_type(source, spec.id_column)) if spec.id_column in columns else "string")
     fs, final, staging, local = out
     rfs, rfinal, rstaging, rlocal = rejects
     tally = ray.remote(num_cpus=0)(_Tally).remote()
@@ -291,7 +291,7 @@ def _score_to(source: Any, spec: Any, columns: list[str], predictor: Any, scorin
         printer.start()
         # CSV cells are read as text: a non-numeric cell is one rejected row, not a failed read
         # (the dataset keeps the context it is built with)
-        scored = data_mod.read_raw(source, spec, columns, typed=False).map_batches(
+        scored = read_raw(source, spec, columns, typed=False).map_batches(
             PredictUDF,
             fn_constructor_kwargs={
                 "payloads": put_payloads([predictor]), "columns": columns, "tally": tally, "rejects_fs": rfs,
@@ -326,7 +326,7 @@ def _score_to(source: Any, spec: Any, columns: list[str], predictor: Any, scorin
         _remove(rfs, rstaging)
         if isinstance(exc, (KeyboardInterrupt, DataError)):
             raise
-        raise data_mod._as_data_error(exc, source) from None
+        raise as_data_error(exc, source) from None
     finally:
         context.target_max_block_size = block_bytes
         stop.set()
@@ -393,70 +393,3 @@ def _remove(fs: Any, path: str) -> None:
 def _touch(fs: Any, path: str) -> None:
     with fs.open_output_stream(path) as f:
         f.write(b"")
-
-
-def drift_report(cfg: Any, reference: str, data_path: str, verbose: bool = False,
-                 say: Callable[[str], None] = default_say) -> list[Any]:
-    """``churn drift``: compare a table with a reference (a model URI carrying a profile, or a table)."""
-    import mlflow
-
-    from churnlib import data as data_mod
-    from churnlib import drift as drift_mod
-    from churnlib import tracking
-    from churnlib.features import FeatureSpec
-    from churnlib.runtime import ensure_ray, quiet_logs
-
-    quiet_logs(verbose)
-    tracking.preflight(cfg)
-    if reference.startswith(("runs:/", "models:/")):
-        from churnlib import loading
-
-        predictor = loading.load(reference).predictor
-        spec, profile = predictor.spec, predictor.profile
-        if profile is None:
-            raise DataError(f"{reference} carries no training profile (trained before profiles were stored)")
-    else:
-        spec = FeatureSpec.from_config(cfg.features)
-        ref_source = data_mod.resolve_source(reference)
-        ensure_ray(cfg.ray, verbose=verbose)
-        profile = drift_mod.profile_from_dataset(_encoded(ref_source, spec), spec, cfg.drift.profile_rows,
-                                                 seed=cfg.model.random_state)
-    source = data_mod.resolve_source(data_path)
-    ensure_ray(cfg.ray, verbose=verbose)  # already up when the reference was a table; a no-op then
-    counts = _count_table(source, spec, profile)
-    drifts = drift_mod.compare(profile, counts, cfg.drift.psi_moderate, cfg.drift.psi_major)
-    say(drift_mod.summary_line(drifts))
-    tags = {"churn.command": "drift", "churn.drift.reference": reference, "data.source": source.uri}
-    with tracking.tracked_run(cfg, "drift", tags):
-        mlflow.log_params({"reference": reference, "data": source.uri})
-        drift_mod.log(drifts, cfg.drift.psi_moderate, cfg.drift.psi_major)
-    return drifts
-
-
-def _encoded(source: Any, spec: Any):
-    """The table as model-matrix rows (bad cells missing), without the target: for drift counts.
-
-    Every row is kept (``flags`` 0): a drift reference describes the table as it is.
-    """
-    from churnlib import data as data_mod
-    from churnlib.features import encode_columns
-
-    columns = data_mod.check_columns(source, spec, need_target=False)
-
-    def to_x(df: pd.DataFrame) -> dict[str, np.ndarray]:
-        X, _, _ = encode_columns(df, spec)
-        return {"X": X, "flags": np.zeros(len(X), dtype=np.uint8)}
-
-    return data_mod.read_raw(source, spec, columns, typed=False).map_batches(to_x, batch_format="pandas",
-                                                                             batch_size=None)
-
-
-def _count_table(source: Any, spec: Any, profile: dict[str, Any]) -> dict[str, Any]:
-    from churnlib.drift import batch_counts, merge_counts
-
-    def counts(batch: dict[str, np.ndarray]) -> pd.DataFrame:
-        return pd.DataFrame({"c": [json.dumps(batch_counts(batch["X"], profile, spec))]})
-
-    rows = _encoded(source, spec).map_batches(counts, batch_format="numpy", batch_size=None).take_all()
-    return merge_counts([json.loads(r["c"]) for r in rows])
-

@@ -1,0 +1,54 @@
+"""From the scored dataset to the driver: narrow columns streamed and reduced to sums batch by batch.
+
+Only the flags, the label and the scores (5 bytes a row, 4 more per baseline) leave
+the object store; the ranking metrics and the paired bootstrap keep the scores.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from churnlib.data.preparation import ROW_EMPTY, ROW_PROBLEM
+from churnlib.evaluate.metrics import (
+    batch_sums,
+    merge_sums,
+)
+
+
+def select_udf(batch: dict[str, np.ndarray], rate: float, min_score: float) -> dict[str, np.ndarray]:
+    """Rows of the explanation sample (u < rate) and the highest-risk rows (score >= min_score)."""
+    ok = batch["flags"] == 0
+    keep = ok & ((batch["u"] < rate) | (batch["score"] >= min_score))
+    out = {"X": batch["X"][keep], "score": batch["score"][keep], "u": batch["u"][keep]}
+    out["row_id"] = batch["row_id"][keep] if "row_id" in batch else np.full(int(keep.sum()), "", dtype=object)
+    return out
+
+
+def collect(scored: Any, threshold: float, bins: int, n_models: int):
+    """One pass over the narrow columns (flags, label, scores), batch by batch.
+
+    Each batch is reduced to sums at once; only the scores and labels of good
+    rows are kept, for the ranking metrics. -> (counts, sums per model, y, scores per model).
+    """
+    keys = ["score" if k == 0 else f"score_{k}" for k in range(n_models)]
+    counts = {"rows": 0, "empty": 0, "problems": 0}
+    parts: list[list[dict[str, Any]]] = [[] for _ in keys]
+    ys: list[np.ndarray] = []
+    kept: list[list[np.ndarray]] = [[] for _ in keys]
+    for batch in scored.select_columns(["flags", "y", *keys]).iter_batches(batch_size=None, batch_format="numpy"):
+        flags = batch["flags"]
+        ok = flags == 0
+        counts["rows"] += len(flags)
+        counts["empty"] += int((flags == ROW_EMPTY).sum())
+        counts["problems"] += int((flags == ROW_PROBLEM).sum())
+        y = batch["y"][ok].astype(np.int8)
+        ys.append(y)
+        for k, key in enumerate(keys):
+            p = batch[key][ok]
+            parts[k].append(batch_sums(p, y, threshold, bins))
+            kept[k].append(p)
+    y_all = np.concatenate(ys) if ys else np.empty(0, dtype=np.int8)
+    scores = [np.concatenate(s) if s else np.empty(0, dtype=np.float32) for s in kept]
+    return counts, [merge_sums(p, bins) for p in parts], y_all, scores

@@ -1,0 +1,227 @@
+"""``churn evaluate``: metrics, SHAP, comparison with a baseline and deployment gates.
+
+1. Resolve the model URI (and the baseline's, if given: one that does not
+   resolve is reported in one line and the model is judged as a first model).
+2. Score the test table on Ray Data (``model.scoring.score_dataset``: an actor pool,
+   both models on the same rows), keep the scores in the object store.
+3. Stream the narrow columns (flags, label, scores: 5 bytes a row, 4 more
+   per baseline) to the driver, reducing each batch to sums (confusion
+   matrix, losses, calibration bins) as it arrives and keeping only the
+   scores, which the ranking metrics and the paired bootstrap need. The raw
+   table and the feature matrix stay in the object store.
+4. Explain a seeded sample (``evaluation.shap.max_samples`` rows) and the
+   highest-risk customers; check the gates.
+5. Only then start the MLflow evaluation run (linked to the model's training
+   run) and log everything, so bad input never leaves a half-logged run.
+   When the model is a registry version, the gate outcome is also tagged on
+   that version.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+from churnlib import tracking
+from churnlib.console import say as default_say
+from churnlib.data.sources import check_columns, resolve_source
+from churnlib.data.validation import as_data_error, validate
+from churnlib.errors import DataError, ModelNotFoundError, NoSuchAliasError
+from churnlib.evaluate.collect import collect, select_udf
+from churnlib.evaluate.gates import evaluate_gates
+from churnlib.evaluate.metrics import (
+    paired_bootstrap,
+    rank_metrics,
+    threshold_metrics,
+)
+from churnlib.evaluate.record import log_evaluation
+from churnlib.evaluate.result import EvaluationResult
+from churnlib.model import loading
+from churnlib.model.explain import explain
+from churnlib.model.scoring import score_dataset
+from churnlib.runtime import ensure_ray, quiet_logs
+
+if TYPE_CHECKING:
+    from churnlib.config import Config
+
+def _load_baseline(uri: str | None, say: Callable[[str], None]):
+    """-> (loaded baseline or None, note, first_model)."""
+    if not uri:
+        return None, None, False
+    try:
+        return loading.load(uri), None, False
+    except NoSuchAliasError as exc:
+        note = f"baseline: {exc}; evaluating as a first model"
+        say(note)
+        return None, note, True
+    except ModelNotFoundError as exc:
+        note = f"baseline: {exc}; no comparison"
+        say(note)
+        return None, note, False
+
+
+def _explanation_rows(scored: Any, cfg: Config, y_total: int, scores: np.ndarray) -> dict[str, np.ndarray]:
+    shap_cfg = cfg.evaluation.shap
+    # Over-sample by 4 standard deviations, then keep the max_samples rows with
+    # the lowest u: exactly max_samples rows (all, on a smaller table).
+    want = shap_cfg.max_samples
+    rate = min(1.0, (want + 4 * want**0.5 + 10) / max(y_total, 1))
+    top = shap_cfg.top_customers
+    min_score = float(np.partition(scores, -top)[-top]) if 0 < top <= len(scores) else np.inf
+    batches = scored.map_batches(
+        select_udf, batch_format="numpy", batch_size=None, fn_kwargs={"rate": rate, "min_score": min_score}
+    ).take_all()
+    if not batches:
+        return {"X": np.empty((0, 0), np.float32)}
+    X = np.stack([r["X"] for r in batches]).astype(np.float32)
+    score = np.array([r["score"] for r in batches], dtype=np.float32)
+    u = np.array([r["u"] for r in batches], dtype=np.float32)
+    row_id = np.array([r["row_id"] for r in batches], dtype=object)
+    sample = np.flatnonzero(u < rate)
+    # u is uniform: the lowest u values are a uniform sample of exactly max_samples rows
+    sample = sample[np.argsort(u[sample], kind="stable")[: shap_cfg.max_samples]]
+    top_idx = np.argsort(-score, kind="stable")[:top] if top else np.empty(0, dtype=np.int64)
+    return {"X": X, "score": score, "row_id": row_id, "sample": sample, "top": top_idx}
+
+
+def evaluate(
+    cfg: Config,
+    model_uri: str,
+    data_path: str,
+    baseline_uri: str | None = None,
+    run_name: str | None = None,
+    verbose: bool = False,
+    say: Callable[[str], None] = default_say,
+) -> EvaluationResult:
+    """`churn evaluate`: score ``data_path`` with ``model_uri`` (and a baseline), compute metrics, SHAP and gates, then log one evaluation run; a failed gate raises ``GateFailedError`` after logging."""
+    quiet_logs(verbose)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    tracking.preflight(cfg)  # store, experiment and artifact store answer, before any slow work
+    model = loading.load(model_uri)
+    ref = model.ref
+    say(f"model: {ref.describe()} (training run {ref.run_id})")
+    baseline, baseline_note, first_model = _load_baseline(baseline_uri, say)
+    if baseline is not None:
+        say(f"baseline: {baseline.ref.describe()} (training run {baseline.ref.run_id})")
+    spec = model.spec
+    source = resolve_source(data_path)
+    columns = check_columns(source, spec, need_target=True)
+    if baseline is not None:
+        check_columns(source, baseline.spec, need_target=False)
+    timings["resolve_s"] = time.perf_counter() - t_start
+
+    t0 = time.perf_counter()
+    ensure_ray(cfg.ray, verbose=verbose)
+    predictors = [model.predictor] + ([baseline.predictor] if baseline is not None else [])
+    n_models = len(predictors)
+    threshold = cfg.model.decision_threshold
+    bins = cfg.evaluation.calibration_bins
+    say(f"data: scoring {source.uri} ({len(source.files)} {source.format} file(s)) on Ray Data, "
+        f"{cfg.scoring.actors} actor(s) x {cfg.scoring.cpus_per_actor:g} CPU")
+    scored = score_dataset(
+        source, spec, columns, predictors, cfg.scoring, with_target=True, keep_features=cfg.evaluation.shap.enabled
+    )
+    try:
+        scored = scored.materialize()
+        counts, sums, y, scores = collect(scored, threshold, bins, n_models)
+    except Exception as exc:  # noqa: BLE001 - a read error, one line
+        if source.format == "csv":
+            # the typed read fails on a non-numeric cell: name the column, count and value as
+            # `churn train` does (a text read that counts; raises when it finds the problem)
+            validate(source, spec, columns)
+        raise as_data_error(exc, source) from None
+    timings["score_s"] = time.perf_counter() - t0
+    if counts["problems"]:
+        validate(source, spec, columns)  # names the column, the count and the first value
+        raise DataError(f"{source.uri}: {counts['problems']} row(s) with bad values")
+    usable = counts["rows"] - counts["empty"]
+    if usable == 0:
+        raise DataError(f"{source.uri}: no rows to evaluate" + (f" ({counts['empty']} empty)" if counts["empty"] else ""))
+    main = sums[0]
+    positives = main["tp"] + main["fn"]
+    if positives in (0, usable):
+        only = "churn" if positives else "no churn"
+        raise DataError(
+            f"{source.uri}: every one of the {usable} rows is {only!r}: ROC AUC and PR AUC are undefined with one "
+            f"class; evaluate on a test set with both classes"
+        )
+
+    t0 = time.perf_counter()
+    metrics = {**threshold_metrics(main), **rank_metrics(scores[0], y)}
+    confusion = {k: int(main[k]) for k in ("tp", "fp", "tn", "fn")}
+    rows = {"total": counts["rows"], "dropped_empty": counts["empty"], "evaluated": usable,
+            "positives": int(positives), "negatives": int(usable - positives)}
+    say(
+        f"metrics: ROC AUC {metrics['roc_auc']:.4f}, PR AUC {metrics['pr_auc']:.4f}, log loss {metrics['log_loss']:.4f}, "
+        f"accuracy {metrics['accuracy']:.4f}, F1 {metrics['f1']:.4f} at P >= {threshold:g} ({usable} rows)"
+    )
+    baseline_metrics = comparison = None
+    if baseline is not None:
+        baseline_metrics = {**threshold_metrics(sums[1]), **rank_metrics(scores[1], y)}
+        b = cfg.evaluation.bootstrap
+        comparison = paired_bootstrap(scores[0], scores[1], y, b.resamples, b.confidence, b.seed, b.max_rows)
+        lo, hi = comparison.auc_ci
+        say(
+            f"comparison: AUC {metrics['roc_auc']:.4f} vs {baseline_metrics['roc_auc']:.4f} "
+            f"({comparison.auc_diff:+.4f}, {b.confidence:.0%} CI [{lo:+.4f}, {hi:+.4f}]), "
+            f"log loss {comparison.log_loss_diff:+.4f}: {comparison.verdict}"
+        )
+    timings["metrics_s"] = time.perf_counter() - t0
+
+    explanation = picked = None
+    shap_summary: dict[str, Any] = {}
+    if cfg.evaluation.shap.enabled:
+        t0 = time.perf_counter()
+        picked = _explanation_rows(scored, cfg, usable, scores[0])
+        kind = cfg.evaluation.shap.explainer_type
+        rows_idx = np.concatenate([picked["sample"], picked["top"]])
+        background = None
+        if kind == "exact":
+            background = picked["X"][picked["sample"][: cfg.evaluation.shap.background_samples]]
+        explanation = explain(model.predictor.booster, picked["X"][rows_idx], spec, kind, background)
+        timings["shap_s"] = time.perf_counter() - t0
+        n_sample = len(picked["sample"])
+        mean_abs = {k: float(np.abs(explanation.values[:n_sample, j]).mean()) if n_sample else 0.0
+                    for j, k in enumerate(spec.feature_names)}
+        shap_summary = {"explainer": kind, "rows": n_sample, "top_customers": len(picked["top"]),
+                        "mean_abs": mean_abs, "seconds": timings["shap_s"]}
+        ranked = sorted(mean_abs, key=mean_abs.get, reverse=True)
+        say(f"shap: {kind}, {n_sample} rows in {timings['shap_s']:.1f} s; top features: "
+            + ", ".join(f"{f} {mean_abs[f]:.3f}" for f in ranked[:3]))
+
+    gate = evaluate_gates(
+        metrics,
+        cfg.evaluation.thresholds,
+        cfg.evaluation.require_improvement,
+        comparison,
+        baseline.ref.describe() if baseline is not None else baseline_uri,
+        first_model=first_model,
+    )
+
+    result = EvaluationResult(
+        run_id="",
+        experiment_id="",
+        model_uri=model_uri,
+        model_version=ref.version,
+        training_run_id=ref.run_id,
+        metrics=metrics,
+        confusion=confusion,
+        rows=rows,
+        gate=gate,
+        baseline_uri=baseline_uri,
+        baseline_version=baseline.ref.version if baseline is not None else None,
+        baseline_note=baseline_note,
+        baseline_metrics=baseline_metrics,
+        comparison=comparison,
+        shap=shap_summary,
+        timings=timings,
+    )
+    t0 = time.perf_counter()
+    log_evaluation(cfg, result, run_name, ref, baseline, source, spec, sums, y, scores, explanation, picked)
+    timings["log_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - t_start
+    say(f"gate: {gate.status}" + (f" ({gate.summary()})" if gate.checks else ""))
+    return result

@@ -1,0 +1,217 @@
+"""The evaluation's MLflow record: metrics, plots, SHAP, the comparison, the gates, and the version's gate tags.
+
+When the model is a registry version, the gate outcome is also tagged on that version
+(``version_tags``): this module is the one writer of a version's gate tags.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from churnlib import tracking
+from churnlib.evaluate import plots
+from churnlib.evaluate.metrics import (
+    calibration_table,
+)
+from churnlib.evaluate.result import EvaluationResult
+from churnlib.figures import log_figure
+from churnlib.model.explain import (
+    Explanation,
+    bar_figure,
+    beeswarm_figure,
+    top_reasons,
+    waterfall_figure,
+)
+from churnlib.tags import (
+    TAG_BASELINE_NAME,
+    TAG_BASELINE_URI,
+    TAG_BASELINE_VERSION,
+    TAG_COMMAND,
+    TAG_EVAL_RUN,
+    TAG_GATE_PREFIX,
+    TAG_GATE_SOURCE,
+    TAG_MODEL_NAME,
+    TAG_MODEL_URI,
+    TAG_MODEL_VERSION,
+    TAG_TRAINING_RUN,
+    TAG_VERDICT,
+)
+from churnlib.tracking import metric_name
+
+if TYPE_CHECKING:
+    from churnlib.config import Config
+
+
+def log_evaluation(
+    cfg: Config,
+    result: EvaluationResult,
+    run_name: str | None,
+    ref: Any,
+    baseline: Any,
+    source: Any,
+    spec: Any,
+    sums: list[dict[str, Any]],
+    y: np.ndarray,
+    scores: list[np.ndarray],
+    explanation: Any,
+    picked: dict[str, np.ndarray] | None,
+) -> None:
+    """The evaluation run: metrics, plots, SHAP artifacts, gate tags; sets ``result.run_id``."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    metrics, baseline_metrics, comparison = result.metrics, result.baseline_metrics, result.comparison
+    confusion, rows, gate, shap_summary = result.confusion, result.rows, result.gate, result.shap
+    baseline_uri = result.baseline_uri
+    client = MlflowClient()
+    experiment_id = tracking.ensure_experiment(cfg)
+    tags = {
+        TAG_COMMAND: "evaluate",
+        TAG_MODEL_URI: ref.uri,
+        "data.digest": source.digest,
+        "data.source": source.uri,
+        **gate.tags(),
+    }
+    if ref.run_id:
+        tags[TAG_TRAINING_RUN] = ref.run_id
+        try:
+            if client.get_run(ref.run_id).info.experiment_id == experiment_id:
+                tags["mlflow.parentRunId"] = ref.run_id  # nested under the training run
+        except Exception:  # noqa: BLE001 - a deleted training run: keep the id tag only
+            pass
+    if ref.name:
+        tags[TAG_MODEL_NAME] = ref.name
+        tags[TAG_MODEL_VERSION] = str(ref.version)
+    if baseline_uri:
+        tags[TAG_BASELINE_URI] = baseline_uri
+        tags[TAG_BASELINE_VERSION] = str(baseline.ref.version) if baseline is not None and baseline.ref.version else "none"
+        if baseline is not None and baseline.ref.name:
+            tags[TAG_BASELINE_NAME] = baseline.ref.name
+    if comparison is not None:
+        tags[TAG_VERDICT] = comparison.verdict
+    name = run_name or f"evaluate-{ref.name + '-v' + str(ref.version) if ref.name else (ref.run_id or 'model')[:8]}"
+    with tracking.tracked_run(cfg, name, tags) as run:
+        run_id = result.run_id = run.info.run_id
+        result.experiment_id = experiment_id
+        mlflow.log_params({
+            "model_uri": ref.uri,
+            "data": source.uri,
+            "decision_threshold": cfg.model.decision_threshold,
+            "baseline_uri": baseline_uri or "",
+            "shap.explainer_type": cfg.evaluation.shap.explainer_type if cfg.evaluation.shap.enabled else "off",
+            "thresholds": json.dumps(cfg.evaluation.thresholds),
+            "require_improvement": cfg.evaluation.require_improvement,
+        })
+        tracking.log_dataset(source, spec, context="evaluation")
+        logged = dict(metrics)
+        logged.update({f"confusion_{k}": float(v) for k, v in confusion.items()})
+        logged.update({f"rows_{k}": float(v) for k, v in rows.items()})
+        if baseline_metrics is not None:
+            logged.update({f"baseline_{k}": v for k, v in baseline_metrics.items()})
+            logged.update({f"diff_{k}": metrics[k] - v for k, v in baseline_metrics.items()})
+        if comparison is not None:
+            logged.update({
+                "auc_diff_ci_low": comparison.auc_ci[0], "auc_diff_ci_high": comparison.auc_ci[1],
+                "log_loss_diff": comparison.log_loss_diff,
+                "log_loss_diff_ci_low": comparison.log_loss_ci[0], "log_loss_diff_ci_high": comparison.log_loss_ci[1],
+            })
+        if shap_summary:
+            logged.update({metric_name(f"shap_mean_abs_{k}"): v for k, v in shap_summary["mean_abs"].items()})
+        logged["gate_passed"] = float(gate.passed)
+        mlflow.log_metrics({k: float(v) for k, v in logged.items() if v == v})
+
+        threshold = cfg.model.decision_threshold
+        labels = {"model": (y, scores[0])}
+        if baseline is not None:
+            labels[f"baseline v{baseline.ref.version}" if baseline.ref.version else "baseline"] = (y, scores[1])
+        names = list(labels)
+        all_metrics = [metrics] + ([baseline_metrics] if baseline_metrics is not None else [])
+        figures = {
+            "plots/roc_curve.png": plots.roc_figure({n: (*labels[n], m["roc_auc"]) for n, m in zip(names, all_metrics)}),
+            "plots/pr_curve.png": plots.pr_figure({n: (*labels[n], m["pr_auc"]) for n, m in zip(names, all_metrics)}),
+            "plots/calibration_curve.png": plots.calibration_figure(
+                {n: calibration_table(s) for n, s in zip(names, sums)}
+            ),
+            "plots/confusion_matrix.png": plots.confusion_figure(confusion, threshold),
+        }
+        for path, fig in figures.items():
+            log_figure(fig, path)
+        mlflow.log_dict({"rows": calibration_table(sums[0])}, "calibration.json")
+
+        if explanation is not None:
+            n_sample = len(picked["sample"])
+            sample_expl = _slice(explanation, slice(0, n_sample))
+            mlflow.log_dict(shap_summary["mean_abs"], "shap/mean_abs_shap.json")
+            if n_sample:
+                fig = beeswarm_figure(sample_expl, spec)
+                log_figure(fig, "shap/summary_beeswarm.png")
+            fig = bar_figure(shap_summary["mean_abs"])
+            log_figure(fig, "shap/mean_abs_shap_bar.png")
+            top_expl = _slice(explanation, slice(n_sample, None))
+            reasons = top_reasons(top_expl, spec, k=len(spec.feature_names))
+            local = []
+            for i, idx in enumerate(picked["top"]):
+                customer = str(picked["row_id"][idx]) or f"row {i}"
+                p = float(picked["score"][idx])
+                fig = waterfall_figure(top_expl, spec, i, f"customer {customer}: P(churn) = {p:.3f}")
+                log_figure(fig, f"shap/waterfall_{i + 1}_{metric_name(customer)}.png")
+                local.append({"customer": customer, "probability": p, "base_value": float(top_expl.base_values[i]),
+                              "contributions": reasons[i]})
+            mlflow.log_dict({"explainer": explanation.kind, "customers": local}, "shap/top_customers.json")
+
+        mlflow.log_dict(
+            {
+                "model_uri": ref.uri, "model_version": ref.version, "training_run_id": ref.run_id,
+                "metrics": metrics, "confusion_matrix": confusion, "rows": rows, "gate": gate.to_dict(),
+                "baseline": {"uri": baseline_uri, "metrics": baseline_metrics,
+                             "comparison": comparison.to_dict() if comparison else None} if baseline_uri else None,
+                "shap": shap_summary,
+            },
+            "evaluation.json",
+        )
+        _tag_versions(client, cfg, ref, tags, metrics, run_id)
+
+
+def _slice(expl, idx):
+    return Explanation(expl.values[idx], expl.base_values[idx], expl.X[idx], expl.feature_names, expl.kind)
+
+
+def version_tags(run_tags: dict[str, str], metrics: dict[str, float], run_id: str) -> dict[str, str]:
+    """What a registry version carries of its latest evaluation: gate outcome, headline metrics, baseline."""
+    tags = {k: v for k, v in run_tags.items() if k.startswith(TAG_GATE_PREFIX)}
+    tags[TAG_EVAL_RUN] = run_id
+    # which evaluation, on which data, the gate status comes from
+    tags[TAG_GATE_SOURCE] = (f"evaluation run {run_id} on {run_tags.get('data.source', '?')} "
+                             f"(digest {run_tags.get('data.digest', '?')})")
+    for key in ("roc_auc", "accuracy", "log_loss"):
+        if key in metrics:
+            tags[f"churn.eval.{key}"] = f"{metrics[key]:.6g}"
+    for key in (TAG_BASELINE_URI, TAG_BASELINE_VERSION, TAG_VERDICT):
+        if key in run_tags:
+            tags[key] = run_tags[key]
+    return tags
+
+
+def _tag_versions(client: Any, cfg: Config, ref: Any, run_tags: dict[str, str], metrics: dict[str, float], run_id: str) -> None:
+    """The outcome on the registry version evaluated, so `churn models` shows it.
+
+    A ``runs:/`` URI names no version; the versions registered from that run
+    (under ``model.registered_name``) are the same model and get the tags too.
+    """
+    tags = version_tags(run_tags, metrics, run_id)
+    if ref.name and ref.version:
+        targets = [(ref.name, ref.version)]
+    elif ref.run_id:
+        try:
+            found = client.search_model_versions(f"name = '{cfg.model.registered_name}' and run_id = '{ref.run_id}'")
+        except Exception:  # noqa: BLE001 - no registered model yet
+            found = []
+        targets = [(mv.name, mv.version) for mv in found]
+    else:
+        targets = []
+    for name, version in targets:
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, value)

@@ -1,0 +1,235 @@
+"""``churn train``: read and prepare the data, fit on Ray Train, log everything to MLflow from the driver.
+
+The tracking server is checked before Ray starts; the run ends FAILED with the error
+as a tag when anything fails, KILLED on an interrupt (with the command that resumes
+from the latest complete checkpoint).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from churnlib import tracking
+from churnlib.config import config_to_yaml
+from churnlib.console import say
+from churnlib.data.features import FeatureSpec
+from churnlib.data.generation import generate
+from churnlib.data.preparation import prepare
+from churnlib.data.profiles import profile_from_dataset
+from churnlib.data.sources import check_columns, resolve_source
+from churnlib.model.packaging import log_model, package_version
+from churnlib.runtime import check_resources, ensure_ray, quiet_logs, release_ray
+from churnlib.tags import TAG_COMMAND, TAG_RESUMED_FROM
+from churnlib.train.loop import check_checkpoint, xgb_log_name
+from churnlib.train.progress import ProgressRelay
+from churnlib.train.trainer import (
+    build_trainer,
+    fit,
+    latest_checkpoint,
+    loop_config,
+    outcome_metrics,
+)
+
+if TYPE_CHECKING:
+    from churnlib.config import Config
+
+@dataclass
+class TrainResult:
+    """What `churn train` did: run, metrics, rounds, rows, restarts, timings, model URI."""
+    run_id: str
+    experiment_id: str
+    model_uri: str
+    booster_uri: str
+    metrics: dict[str, float]
+    best_iteration: int
+    num_boosted_rounds: int
+    rows: dict[str, int]
+    timings: dict[str, float]
+    data_digest: str
+    restarts: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "experiment_id": self.experiment_id,
+            "model_uri": self.model_uri,
+            "booster_uri": self.booster_uri,
+            "metrics": self.metrics,
+            "best_iteration": self.best_iteration,
+            "num_boosted_rounds": self.num_boosted_rounds,
+            "rows": self.rows,
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            "data_digest": self.data_digest,
+            "restarts": self.restarts,
+        }
+
+
+def default_data_path(cfg: Config) -> Path:
+    """The generated table for the embedded default (made once per rows/seed)."""
+    path = cfg.workspace_path / "data" / f"churn_generated_{cfg.data.generate_rows}_s{cfg.data.generate_seed}.parquet"
+    if not path.exists():
+        generate(cfg.data.generate_rows, path, seed=cfg.data.generate_seed)
+    return path
+
+
+def progress_printer(say: Callable[[str], None], stopping_metric: str) -> Callable[[dict[str, Any]], None]:
+    """A callback that prints a progress line from a worker's progress report."""
+    key = f"valid-{xgb_log_name(stopping_metric)}"
+
+    def show(msg: dict[str, Any]) -> None:
+        if msg.get("kind") == "round":
+            m = msg["metrics"]
+            others = "  ".join(f"{k} {v:.4f}" for k, v in m.items() if k.startswith("valid-") and k != key)
+            best = msg["best_score"]
+            say(
+                f"  round {msg['iteration'] + 1:>4}/{msg['rounds']}  {key} {m.get(key, float('nan')):.4f}  {others}"
+                f"  (best {best:.4f} at {msg['best_iteration'] + 1})"
+            )
+        elif msg.get("kind") == "checkpoint":
+            say(f"  checkpoint at round {msg['iteration'] + 1}")
+
+    return show
+
+
+def train(
+    cfg: Config,
+    data_path: str | None = None,
+    run_name: str | None = None,
+    verbose: bool = False,
+    say: Callable[[str], None] = say,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Data -> validation -> Ray Train -> MLflow run with the model. The `churn train` command."""
+    import mlflow
+
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+    quiet_logs(verbose)
+    spec = FeatureSpec.from_config(cfg.features)
+    data_uri = data_path or cfg.data.path
+    if data_uri is not None:
+        source = resolve_source(data_uri)  # a missing path: one line, before any network
+    if cfg.training.resume_from:
+        check_checkpoint(cfg.training.resume_from)
+    # A tracking store or artifact store that is down fails here, in seconds, before
+    # anything slow (generating data, starting Ray).
+    tracking.preflight(cfg)
+    if data_uri is None:
+        say(f"data: generating {cfg.data.generate_rows} synthetic rows (seed {cfg.data.generate_seed})")
+        data_uri = str(default_data_path(cfg))
+        timings["generate_s"] = time.perf_counter() - t_start
+        source = resolve_source(data_uri)
+    columns = check_columns(source, spec)
+
+    t0 = time.perf_counter()
+    local = ensure_ray(cfg.ray, verbose=verbose)
+    check_resources(cfg.ray, local, streaming=not cfg.training.materialize)
+    timings["ray_start_s"] = time.perf_counter() - t0
+
+    tags = {TAG_COMMAND: "train", "ray_version": package_version("ray"), "xgboost_version": package_version("xgboost")}
+    if cfg.training.resume_from:
+        tags[TAG_RESUMED_FROM] = cfg.training.resume_from
+    with tracking.tracked_run(cfg, run_name, tags) as run:
+        run_id, experiment_id = run.info.run_id, run.info.experiment_id
+        say(f"mlflow: run {run_id} in experiment {cfg.mlflow.experiment_name!r} at {cfg.tracking_uri}")
+        tracking.log_params_flat(cfg.flat())
+        mlflow.log_text(config_to_yaml(cfg), "config/resolved_config.yaml")
+
+        t0 = time.perf_counter()
+        say(f"data: reading and validating {source.uri} ({len(source.files)} {source.format} file(s), {source.size_bytes / 1e6:.1f} MB)")
+        prepared = prepare(
+            source, spec, columns, cfg.model.validation_split, cfg.model.random_state, cfg.training.materialize
+        )
+        report = prepared.report
+        missing = {c: n for c, n in report.missing.items() if n}
+        timings["prepare_s"] = time.perf_counter() - t0
+        say(
+            f"data: {report.rows} rows, {report.empty_rows} empty row(s) dropped, "
+            f"{sum(missing.values())} missing value(s){' in ' + ', '.join(missing) if missing else ''}, "
+            f"churn rate {report.positives / max(report.usable_rows, 1):.3f}"
+        )
+        tracking.log_dataset(source, spec, context="training")
+        mlflow.log_dict(report.to_dict(), "data/validation_report.json")
+        t0 = time.perf_counter()
+        profile = profile_from_dataset(prepared.dataset, spec, cfg.drift.profile_rows, seed=cfg.model.random_state)
+        timings["profile_s"] = time.perf_counter() - t0
+
+        say(
+            f"train: Ray Train, {cfg.ray.num_workers} worker(s) x {cfg.ray.cpus_per_worker:g} CPU"
+            f"{' + 1 GPU' if cfg.ray.use_gpu else ''}, device {cfg.xgb_device}, up to {cfg.xgboost.num_boost_round} rounds"
+        )
+        printer = progress_printer(say, cfg.xgboost.early_stopping_metric)
+
+        def handle(msg: dict[str, Any]) -> None:
+            printer(msg)
+            if on_progress is not None:
+                on_progress(msg)
+
+        t0 = time.perf_counter()
+        with ProgressRelay(handle) as relay:
+            trainer = build_trainer(cfg, prepared.dataset, loop_config(cfg, spec, relay.sink))
+            try:
+                out = fit(trainer)
+            except KeyboardInterrupt:
+                relay.close()
+                release_ray()  # the workers stop now, before a newer checkpoint replaces this one
+                last = latest_checkpoint(trainer)
+                if last:
+                    say(f"train: interrupted; to continue from its last checkpoint: churn train --resume-from {last}")
+                raise
+        timings["fit_s"] = time.perf_counter() - t0
+        state = out.state
+        timings["boosting_s"] = state["boosting_seconds"]
+        tl = state["timeline"]
+        if {"loop_start", "shard_ready", "matrices_ready"} <= set(tl):
+            timings["workers_up_s"] = tl["loop_start"]  # controller + worker group + collective
+            timings["worker_shard_s"] = tl["shard_ready"] - tl["loop_start"]
+            timings["worker_matrices_s"] = tl["matrices_ready"] - tl["shard_ready"]
+
+        best, metrics = outcome_metrics(state, out.full_rounds)
+        rows = {
+            "total": report.rows,
+            "dropped_empty": report.empty_rows,
+            "train": prepared.train_rows,
+            "valid": prepared.valid_rows,
+        }
+        metrics.update(
+            {
+                "train_rows": rows["train"],
+                "valid_rows": rows["valid"],
+                "dropped_empty_rows": rows["dropped_empty"],
+                "total_rows": rows["total"],
+                "missing_values": float(sum(missing.values())),
+            }
+        )
+        for col, n in missing.items():
+            metrics[f"missing_{col.replace(' ', '_')}"] = n
+        tracking.log_history(run_id, state["history"])
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+        mlflow.set_tags({"data.digest": source.digest, "data.source": source.uri})
+
+        t0 = time.perf_counter()
+        logged_uri = log_model(cfg, spec, source, columns, out.booster, best, run_id, profile)
+        timings["log_model_s"] = time.perf_counter() - t0
+        timings["total_s"] = time.perf_counter() - t_start
+        mlflow.log_metrics({f"time_{k}": v for k, v in timings.items()})
+
+        result = TrainResult(
+            run_id=run_id,
+            experiment_id=experiment_id,
+            model_uri=f"runs:/{run_id}/model",
+            booster_uri=f"runs:/{run_id}/booster/booster.ubj",
+            metrics={k: float(v) for k, v in metrics.items()},
+            best_iteration=best,
+            num_boosted_rounds=out.full_rounds,
+            rows=rows,
+            timings=timings,
+            data_digest=source.digest,
+            restarts=state["restarts"],
+            extra={"logged_model_uri": logged_uri, "checkpoint_path": out.checkpoint_path},
+        )
+    return result

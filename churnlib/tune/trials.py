@@ -1,0 +1,289 @@
+"""A trial (the trainer of ``churn train`` inside Tune) and its MLflow record, written from the Tune driver.
+
+One parent run for the sweep and one child run per trial (``mlflow.parentRunId``):
+the trial's resolved config as params, its reported metrics while it runs, the full
+per-iteration history and the summary metrics when it finishes, and its status.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from churnlib.config import Config
+from churnlib.data.features import FeatureSpec
+from churnlib.figures import log_figure, pyplot
+from churnlib.tags import TAG_COMMAND, TAG_SWEEP, TAG_TRIAL, TAG_TRIAL_STATUS
+from churnlib.tracking import log_params_flat, metric_key
+from churnlib.train.loop import score_key
+from churnlib.train.trainer import (
+    build_trainer,
+    fit,
+    fit_output,
+    loop_config,
+    outcome_metrics,
+)
+from churnlib.tune.space import with_params
+from churnlib.tune.state import read_state, write_state
+
+# The trial: the training of `churn train`, inside Tune ----------------------------------------
+
+
+def run_trial(params: dict[str, Any], *, base: dict[str, Any], spec: dict[str, Any], dataset: Any,
+              train_storage: str) -> None:
+    """A Tune function trainable: one Ray Train run with this trial's parameters."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    cfg = with_params(Config.model_validate(base), params)
+    config = loop_config(cfg, FeatureSpec.from_dict(spec))
+    config["report_every"] = cfg.tune.report_every
+    trial_id = tune.get_context().get_trial_id()
+    # A stable name per trial: a resumed sweep's trial continues from its last Train checkpoint.
+    trainer = build_trainer(cfg, dataset, config, name=f"trial-{trial_id}", storage_path=train_storage,
+                            callbacks=[TuneReportCallback()])
+    fit(trainer)
+
+
+# MLflow, from the Tune driver --------------------------------------------------------------------
+
+
+class MlflowTrials:
+    """Tune callback: one MLflow child run per trial, nested under the sweep's parent run.
+
+    Runs in this (the driver's) process; picklable, as Tune keeps it in the
+    sweep's state for a resume.
+    """
+
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, base_params: dict[str, Any],
+                 sweep: str, stopping_metric: str, state_path: str, trial_runs: dict[str, str],
+                 rows: dict[str, float], say: Callable[[str], None] | None = None):
+        self.tracking_uri = tracking_uri
+        self.experiment_id = experiment_id
+        self.parent_run_id = parent_run_id
+        self.base_params = base_params
+        self.sweep = sweep
+        self.stopping_metric = stopping_metric
+        self.state_path = state_path
+        self.trial_runs = dict(trial_runs)
+        self.rows = rows
+        self.say = say
+        self.logged_steps: dict[str, set[int]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["say"] = None
+        return state
+
+    def _client(self):
+        from mlflow import MlflowClient
+
+        return MlflowClient(tracking_uri=self.tracking_uri)
+
+    def _ended(self, trial_id: str) -> None:
+        """The record of trials that reached an end (completed, stopped, failed), across sessions."""
+        ended = set(read_state(self.state_path).get("ended_trials", []))
+        write_state(self.state_path, {"ended_trials": sorted(ended | {trial_id})})
+
+    def _persist(self) -> None:
+        recorded = read_state(self.state_path).get("trial_runs", {})
+        write_state(self.state_path, {"trial_runs": {**recorded, **self.trial_runs}})
+
+    # tune.Callback interface (duck-typed: ray.tune.Callback subclass made in callback())
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if trial.trial_id not in self.trial_runs:
+            # the state file is the record across sessions (this object may be an older pickle)
+            self.trial_runs.update(read_state(self.state_path).get("trial_runs", {}))
+        if trial.trial_id in self.trial_runs:
+            return  # a resumed trial carries on in its run
+        client = self._client()
+        tags = {"mlflow.parentRunId": self.parent_run_id, TAG_SWEEP: self.sweep, TAG_TRIAL: trial.trial_id,
+                TAG_COMMAND: "tune-trial", TAG_TRIAL_STATUS: "running"}
+        run = client.create_run(self.experiment_id, run_name=f"{self.sweep}-{trial.trial_id}", tags=tags)
+        params = dict(self.base_params)
+        params.update({f"xgboost.{k}": v for k, v in trial.config.items()})
+        import mlflow
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        log_params_flat(params, run_id=run.info.run_id)
+        self.trial_runs[trial.trial_id] = run.info.run_id
+        self._persist()
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict[str, Any], **info: Any) -> None:
+        from mlflow.entities import Metric
+
+        run_id = self.trial_runs.get(trial.trial_id)
+        if run_id is None or "rounds" not in result:
+            return
+        step = int(result["rounds"]) - 1
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, step) for k, v in result.items()
+                   if k.startswith(("train_", "valid_", "best_")) and isinstance(v, (int, float)) and v == v]
+        if metrics:
+            self._client().log_batch(run_id, metrics=metrics, synchronous=True)
+        self.logged_steps.setdefault(trial.trial_id, set()).add(step)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run_id = self.trial_runs.get(trial.trial_id)
+        if run_id is None:
+            return
+        client = self._client()
+        last = trial.last_result or {}
+        rounds = int(last.get("rounds", 0))
+        score = last.get(_score(self.stopping_metric))
+        if last.get("finished") and last.get("checkpoint_path"):
+            out = load_trial_checkpoint(last["checkpoint_path"])
+            _, summary = outcome_metrics(out.state, out.full_rounds)
+            _log_history_except(client, run_id, out.state["history"], self.logged_steps.get(trial.trial_id, set()))
+            summary.update({f"{k}_rows": v for k, v in self.rows.items()})
+            _log_final(client, run_id, list(summary.items()))
+            score = summary.get(_score(self.stopping_metric), score)
+            status = (f"completed: early-stopped by XGBoost at round {out.full_rounds}" if out.state["stopped_early"]
+                      else f"completed: all {out.full_rounds} rounds")
+        else:
+            status = f"stopped early by ASHA at round {rounds}"
+        client.set_tag(run_id, TAG_TRIAL_STATUS, status)
+        client.set_terminated(run_id, "FINISHED")
+        self._ended(trial.trial_id)
+        if self.say:
+            shown = f"{score:.4f}" if isinstance(score, float) else "-"
+            self.say(f"  trial {trial.trial_id}: {status}; {_score(self.stopping_metric)} {shown}")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run_id = self.trial_runs.get(trial.trial_id)
+        if run_id is None:
+            return
+        client = self._client()
+        error = str(getattr(trial, "error_msg", "") or "trial failed")
+        client.set_tag(run_id, TAG_TRIAL_STATUS, "failed")
+        client.set_tag(run_id, "error", error[:5000])
+        client.set_terminated(run_id, "FAILED")
+        self._ended(trial.trial_id)
+        if self.say:
+            self.say(f"  trial {trial.trial_id}: failed")
+
+
+def _score(metric: str) -> str:
+    return score_key(metric)
+
+
+def load_trial_checkpoint(path: str):
+    """The booster and state of a trial's Ray Train checkpoint."""
+    from ray.train import Checkpoint
+
+    return fit_output(Checkpoint(path))
+
+
+def _log_history_except(client: Any, run_id: str, history: dict[str, list[float]], done: set[int]) -> None:
+    """The per-iteration history, skipping the steps already logged live."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(metric_key(name), float(v), now, step)
+               for name, values in history.items() for step, v in enumerate(values) if step not in done]
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[i:i + 1000], synchronous=True)
+
+
+def _log_final(client: Any, run_id: str, items: list[tuple[str, float]]) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in items], synchronous=True)
+
+
+def tune_callback(trials: MlflowTrials):
+    """The MLflow logger as a real ``ray.tune.Callback``."""
+    from ray.tune import Callback
+
+    class _Callback(Callback):
+        def __init__(self, inner: MlflowTrials):
+            self.inner = inner
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.inner.on_trial_start(iteration, trials, trial, **info)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self.inner.on_trial_result(iteration, trials, trial, result, **info)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.inner.on_trial_complete(iteration, trials, trial, **info)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.inner.on_trial_error(iteration, trials, trial, **info)
+
+    return _Callback(trials)
+
+
+def attach_logger(tuner: Any, logger: MlflowTrials) -> None:
+    """A restored sweep keeps the callback pickled with it; give it this session's printer."""
+    internal = getattr(tuner, "_local_tuner", None)
+    run_config = internal.get_run_config() if internal is not None else None
+    for cb in getattr(run_config, "callbacks", None) or []:
+        if isinstance(getattr(cb, "inner", None), MlflowTrials):
+            cb.inner.say = logger.say
+            return
+
+
+def summarise(grid: Any, trial_runs: dict[str, str], metric: str) -> list[dict[str, Any]]:
+    """Every trial of the sweep (this session's and, after a resume, earlier ones) from Tune's results."""
+    trials = []
+    for result in grid:
+        last = result.metrics or {}
+        trial_id = last.get("trial_id") or trial_id_from_path(result.path)
+        status = "failed" if result.error else "completed" if last.get("finished") else "stopped"
+        score = last.get(metric)
+        trials.append({
+            "trial_id": trial_id,
+            "run_id": trial_runs.get(trial_id),
+            "config": dict(result.config or {}),
+            "status": status,
+            "rounds": int(last.get("rounds", 0)),
+            "score": float(score) if isinstance(score, (int, float)) and status != "failed" else None,
+            "checkpoint_path": last.get("checkpoint_path") if status == "completed" else None,
+        })
+    return trials
+
+
+def trial_id_from_path(path: str | None) -> str | None:
+    """Tune names trial folders <trainable>_<trial_id>_<n>_<params>; trial ids are <experiment>_<5 digits>."""
+    import re
+
+    m = re.search(r"_([0-9a-f]{5}_\d{5})_", path or "")
+    return m.group(1) if m else None
+
+
+def log_plots(client: Any, run_id: str, grid: Any, trials: list[dict[str, Any]], cfg: Config, metric: str) -> None:
+    """The sweep's plots on the parent run: metric against each parameter, and each trial's curve."""
+    plt = pyplot()
+
+    keys = list(cfg.tune.search_space)
+    cols = min(3, len(keys))
+    rows_n = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.5 * cols, 3.6 * rows_n), squeeze=False)
+    colours = {"completed": "#228833", "stopped": "#ee6677", "failed": "#bbbbbb"}
+    for ax, key in zip(axes.flat, keys):
+        for status, colour in colours.items():
+            pts = [(t["config"].get(key), t["score"]) for t in trials if t["status"] == status and t["score"] is not None]
+            if pts:
+                ax.scatter([p[0] for p in pts], [p[1] for p in pts], c=colour, label=status, s=28)
+        if cfg.tune.search_space[key].distribution == "loguniform":
+            ax.set_xscale("log")
+        ax.set(xlabel=key, ylabel=metric)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(f"{metric} of each trial against each tuned parameter")
+    fig.tight_layout()
+    log_figure(fig, "tune/metric_vs_params.png", run_id, client)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for result in grid:
+        df = result.metrics_dataframe
+        if df is None or "rounds" not in df or metric not in df:
+            continue
+        ax.plot(df["rounds"], df[metric], marker=".", lw=1)
+    ax.set(xlabel="boosting rounds", ylabel=metric, title="Trial progress (each line a trial; ASHA stops the weak)")
+    fig.tight_layout()
+    log_figure(fig, "tune/trial_progress.png", run_id, client)
