@@ -66,7 +66,6 @@ from churnlib.model.explain import explain, top_reasons
 from serve.loaders import LoadedVersion, RegistryLoader, UriLoader
 from serve.validation import Limits, RequestError, Validator
 
-
 logger = logging.getLogger("ray.serve")
 
 __all__ = ["ChurnService", "RegistryLoader", "UriLoader", "build_app", "settings_from_config"]

@@ -39,6 +39,33 @@ def pytest_configure(config: Any) -> None:
         os.environ.pop(var, None)
 
 
+# The unit tier (`python -m pytest -m unit`): no Ray instance, no server, no database.
+# A unit test that asks for one of these fixtures is a mistake in the test, caught here.
+_NOT_UNIT_FIXTURES = {"ray_session", "mlflow_server", "postgres_db", "s3_endpoint", "lab", "champion", "deploy",
+                      "trained", "sweep", "served", "ray_cluster"}
+
+
+def pytest_collection_modifyitems(config: Any, items: list) -> None:
+    for item in items:
+        if item.get_closest_marker("unit"):
+            heavy = _NOT_UNIT_FIXTURES & set(getattr(item, "fixturenames", ()))
+            if heavy:
+                raise pytest.UsageError(f"{item.nodeid} is marked unit but uses {sorted(heavy)}")
+
+
+@pytest.fixture(autouse=True)
+def _unit_starts_no_ray(request: pytest.FixtureRequest):
+    """A unit test must not connect this process to Ray (in the full suite, the session's may already be up)."""
+
+    def connected() -> bool:
+        return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+    before = connected()
+    yield
+    if request.node.get_closest_marker("unit") and not before:
+        assert not connected(), f"{request.node.nodeid} is marked unit but connected to Ray"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -294,6 +294,7 @@ def test_profile_compared_with_its_own_data_is_stable_and_a_shift_is_not(store):
     assert by_name["Support Calls"].verdict == "stable"
 
 
+@pytest.mark.unit
 def test_drift_thresholds_must_be_ordered(tmp_path):
     from churnlib.errors import ConfigError
 

@@ -10,6 +10,8 @@ from churnlib.config import load_config
 from churnlib.errors import ConfigError
 from tests.conftest import run_cli
 
+pytestmark = pytest.mark.unit  # no Ray, no server, no database
+
 
 def write(tmp_path, text: str):
     p = tmp_path / "user.yaml"

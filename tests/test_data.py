@@ -32,6 +32,7 @@ def sha(path) -> str:
 # The generator --------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_generator_is_deterministic(tmp_path):
     a = generate(1200, tmp_path / "a.csv", seed=5)
     b = generate(1200, tmp_path / "b.csv", seed=5)
@@ -50,6 +51,7 @@ def test_generator_is_deterministic(tmp_path):
     pd.testing.assert_frame_equal(multi, again)
 
 
+@pytest.mark.unit
 def test_generated_ranges_and_learnable_signal():
     df = next(iter_chunks(50_000, seed=1, chunk_rows=50_000))
     assert df["Age"].between(18, 65).all() and df["Tenure"].between(1, 60).all()
@@ -61,6 +63,7 @@ def test_generated_ranges_and_learnable_signal():
     assert roc_auc_score(df["Churn"], churn_logit(df)) > 0.93  # the documented rule explains churn
 
 
+@pytest.mark.unit
 def test_generate_refuses_bad_output_and_leaves_no_partial_file(tmp_path):
     with pytest.raises(DataError, match=".csv or .parquet"):
         generate(10, tmp_path / "out.txt")
@@ -69,6 +72,7 @@ def test_generate_refuses_bad_output_and_leaves_no_partial_file(tmp_path):
     assert list(tmp_path.iterdir()) == []  # no half-written file left behind
 
 
+@pytest.mark.unit
 def test_cli_generate(tmp_path):
     res = run_cli("data", "generate", "--rows", "500", "--out", str(tmp_path / "g.parquet"), "--json")
     assert res.returncode == 0, res.stderr
@@ -79,6 +83,7 @@ def test_cli_generate(tmp_path):
 # Sources --------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_resolve_file_folder_and_errors(tmp_path):
     generate(100, tmp_path / "one.csv")
     src = resolve_source(str(tmp_path / "one.csv"))
@@ -103,6 +108,7 @@ def test_resolve_file_folder_and_errors(tmp_path):
         resolve_source(str(tmp_path / "empty"))
 
 
+@pytest.mark.unit
 def test_digest_follows_content(tmp_path):
     a = generate(100, tmp_path / "a.csv", seed=1)
     d1 = resolve_source(str(a)).digest
@@ -289,6 +295,7 @@ def test_cli_validate_scoring_input_without_target(tmp_path):
     assert out["rows"] == 300 and out["positives"] == 0 and out["negatives"] == 0
 
 
+@pytest.mark.unit
 def test_id_column_is_optional_but_read_only_when_every_file_has_it(tmp_path):
     folder = tmp_path / "mixed"
     folder.mkdir()

@@ -11,6 +11,8 @@ from churnlib.data.features import FeatureSpec, encode_target, to_matrix
 from churnlib.data.generation import iter_chunks
 from churnlib.errors import FeatureError
 
+pytestmark = pytest.mark.unit  # no Ray, no server, no database
+
 
 @pytest.fixture(scope="module")
 def spec() -> FeatureSpec:

@@ -42,6 +42,7 @@ def _compose() -> dict:
     return yaml.safe_load(COMPOSE.read_text())
 
 
+@pytest.mark.unit
 def test_compose_config_parses_offline_with_an_env_file(tmp_path):
     binary = shutil.which("docker-compose")
     if binary is None:
@@ -60,6 +61,7 @@ def test_compose_config_parses_offline_with_an_env_file(tmp_path):
     assert res.returncode != 0 and "set RAY_AUTH_TOKEN in .env" in res.stderr
 
 
+@pytest.mark.unit
 def test_compose_services_healthchecks_volumes_and_dependencies():
     doc = _compose()
     services = doc["services"]
@@ -87,6 +89,7 @@ def test_compose_services_healthchecks_volumes_and_dependencies():
     assert published == {"5000", "8265", "8000", "9001"}
 
 
+@pytest.mark.unit
 def test_compose_holds_no_secret_literal():
     doc = _compose()
     seen = []
@@ -111,6 +114,7 @@ def test_compose_holds_no_secret_literal():
     assert ".env" in (REPO / ".gitignore").read_text().split()
 
 
+@pytest.mark.unit
 def test_images_match_the_pinned_versions():
     import ray
 
@@ -123,6 +127,7 @@ def test_images_match_the_pinned_versions():
 # cluster.yaml ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_cluster_yaml_is_valid_for_the_ray_cluster_launcher():
     from ray.autoscaler._private.util import prepare_config, validate_config
 
@@ -209,6 +214,8 @@ def _no_running(uri: str) -> bool:
     return not client.search_runs(experiments, filter_string="attributes.status = 'RUNNING'")
 
 
+@pytest.mark.unit
+@pytest.mark.unit
 @pytest.mark.parametrize("command", [["train"], ["evaluate", "--model-uri", "models:/m/1", "--data", "x.csv"],
                                      ["tune"], ["models", "list"]])
 def test_unreachable_tracking_server_is_one_line(tmp_path, command):

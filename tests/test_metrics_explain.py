@@ -17,6 +17,8 @@ from churnlib.evaluate.metrics import _WeightedAUC, paired_bootstrap, verdict_fr
 from churnlib.model.explain import explain, raw_values, top_reasons
 from tests.conftest import make_config
 
+pytestmark = pytest.mark.unit  # no Ray, no server, no database
+
 
 def test_weighted_auc_with_unit_weights_is_roc_auc_including_ties():
     rng = np.random.default_rng(1)

@@ -251,6 +251,7 @@ def test_a_recovered_worker_failure_logs_the_model_of_a_resume_without_one(ray_s
     assert client.get_run(clean.run_id).data.tags["churn.resumed_from"] == str(checkpoint)
 
 
+@pytest.mark.unit
 def test_resume_from_something_that_is_not_a_checkpoint_is_one_line(tmp_path):
     res = run_cli("train", "--resume-from", str(tmp_path), "--set", f"workspace={tmp_path / 'ws'}", cwd=tmp_path)
     assert res.returncode == 2
@@ -350,6 +351,7 @@ def test_unreachable_tracking_server_is_one_line_exit_1(tmp_path):
     assert "Traceback" not in res.stderr
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("metric", "xgb_name"), [("auc", "auc"), ("logloss", "logloss"), ("error@0.5", "error")])
 def test_early_stopping_matches_xgboosts_own(metric, xgb_name):
     """Our restartable early stopping picks the same best iteration as XGBoost's EarlyStopping."""

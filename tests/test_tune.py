@@ -125,6 +125,7 @@ def test_register_best_puts_the_best_trial_at_staging(sweep):
     assert float(run.data.params["xgboost.eta"]) == pytest.approx(result.best["config"]["eta"])
 
 
+@pytest.mark.unit
 def test_bad_search_space_is_refused_before_anything_starts(tmp_path):
     res = run_cli("tune", "--set", "tune.search_space={eta: {distribution: normal, low: 0.01, high: 0.3}}", cwd=tmp_path)
     assert res.returncode == 2

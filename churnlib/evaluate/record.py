@@ -30,6 +30,7 @@ from churnlib.tags import (
     TAG_BASELINE_URI,
     TAG_BASELINE_VERSION,
     TAG_COMMAND,
+    TAG_EVAL_PREFIX,
     TAG_EVAL_RUN,
     TAG_GATE_PREFIX,
     TAG_GATE_SOURCE,
@@ -188,7 +189,7 @@ def version_tags(run_tags: dict[str, str], metrics: dict[str, float], run_id: st
                              f"(digest {run_tags.get('data.digest', '?')})")
     for key in ("roc_auc", "accuracy", "log_loss"):
         if key in metrics:
-            tags[f"churn.eval.{key}"] = f"{metrics[key]:.6g}"
+            tags[f"{TAG_EVAL_PREFIX}{key}"] = f"{metrics[key]:.6g}"
     for key in (TAG_BASELINE_URI, TAG_BASELINE_VERSION, TAG_VERDICT):
         if key in run_tags:
             tags[key] = run_tags[key]
