@@ -24,11 +24,13 @@ from tests.conftest import (
     KAGGLE_TEST,
     KAGGLE_TRAIN_PARTIAL,
     S3_KEYS,
+    cli_env,
     log_local_model,
     make_config,
     no_running_runs,
     require_shared,
     run_cli,
+    session_ray_env,
 )
 
 QUIET = {"say": lambda m: None}
@@ -142,7 +144,7 @@ def test_existing_output_is_refused_and_untouched(store, scored):
     out = store["ws"] / "scores"
     before = sorted(p.name for p in out.iterdir())
     res = run_cli("predict", "--input", str(store["csv"]), "--output", str(out), "--set",
-                  f"workspace={store['cfg'].workspace}", cwd=store["ws"])
+                  f"workspace={store['cfg'].workspace}", cwd=store["ws"], attach=True)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines()[-1] == f"error: output {out} already exists; choose a new path (nothing is overwritten)"
     assert sorted(p.name for p in out.iterdir()) == before
@@ -158,7 +160,7 @@ def test_a_failure_mid_job_leaves_no_output_and_no_open_run(store):
     (folder / "part-1.csv").write_text("\n".join(text) + "\n")
     out = store["ws"] / "broken_scores"
     res = run_cli("predict", "--input", str(folder), "--output", str(out), "--set",
-                  f"workspace={store['cfg'].workspace}", cwd=store["ws"])
+                  f"workspace={store['cfg'].workspace}", cwd=store["ws"], attach=True)
     assert res.returncode == 2, res.stderr
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "part-1.csv" in last and "Expected" in last, last
@@ -210,7 +212,7 @@ def test_integer_ids_stay_integers_and_a_header_only_table_is_one_line(store, sc
     # a header and no rows
     store["table"].head(0).to_csv(tmp_path / "header.csv", index=False)
     res = run_cli("predict", "--input", str(tmp_path / "header.csv"), "--output", str(tmp_path / "h_out"),
-                  "--set", f"workspace={store['cfg'].workspace}", cwd=tmp_path)
+                  "--set", f"workspace={store['cfg'].workspace}", cwd=tmp_path, attach=True)
     assert res.returncode == 2, res.stderr[-2000:]
     assert res.stderr.strip().splitlines()[-1].endswith("header.csv: the table has no rows (a header only?): nothing to score")
     assert [p.name for p in tmp_path.iterdir() if "h_out" in p.name] == []
@@ -244,6 +246,7 @@ def test_ray_job_entrypoint_scores_parquet(store):
         [sys.executable, "-m", "ray_jobs.batch_predict", "--input", str(source), "--output", str(out), "--json",
          "--set", f"workspace={store['cfg'].workspace}"],
         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600,
+        env=cli_env(**session_ray_env()),
     )
     assert res.returncode == 0, res.stderr
     payload = json.loads(res.stdout.strip().splitlines()[-1])
@@ -321,7 +324,7 @@ def test_real_kaggle_training_and_test_files_are_reported_shifted(store):
 def test_cli_drift_of_a_table_with_itself_is_stable(store):
     test = require_shared(KAGGLE_TEST)
     res = run_cli("drift", "--reference", str(test), "--data", str(test), "--json", "--set",
-                  f"workspace={store['cfg'].workspace}", cwd=store["ws"])
+                  f"workspace={store['cfg'].workspace}", cwd=store["ws"], attach=True)
     assert res.returncode == 0, res.stderr
     features = json.loads(res.stdout.strip().splitlines()[-1])["features"]
     assert len(features) == 10 and {f["verdict"] for f in features} == {"stable"}
@@ -330,7 +333,7 @@ def test_cli_drift_of_a_table_with_itself_is_stable(store):
 
 def test_cli_drift_against_the_champion_profile(store):
     res = run_cli("drift", "--reference", f"models:/{store['cfg'].model.registered_name}@champion",
-                  "--data", str(store["csv"]), "--set", f"workspace={store['cfg'].workspace}", cwd=store["ws"])
+                  "--data", str(store["csv"]), "--set", f"workspace={store['cfg'].workspace}", cwd=store["ws"], attach=True)
     assert res.returncode == 0, res.stderr
     assert "feature" in res.stdout and "verdict" in res.stdout
     assert "drift: all 10 features stable" in res.stderr

@@ -221,18 +221,18 @@ def test_split_is_deterministic_across_files_and_formats(ray_session, tmp_path):
     assert other_seed.valid_rows != one.valid_rows or other_seed.train_rows != one.train_rows
 
 
-def test_cli_validate_exit_codes(tmp_path):
+def test_cli_validate_exit_codes(ray_session, tmp_path):
     good = _table(tmp_path, "good.csv")
-    res = run_cli("data", "validate", str(good), "--json", cwd=tmp_path)
+    res = run_cli("data", "validate", str(good), "--json", cwd=tmp_path, attach=True)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert out["valid"] and out["rows"] == 300
     bad = _table(tmp_path, "bad.csv", edit=_set("Gender", [2], "Other"))
-    res = run_cli("data", "validate", str(bad), cwd=tmp_path)
+    res = run_cli("data", "validate", str(bad), cwd=tmp_path, attach=True)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [res.stderr.strip()]
     assert res.stderr.startswith("error: ") and "'Gender'" in res.stderr and "'Other'" in res.stderr
-    res = run_cli("data", "validate", str(tmp_path / "nope.csv"), cwd=tmp_path)
+    res = run_cli("data", "validate", str(tmp_path / "nope.csv"), cwd=tmp_path, attach=True)
     assert res.returncode == 2 and "not found" in res.stderr
 
 
@@ -285,11 +285,11 @@ def test_reads_csv_from_s3(ray_session, s3_endpoint, tmp_path, monkeypatch):
         resolve_source("s3://churn-data/nothing-here.csv")
 
 
-def test_cli_validate_scoring_input_without_target(tmp_path):
+def test_cli_validate_scoring_input_without_target(ray_session, tmp_path):
     path = _table(tmp_path, "score.csv", edit=lambda df: df.drop(columns=["Churn"]))
-    res = run_cli("data", "validate", str(path), cwd=tmp_path)
+    res = run_cli("data", "validate", str(path), cwd=tmp_path, attach=True)
     assert res.returncode == 2 and "missing column(s) 'Churn'" in res.stderr
-    res = run_cli("data", "validate", str(path), "--no-target", "--json", cwd=tmp_path)
+    res = run_cli("data", "validate", str(path), "--no-target", "--json", cwd=tmp_path, attach=True)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert out["rows"] == 300 and out["positives"] == 0 and out["negatives"] == 0

@@ -26,6 +26,7 @@ from tests.conftest import (
     no_running_runs,
     require_shared,
     run_cli,
+    session_ray_env,
 )
 
 QUIET = {"say": lambda m: None}
@@ -187,7 +188,8 @@ def test_ray_job_gate_failure_exits_3_after_logging(store):
         [sys.executable, "-m", "ray_jobs.evaluate", "--model-uri", store["weak"], "--data", str(store["test"]),
          "--gate", "--json", "--set", f"workspace={store['ws'] / '.churn'}", "--set", "evaluation.shap.enabled=false"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
-        env={k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")},
+        env={**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")},
+             **session_ray_env()},
     )
     assert res.returncode == 3, res.stderr
     last = res.stderr.strip().splitlines()[-1]
@@ -203,8 +205,7 @@ def test_cli_gate_pass_exits_0(store):
     res = run_cli(
         "evaluate", "--model-uri", store["good"], "--data", str(store["test"]), "--gate",
         "--set", f"workspace={store['ws'] / '.churn'}", "--set", "evaluation.shap.max_samples=500",
-        "--set", "evaluation.thresholds={roc_auc: 0.85}", cwd=store["ws"],
-    )
+        "--set", "evaluation.thresholds={roc_auc: 0.85}", cwd=store["ws"], attach=True)
     assert res.returncode == 0, res.stderr
     assert "gate: passed" in res.stdout and "roc_auc: 0.9" in res.stdout
 

@@ -26,7 +26,7 @@ def _port_is_free(port: int) -> bool:
 
 def test_quickstart_runs_every_step_and_stops_serve(tmp_path):
     port = free_port()
-    res = run_cli("quickstart", "--rows", "20000", "--port", str(port), cwd=tmp_path, timeout=900)
+    res = run_cli("quickstart", "--rows", "10000", "--port", str(port), cwd=tmp_path, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     steps = [m.groups() for m in map(STEP.match, res.stderr.splitlines()) if m]
     assert [(n, name) for n, name, _ in steps] == [
@@ -34,7 +34,7 @@ def test_quickstart_runs_every_step_and_stops_serve(tmp_path):
             ("data", "train", "evaluate", "register", "promote", "serve", "requests", "batch", "stop"), start=1)
     ]
     lines = dict((name, line) for _, name, line in steps)
-    assert "20,000 training rows" in lines["data"]
+    assert "10,000 training rows" in lines["data"]
     assert re.search(r"2 Ray Train workers, validation AUC 0\.9\d+", lines["train"])
     assert "gate passed" in lines["evaluate"] and "SHAP top feature" in lines["evaluate"]
     assert lines["register"].startswith("xgboost_churn_model version 1 (new), alias staging")
@@ -42,7 +42,7 @@ def test_quickstart_runs_every_step_and_stops_serve(tmp_path):
     assert lines["serve"] == f"http://127.0.0.1:{port} answering with version 1"
     assert len(re.findall(r"customer \d+: P\(churn\) 0\.\d{3}", res.stderr)) == 3
     assert re.search(r"because \w[\w ]*=", res.stderr)  # the explained answer gives reasons
-    assert re.search(r"4,000 rows scored with reasons -> .*scores-\d{8}-\d{6}\.parquet", lines["batch"])
+    assert re.search(r"2,000 rows scored with reasons -> .*scores-\d{8}-\d{6}\.parquet", lines["batch"])
     assert "mlflow ui --backend-store-uri sqlite:///" in res.stderr and f"127.0.0.1:{port}/docs" in res.stderr
     assert re.search(r"quickstart: done in \d+\.\d s", res.stderr)
     assert _port_is_free(port)  # Serve is stopped

@@ -19,7 +19,14 @@ from churnlib.data.generation import generate, iter_chunks
 from churnlib.errors import PromotionRefusedError, RegistryError
 from churnlib.evaluate.command import evaluate
 from churnlib.registry.registry import Registry
-from tests.conftest import REPO, free_port, log_local_model, make_config, run_cli
+from tests.conftest import (
+    REPO,
+    free_port,
+    log_local_model,
+    make_config,
+    run_cli,
+    session_ray_env,
+)
 
 NAME = "xgboost_churn_model"
 QUIET = {"say": lambda m: None}
@@ -344,9 +351,11 @@ def test_mlflow_models_serve_answers_for_the_champion(lab):
         proc.wait(timeout=30)
 
 
-def test_scripts_train_eval_register_alias_promote_list_info(tmp_path):
-    """The original project's scripts, with arguments, in order, each stopping on the first error."""
+def test_scripts_train_eval_register_alias_promote_list_info(ray_session, tmp_path):
+    """The original project's scripts, with arguments, in order, each stopping on the first error
+    (on the session's Ray instance, as on a cluster)."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    env.update(session_ray_env())
     env["CHURN"] = f"{sys.executable} -m churnlib"
     env["PYTHONPATH"] = str(REPO)
     common = ["--set", f"workspace={tmp_path / '.churn'}"]

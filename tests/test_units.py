@@ -215,7 +215,13 @@ def test_haproxy_state_is_private_and_its_listeners_on_loopback(tmp_path, monkey
 
 def test_sweep_state_merges_updates_and_resumes_with_todays_mlflow(tmp_path):
     from churnlib.config import load_config
-    from churnlib.tune.state import STATE_SUFFIX, read_state, resume_command, resumed_config, write_state
+    from churnlib.tune.state import (
+        STATE_SUFFIX,
+        read_state,
+        resume_command,
+        resumed_config,
+        write_state,
+    )
 
     path = str(tmp_path / "sweeps" / f"s1{STATE_SUFFIX}")
     assert read_state(path) == {}
@@ -237,7 +243,13 @@ def test_sweep_state_merges_updates_and_resumes_with_todays_mlflow(tmp_path):
 
 def test_version_tags_carry_the_gate_its_source_and_the_headline_metrics():
     from churnlib.evaluate.record import version_tags
-    from churnlib.tags import TAG_BASELINE_VERSION, TAG_EVAL_RUN, TAG_GATE_SOURCE, TAG_GATE_STATUS, TAG_VERDICT
+    from churnlib.tags import (
+        TAG_BASELINE_VERSION,
+        TAG_EVAL_RUN,
+        TAG_GATE_SOURCE,
+        TAG_GATE_STATUS,
+        TAG_VERDICT,
+    )
 
     run_tags = {TAG_GATE_STATUS: "passed", "churn.gate.roc_auc": "passed: 0.95 >= 0.7", "data.source": "t.csv",
                 "data.digest": "abc", TAG_BASELINE_VERSION: "3", TAG_VERDICT: "better", "other": "x"}
@@ -267,7 +279,12 @@ def test_profile_counts_merge_and_compare():
     from churnlib.config import load_config
     from churnlib.data.features import FeatureSpec, to_matrix
     from churnlib.data.generation import iter_chunks
-    from churnlib.data.profiles import batch_counts, build_profile, compare, merge_counts
+    from churnlib.data.profiles import (
+        batch_counts,
+        build_profile,
+        compare,
+        merge_counts,
+    )
 
     spec = FeatureSpec.from_config(load_config(env={}).features)
     raw = next(iter_chunks(4000, seed=5, chunk_rows=4000))
