@@ -380,3 +380,21 @@ def test_early_stopping_matches_xgboosts_own(metric, xgb_name):
     assert state["stopped_early"] and ours.num_boosted_rounds() < 300
     assert state["best_iteration"] == theirs.best_iteration
     assert ours.num_boosted_rounds() == theirs.num_boosted_rounds()
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_shards_cover_every_row_once_for_any_worker_count(ray_session, workers):
+    """One fixed contiguous shard per rank, balanced to a row, none dropped; one worker gets the
+    whole table (issue: `ray.num_workers=1` failed with "indices must be at least of length 1")."""
+    import ray
+
+    from churnlib.train.trainer import shard_datasets
+
+    table = ray.data.range(1000, override_num_blocks=4).materialize()
+    datasets, data_config = shard_datasets(table, workers)
+    assert sorted(datasets) == [f"data_{i}" for i in range(workers)]
+    counts = [datasets[f"data_{i}"].count() for i in range(workers)]
+    assert sum(counts) == 1000 and max(counts) - min(counts) <= 1
+    ids = [row["id"] for i in range(workers) for row in datasets[f"data_{i}"].take_all()]
+    assert ids == list(range(1000))  # contiguous, in order
+    assert data_config is not None

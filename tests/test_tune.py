@@ -32,7 +32,7 @@ SWEEP = {
         "max_depth": {"distribution": "randint", "low": 1, "high": 6},
         "subsample": {"distribution": "uniform", "low": 0.6, "high": 1.0},
     },
-    "xgboost.num_boost_round": 20,
+    "xgboost.num_boost_round": 30,
     "data.generate_rows": 3000,
 }
 

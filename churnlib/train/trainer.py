@@ -78,7 +78,8 @@ def shard_datasets(dataset: Any, num_workers: int) -> tuple[dict[str, Any], Any]
     if not isinstance(dataset, MaterializedDataset):
         return {DATA: dataset}, None
     n = dataset.count()
-    parts = dataset.split_at_indices([n * i // num_workers for i in range(1, num_workers)])
+    # one worker: the whole table (Ray Data refuses an empty list of split points)
+    parts = dataset.split_at_indices([n * i // num_workers for i in range(1, num_workers)]) if num_workers > 1 else [dataset]
     return {f"{DATA}_{i}": part for i, part in enumerate(parts)}, DataConfig(datasets_to_split=[])
 
 
