@@ -38,6 +38,56 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message}\n")
 
 
+# An example for every command: shown under its --help.
+EXAMPLES = {
+    "": "examples:\n  churn quickstart                      # the whole lifecycle on generated data\n"
+        "  churn train --data customers.csv && churn models list\n  churn <command> --help                # each command, with examples",
+    "data generate": "churn data generate --rows 100000 --out customers.parquet --seed 7",
+    "data validate": "churn data validate customers.csv\nchurn data validate to_score.csv --no-target --json",
+    "train": "churn train --data customers.csv --run-name first\nchurn train --set ray.num_workers=4 --set ray.use_gpu=true\n"
+             "churn train --resume-from <the checkpoint folder an interrupted run printed>",
+    "tune": "churn tune --data customers.csv --num-samples 16 --register-best\nchurn tune --resume churn-tune-20261201-101500",
+    "evaluate": "churn evaluate --model-uri models:/xgboost_churn_model@staging --data test.csv \\\n"
+                "    --compare-baseline models:/xgboost_churn_model@champion --gate",
+    "models register": "churn models register --run-id <run id> --alias staging",
+    "models set-alias": "churn models set-alias --version 3 --alias challenger",
+    "models delete-alias": "churn models delete-alias --alias challenger",
+    "models promote": "churn models promote                 # staging -> champion, if its evaluation allows it\n"
+                      "churn models promote --version 4 --force",
+    "models rollback": "churn models rollback                # champion -> the version it replaced",
+    "models list": "churn models list\nchurn models list --json",
+    "models info": "churn models info --alias staging",
+    "predict": "churn predict --input s3://bucket/customers/ --output s3://bucket/scores/2026-12-01/ --explain",
+    "drift": "churn drift --reference models:/xgboost_churn_model@champion --data this_month.csv",
+    "quickstart": "churn quickstart --rows 50000 --port 8001",
+    "serve": "churn serve --port 8000 --replicas 2\nCHURN_API_KEY=... churn serve --alias challenger --port 8001",
+    "config": "churn config --set xgboost.max_depth=8\nchurn config --config configs/telco.yaml",
+}
+
+
+def _describe(parser: argparse.ArgumentParser, path: str = "") -> None:
+    """Give every subcommand a description (its help line) and its examples (under --help)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help for a in action._choices_actions}
+            for name, sub in action.choices.items():
+                key = f"{path} {name}".strip()
+                sub.description = sub.description or (helps.get(name) or "").capitalize() or None
+                if key in EXAMPLES:
+                    sub.epilog = "examples:\n" + "\n".join(f"  {line}" for line in EXAMPLES[key].splitlines())
+                    sub.formatter_class = argparse.RawDescriptionHelpFormatter
+                _describe(sub, key)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("churn-prediction")
+    except PackageNotFoundError:  # a source checkout that was never installed
+        return "unknown (not installed)"
+
+
 def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
     if config:
         p.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML merged over the default (repeatable)")
@@ -48,15 +98,18 @@ def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `churn` argument parser: every subcommand with its help and examples."""
-    parser = _Parser(prog="churn", description="Churn prediction on Ray and MLflow")
+    parser = _Parser(prog="churn", description="Churn prediction on Ray and MLflow: from a customer table to a served, "
+                     "monitored model.", epilog=EXAMPLES[""], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"churn {_version()}",
+                        help="print the version of churn and exit")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p_data = sub.add_parser("data", help="generate or validate a churn table")
     data_sub = p_data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     p_gen = data_sub.add_parser("generate", help="write a deterministic synthetic churn table")
-    p_gen.add_argument("--rows", type=int, required=True)
+    p_gen.add_argument("--rows", type=int, required=True, help="how many customers (rows) to write")
     p_gen.add_argument("--out", required=True, help="output .csv or .parquet")
-    p_gen.add_argument("--seed", type=int, default=7)
+    p_gen.add_argument("--seed", type=int, default=7, help="random seed: the same seed writes the same table (default: 7)")
     _common(p_gen, config=False)
     p_gen.set_defaults(func=cmd_data_generate)
 
@@ -85,22 +138,22 @@ def build_parser() -> argparse.ArgumentParser:
     p_models = sub.add_parser("models", help="the model registry: register, aliases, promote, rollback, list, info")
     m_sub = p_models.add_subparsers(dest="models_command", required=True, parser_class=_Parser)
     p_reg = m_sub.add_parser("register", help="a registry version from a training run's model (idempotent)")
-    p_reg.add_argument("--run-id", required=True)
+    p_reg.add_argument("--run-id", required=True, help="the MLflow run of `churn train` (or of a tune trial) whose model to register")
     p_reg.add_argument("--alias", help="also point this alias at the version, e.g. staging")
-    p_reg.add_argument("--description")
+    p_reg.add_argument("--description", help="free text stored on the version")
     _common(p_reg)
     p_reg.set_defaults(func=cmd_models_register)
     p_set = m_sub.add_parser("set-alias", help="point an alias at a version")
-    p_set.add_argument("--version", required=True)
-    p_set.add_argument("--alias", required=True)
+    p_set.add_argument("--version", required=True, help="the registry version number")
+    p_set.add_argument("--alias", required=True, help="e.g. staging, challenger (champion and previous move with promote and rollback)")
     _common(p_set)
     p_set.set_defaults(func=cmd_models_set_alias)
     p_del = m_sub.add_parser("delete-alias", help="remove an alias")
-    p_del.add_argument("--alias", required=True)
+    p_del.add_argument("--alias", required=True, help="the alias to remove")
     _common(p_del)
     p_del.set_defaults(func=cmd_models_delete_alias)
     p_pro = m_sub.add_parser("promote", help="champion -> this version (default: staging) if its latest evaluation passed")
-    p_pro.add_argument("--version")
+    p_pro.add_argument("--version", help="the version to promote (default: the one at staging)")
     p_pro.add_argument("--force", action="store_true",
                        help="promote despite a refusal (no evaluation, a failed gate, no comparison with the champion, "
                             "worse than it); the reasons are recorded on the version")
@@ -115,8 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_list.set_defaults(func=cmd_models_list)
     p_info = m_sub.add_parser("info", help="one version in full (default: champion)")
     which = p_info.add_mutually_exclusive_group()
-    which.add_argument("--version")
-    which.add_argument("--alias")
+    which.add_argument("--version", help="a version number")
+    which.add_argument("--alias", help="an alias, e.g. staging")
     _common(p_info)
     p_info.set_defaults(func=cmd_models_info)
 
@@ -147,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_cfg = sub.add_parser("config", help="print the resolved configuration")
     _common(p_cfg)
     p_cfg.set_defaults(func=cmd_config)
+    _describe(parser)
     return parser
 
 
@@ -178,7 +232,7 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="test table with the target column: CSV or Parquet, local or s3://")
     p.add_argument("--compare-baseline", metavar="URI", help="score this model on the same rows too, e.g. models:/xgboost_churn_model@champion")
     p.add_argument("--gate", action="store_true", help="exit 3 when a gate fails (after logging everything)")
-    p.add_argument("--run-name")
+    p.add_argument("--run-name", help="MLflow run name (default: evaluate-<first 8 characters of the training run>)")
     _common(p)
 
 

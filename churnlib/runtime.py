@@ -8,10 +8,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from churnlib import interrupts
 from churnlib.errors import ResourceError
+
+if TYPE_CHECKING:
+    from churnlib.config import RayConfig
 
 _STARTED_HERE = False
 _CONNECTED_HERE = False
@@ -45,7 +48,7 @@ def quiet_logs(verbose: bool) -> None:
 LOCAL_FOOTER_ACTORS = 1
 
 
-def ensure_ray(ray_cfg: Any, verbose: bool = False) -> bool:
+def ensure_ray(ray_cfg: RayConfig, verbose: bool = False) -> bool:
     """Connect to ``ray.address`` (or RAY_ADDRESS), or start a local instance.
 
     Returns True when this process started a local instance (whose resources
@@ -148,7 +151,7 @@ def check_port_free(host: str, port: int) -> None:
             raise ResourceError(f"port {port} on {host} is in use; choose another with --port") from None
 
 
-def check_resources(ray_cfg: Any, local: bool, streaming: bool = False) -> None:
+def check_resources(ray_cfg: RayConfig, local: bool, streaming: bool = False) -> None:
     """Fail with one line when the cluster cannot place the training workers.
 
     A local instance cannot grow, so a shortfall fails at once. On an existing

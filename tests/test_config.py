@@ -158,3 +158,35 @@ def test_cli_reads_an_ignored_dotenv_but_the_environment_wins(tmp_path):
     cfg = json.loads(res.stdout)
     assert cfg["mlflow"]["experiment_name"] == "from-dotenv"
     assert cfg["mlflow"]["tracking_uri"] == "http://env:5000"
+
+
+def test_every_command_has_a_description_an_example_and_help_for_every_flag():
+    import argparse
+
+    from churnlib.cli import EXAMPLES, build_parser
+
+    seen = []
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    key = f"{path} {name}".strip()
+                    walk(sub, key)
+            elif action.option_strings and action.dest != "help":
+                assert action.help, f"churn {path} {action.option_strings[0]} has no help text"
+        if path and not any(isinstance(a, argparse._SubParsersAction) for a in parser._actions):
+            seen.append(path)
+            assert parser.description, f"churn {path} has no description"
+            assert parser.epilog and parser.epilog.startswith("examples:\n  churn "), f"churn {path} has no example"
+
+    walk(build_parser(), "")
+    assert sorted(seen) == sorted(k for k in EXAMPLES if k)
+    assert len(seen) == 17
+
+
+def test_version_flag(tmp_path):
+    from importlib.metadata import version
+
+    res = run_cli("--version", cwd=tmp_path)
+    assert res.returncode == 0 and res.stdout.strip() == f"churn {version('churn-prediction')}"

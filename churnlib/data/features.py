@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import pandas as pd
 
 from churnlib.errors import FeatureError
+
+if TYPE_CHECKING:
+    from churnlib.config import FeaturesConfig
 
 # Cell values read as "no value" in any column (besides real nulls/NaN).
 _BLANK = ("", "na", "n/a", "nan", "null", "none")
@@ -44,7 +47,7 @@ class FeatureSpec:
         )
 
     @classmethod
-    def from_config(cls, features_cfg: Any) -> "FeatureSpec":
+    def from_config(cls, features_cfg: FeaturesConfig) -> "FeatureSpec":
         return cls(
             numeric=tuple(features_cfg.numeric),
             categorical=tuple((c, tuple(str(v) for v in lv)) for c, lv in features_cfg.categorical.items()),

@@ -12,7 +12,7 @@ refuses a table with problem rows; batch scoring writes them to a rejects file.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -22,6 +22,9 @@ from churnlib.data.preparation import ROW_EMPTY, ROW_PROBLEM, id_text, row_unifo
 from churnlib.data.sources import read_raw
 from churnlib.data.validation import empty_rows
 from churnlib.model.predictor import ChurnPredictor
+
+if TYPE_CHECKING:
+    from churnlib.config import ScoringConfig
 
 # Seed of the per-row uniform used to sample rows (explanations); fixed so a
 # rerun on the same table explains the same customers.
@@ -123,7 +126,7 @@ def put_payloads(predictors: list[ChurnPredictor]) -> list[Any]:
     return [ray.put(p.to_payload()) for p in predictors]
 
 
-def actor_pool(scoring_cfg: Any):
+def actor_pool(scoring_cfg: ScoringConfig):
     """The actor pool strategy for scoring, sized by ``scoring.actors``."""
     from ray.data import ActorPoolStrategy
 
@@ -135,7 +138,7 @@ def score_dataset(
     read_spec: FeatureSpec,
     columns: list[str],
     predictors: list[ChurnPredictor],
-    scoring_cfg: Any,
+    scoring_cfg: ScoringConfig,
     with_target: bool,
     keep_features: bool = False,
 ):

@@ -3,13 +3,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from churnlib.config import XGB_MAXIMIZE, Config
 from churnlib.train.loop import score_key
 
+if TYPE_CHECKING:
+    from churnlib.config import TuneSettings
 
-def search_space(tune_cfg: Any) -> dict[str, Any]:
+
+def search_space(tune_cfg: TuneSettings) -> dict[str, Any]:
     """``tune.search_space`` -> Ray Tune distributions, keyed by XGBoost parameter."""
     from ray import tune
 
