@@ -72,6 +72,11 @@ def test_register_is_idempotent_and_tags_the_version(lab):
     again, created = reg.register(lab["runs"]["good1"])
     assert not created and again.version == "1"
     assert [v.version for v in reg.versions()] == ["1"]
+    # the logged model names its version (the MLflow UI's model page links to it), once
+    client = mlflow.MlflowClient(cfg.tracking_uri)
+    model_id = client.get_model_version("reg_idem", "1").source.split("/")[-1]  # models:/m-...
+    linked = json.loads(client.get_logged_model(model_id).tags["mlflow.modelVersions"])
+    assert linked.count({"name": "reg_idem", "version": "1"}) == 1
     # the version loads as the model it was registered from
     mlflow.set_tracking_uri(cfg.tracking_uri)
     out = mlflow.pyfunc.load_model("models:/reg_idem@staging").predict(pd.read_parquet(lab["test"]).head(5))

@@ -255,10 +255,23 @@ class Registry:
                     description=description, model_id=source.split("/")[-1],
                 )
                 info, created = VersionInfo.of(mv), True
+            self._link(source.split("/")[-1], info.version)
             if alias is not None:
                 self.client.set_registered_model_alias(self.name, alias, info.version)
                 info = self.version(info.version)
         return info, created
+
+    def _link(self, model_id: str, version: str) -> None:
+        """Name the version on the logged model (``mlflow.modelVersions``), as ``mlflow.register_model``
+        does: the model's page in the MLflow UI then shows the version instead of "Not registered"."""
+        import json
+
+        from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+        entry = {"name": self.name, "version": str(version)}
+        current = json.loads(self.client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+        if entry not in current:
+            self.client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([*current, entry])})
 
     def _registration_tags(self, run_id: str) -> dict[str, str]:
         run = self.client.get_run(run_id)
