@@ -20,7 +20,7 @@ from churnlib.errors import ChurnError, GateFailedError, first_line
 from churnlib.evaluate.command import evaluate
 from churnlib.registry.registry import STAGING, Registry
 from churnlib.runtime import free_port, quiet_logs
-from churnlib.serving.runner import start, stop
+from churnlib.serving import runner as serving
 from churnlib.train.command import default_data_path, train
 
 if TYPE_CHECKING:
@@ -117,7 +117,7 @@ def quickstart(cfg: Config, rows: int | None = None, port: int | None = None, ve
         # half a CPU for the replica: on 2 cores the batch step scores beside it
         serve_sets = [*(sets or []), f"workspace={cfg.workspace_path}",
                       f"serve.cpus_per_replica={min(cfg.serve.cpus_per_replica, 0.5):g}"]
-        out["serve"] = start(cfg, {"config": config_path, "set": serve_sets}, chosen, verbose=verbose)
+        out["serve"] = serving.start(cfg, {"config": config_path, "set": serve_sets}, chosen, verbose=verbose)
         out["url"] = out["serve"].url
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -153,7 +153,7 @@ def quickstart(cfg: Config, rows: int | None = None, port: int | None = None, ve
     def stop_step() -> str:
         say(f"      MLflow UI:  mlflow ui --backend-store-uri {cfg.tracking_uri}   (then http://127.0.0.1:5000)")
         say(f"      Serve docs: {out['url']}/docs   (run `churn serve` to keep it up)")
-        stop(out.pop("serve"), cfg.serve.shutdown_grace_s, quiet)
+        serving.stop(out.pop("serve"), cfg.serve.shutdown_grace_s, quiet)
         return "Serve stopped"
 
     try:
@@ -162,6 +162,6 @@ def quickstart(cfg: Config, rows: int | None = None, port: int | None = None, ve
             step(name, fn)
     finally:
         if "serve" in out:
-            stop(out.pop("serve"), cfg.serve.shutdown_grace_s, quiet)
+            serving.stop(out.pop("serve"), cfg.serve.shutdown_grace_s, quiet)
     say(f"quickstart: done in {time.perf_counter() - t_all:.1f} s")
     return out

@@ -15,7 +15,6 @@ import stat
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -347,6 +346,3 @@ def test_old_model_paths_still_find_the_wrapper():
     res = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "True", res.stderr
 
-
-def test_no_module_reads_a_path_relative_to_the_repo_at_import():
-    assert Path(REPO / "churnlib" / "default_config.yaml").is_file()
