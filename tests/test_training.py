@@ -227,9 +227,11 @@ def test_a_recovered_worker_failure_logs_the_model_of_a_resume_without_one(ray_s
     # progress carried on from the restored round, not from round 1
     restored = [m for m in messages if m["kind"] == "round" and m["restarts"] == 1]
     resumed_at = restored[0]["iteration"]
-    # the first round after a checkpoint, counted absolutely: the one the kill followed (round 10), or
-    # the one before when the kill beat Ray Train to registering it; never round 1 again
-    assert 5 <= resumed_at <= killed["after"] + 1 and resumed_at % 5 == 0, (resumed_at, killed)
+    # the first round after a checkpoint, counted absolutely, never round 1 again: the checkpoint Ray
+    # Train had registered when the kill landed (the progress line that triggers it arrives a little
+    # after the worker wrote it, so training may have gone on by then), and no later than it had got
+    before = max(m["iteration"] for m in messages if m["kind"] == "round" and m["restarts"] == 0)
+    assert 5 <= resumed_at <= before + 1 and resumed_at % 5 == 0, (resumed_at, before, killed)
     assert [m["iteration"] for m in restored] == sorted({m["iteration"] for m in restored})
 
     # the same checkpoint, resumed without a kill: the same model to the last tree
