@@ -316,6 +316,10 @@ class FeaturesConfig(_Section):
     target: TargetConfig
     numeric: list[str] = []
     categorical: dict[str, list[str]] = {}
+    # What each column means, with its unit: shown in the API docs (Swagger UI) and the signature.
+    descriptions: dict[str, str] = {}
+    # One real customer in the raw schema: the example record of the API docs.
+    example: dict[str, Any] | None = None
 
     @field_validator("categorical")
     @classmethod
@@ -344,7 +348,29 @@ class FeaturesConfig(_Section):
                 raise ValueError(f"column {special!r} is both a feature and the target/id column")
         if self.id_column and self.id_column == self.target.column:
             raise ValueError("id_column and target column are the same")
+        known = set(names) | {c for c in (self.id_column, self.target.column) if c}
+        unknown = sorted(set(self.descriptions) - known)
+        if unknown:
+            raise ValueError(f"descriptions: no column named {unknown[0]!r}")
+        if self.example is not None:
+            self._check_example(self.example, known)
         return self
+
+    def _check_example(self, example: dict[str, Any], known: set[str]) -> None:
+        """The example record must be one the service accepts: every feature, valid values."""
+        for column in sorted(set(example) - known):
+            raise ValueError(f"example: no column named {column!r}")
+        for column in self.numeric:
+            value = example.get(column, "missing")
+            if value == "missing":
+                raise ValueError(f"example: feature {column!r} is missing")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"example: {column!r} must be a number, not {value!r}")
+        for column, levels in self.categorical.items():
+            if column not in example:
+                raise ValueError(f"example: feature {column!r} is missing")
+            if example[column] is not None and str(example[column]) not in {str(v) for v in levels}:
+                raise ValueError(f"example: {column!r} is {example[column]!r}, not one of its levels")
 
 
 class Config(_Section):
@@ -449,7 +475,7 @@ class Config(_Section):
 _LEAF_MAPPINGS = {"features.categorical", "tune.search_space"}
 # Mappings a user's file replaces whole instead of merging into: another
 # table's categorical columns, or a smaller set of gates, must not inherit ours.
-_REPLACED_MAPPINGS = {"categorical", "thresholds", "search_space"}
+_REPLACED_MAPPINGS = {"categorical", "thresholds", "search_space", "descriptions", "example"}
 
 
 def default_config_text() -> str:
@@ -464,6 +490,22 @@ def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]
             out[key] = _deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
+    return out
+
+
+# What describes one table's columns: a file that lists other columns (another
+# table) starts without ours, unless it gives its own.
+_TABLE_DOCS = ("descriptions", "example")
+
+
+def _merge_file(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` (a config file) merged into ``base``; another table's columns drop ours' docs."""
+    out = _deep_merge(base, over)
+    features = over.get("features") if isinstance(over, Mapping) else None
+    if isinstance(features, Mapping) and ({"numeric", "categorical"} & set(features)):
+        for key in _TABLE_DOCS:
+            if key not in features:
+                out["features"].pop(key, None)
     return out
 
 
@@ -546,7 +588,7 @@ def load_config(
     else:
         files = list(config_files)
     for path in files:
-        tree = _deep_merge(tree, _read_yaml(path))
+        tree = _merge_file(tree, _read_yaml(path))
 
     environ = os.environ if env is None else env
     for var, key in ENV_OVERRIDES.items():

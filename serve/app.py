@@ -51,12 +51,12 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from ray import serve
 
 from churnlib.config import Config, load_config
@@ -81,8 +81,62 @@ def _json(payload: Any) -> Response:
 
 class ErrorBody(BaseModel):
     """The body of every error response: what went wrong, in one line."""
-    detail: str
-    errors: Optional[list[dict[str, Any]]] = None
+    detail: str = Field(description="what went wrong, in one line", examples=["record 0: 'Age': missing"])
+    errors: Optional[list[dict[str, Any]]] = Field(
+        None, description="every problem found: record index, field, message, type",
+        examples=[[{"record": 0, "field": "Age", "message": "Field required", "type": "missing"}]])
+
+
+class PredictAnswer(BaseModel):
+    """The answer for one record (a list of records gets a list of these, in order)."""
+    churn_probability: float = Field(description="P(churn) for this customer, 0-1", examples=[0.8731])
+    churn_label: int = Field(description="1 when churn_probability >= the decision threshold, else 0", examples=[1])
+    model_name: str = Field(description="registered model that answered", examples=["xgboost_churn_model"])
+    model_version: str = Field(description="its version (the one behind the alias when the request came in)",
+                               examples=["3"])
+    customer_id: Optional[Union[int, str]] = Field(None, description="the record's id column, echoed when sent",
+                                                   examples=[2])
+
+
+class Reason(BaseModel):
+    """One feature's push on the score."""
+    feature: str = Field(examples=["Support Calls"])
+    value: Any = Field(description="the record's raw value", examples=[7])
+    contribution: float = Field(description="SHAP contribution, log-odds", examples=[1.42])
+
+
+class ExplainAnswer(PredictAnswer):
+    """P(churn) with its SHAP decomposition: base_value + sum(contributions) = log-odds of churn_probability."""
+    base_value: float = Field(description="the model's average output, log-odds", examples=[-0.12])
+    contributions: dict[str, float] = Field(description="SHAP contribution per raw feature, log-odds",
+                                            examples=[{"Support Calls": 1.42, "Age": 0.31}])
+    top_reasons: list[Reason] = Field(description="the features that pushed the score most, largest first")
+    units: str = Field(description="unit of base_value and contributions", examples=["log-odds"])
+
+
+class Health(BaseModel):
+    """Readiness: 200 ready/degraded while a model is loaded, 503 not_ready before."""
+    status: Literal["ready", "degraded", "not_ready"]
+    ready: bool
+    source: str = Field(description="what the service follows", examples=["models:/xgboost_churn_model@champion"])
+    model: Optional[dict[str, str]] = Field(None, examples=[{"name": "xgboost_churn_model", "version": "3"}])
+    registry: str = Field(description="'ok', or why the registry cannot be reached", examples=["ok"])
+    last_load_error: Optional[str] = Field(None, description="why the latest version could not be loaded")
+    reason: Optional[str] = Field(None, description="why no model is loaded (not_ready only)")
+
+
+class ModelInfo(BaseModel):
+    """The version that answers, where it comes from and how it scored."""
+    name: str = Field(examples=["xgboost_churn_model"])
+    version: str = Field(examples=["3"])
+    alias: Optional[str] = Field(None, examples=["champion"])
+    run_id: Optional[str] = Field(None, description="the MLflow run that trained it")
+    metrics: dict[str, float] = Field(description="its training and evaluation metrics (registry tags)",
+                                      examples=[{"eval.roc_auc": 0.951}])
+    loaded_at: str = Field(description="UTC, ISO 8601", examples=["2026-12-01T10:00:00Z"])
+    decision_threshold: float = Field(examples=[0.5])
+    features: list[str]
+    source: str = Field(examples=["models:/xgboost_churn_model@champion"])
 
 
 ERRORS = {
@@ -92,20 +146,38 @@ ERRORS = {
                                              "`errors` lists every problem"},
     503: {"model": ErrorBody, "description": "No model loaded yet (`detail` says why)"},
 }
+RECORD_SCHEMA = "CustomerRecord"
+
+
+def _answers(model: Any, description: str) -> dict[int, Any]:
+    """The 200 answer (one object for one record, a list for a list) and the errors."""
+    return {200: {"model": Union[model, list[model]], "description": description}, **ERRORS}
+
 
 def _document(api: FastAPI, validator: Validator) -> None:
-    """The request schema of /predict and /explain from this replica's feature spec."""
+    """The request schema of /predict and /explain from this replica's feature spec: the record is
+    a named schema (``CustomerRecord``, in the Schemas section) with the configured example."""
     def openapi() -> dict[str, Any]:
         if api.openapi_schema is None:
             from fastapi.openapi.utils import get_openapi
 
             doc = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
+            schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+            schemas[RECORD_SCHEMA] = validator.record.json_schema()
+            ref = {"$ref": f"#/components/schemas/{RECORD_SCHEMA}"}
             for path, limit in (("/predict", validator.limits.max_records),
                                 ("/explain", validator.limits.max_explain_records)):
                 post = doc.get("paths", {}).get(path, {}).get("post")
                 if post is not None:
-                    post["requestBody"] = {"required": True,
-                                           "content": {"application/json": {"schema": validator.schema(limit)}}}
+                    many = {"type": "array", "items": ref, "minItems": 1, "maxItems": limit}
+                    media: dict[str, Any] = {"schema": {"anyOf": [ref, many]}}
+                    if validator.example:
+                        media["examples"] = {
+                            "one": {"summary": "one customer: an object in, an object out", "value": validator.example},
+                            "many": {"summary": "a list of customers: a list in, a list out",
+                                     "value": [validator.example]},
+                        }
+                    post["requestBody"] = {"required": True, "content": {"application/json": media}}
             api.openapi_schema = doc
         return api.openapi_schema
 
@@ -113,9 +185,24 @@ def _document(api: FastAPI, validator: Validator) -> None:
     api.openapi = openapi  # type: ignore[method-assign]
 
 
+# Swagger UI 5 from the fastapi-offline package, served here: /docs works with no internet.
+DOCS_ASSETS = {"swagger-ui-bundle.js": "text/javascript; charset=utf-8", "swagger-ui.css": "text/css; charset=utf-8",
+               "favicon.png": "image/png"}
+
+
+def _asset(name: str) -> Response:
+    from importlib import resources
+
+    if name not in DOCS_ASSETS:
+        return JSONResponse({"detail": f"no asset named {name!r}"}, status_code=404)
+    body = resources.files("fastapi_offline").joinpath("static", name).read_bytes()
+    return Response(body, media_type=DOCS_ASSETS[name], headers={"Cache-Control": "public, max-age=86400"})
+
+
 # The deployment: defined at import (Serve serialises it here), so everything it uses is above.
-app = FastAPI(title="Churn prediction", version="1",
-              description="P(churn) and SHAP explanations from the registered champion model.")
+app = FastAPI(title="Churn prediction", version="1", docs_url=None, redoc_url=None,
+              description="P(churn) and SHAP explanations from the registered champion model. "
+                          "Send records in the raw schema of the training table (`CustomerRecord` below).")
 
 
 @serve.deployment(name="ChurnService")
@@ -128,7 +215,9 @@ class ChurnService:
 
         self._loader = loader
         self._settings = dict(settings)
-        self._validator = Validator(FeatureSpec.from_dict(spec), Limits.from_settings(settings))
+        docs = settings.get("docs") or {}
+        self._validator = Validator(FeatureSpec.from_dict(spec), Limits.from_settings(settings),
+                                    docs.get("descriptions"), docs.get("example"))
         self._model: Optional[LoadedVersion] = None
         self._loaded_key: Optional[str] = None
         self._registry_error: Optional[str] = None
@@ -325,7 +414,8 @@ class ChurnService:
 
     # Endpoints ---------------------------------------------------------------------------
 
-    @app.post("/predict", summary="P(churn) and label per record", responses=ERRORS)
+    @app.post("/predict", summary="P(churn) and label per record",
+              responses=_answers(PredictAnswer, "P(churn) and label: an object for one record, a list for a list"))
     async def predict(self, request: Request):
         try:
             parsed = await self._records(request)
@@ -348,7 +438,8 @@ class ChurnService:
             answers.append(a)
         return _json(answers[0] if parsed.single else answers)
 
-    @app.post("/explain", summary="SHAP contributions per raw feature", responses=ERRORS)
+    @app.post("/explain", summary="SHAP contributions per raw feature",
+              responses=_answers(ExplainAnswer, "P(churn) with its SHAP contributions and top reasons"))
     async def explain_records(self, request: Request):
         try:
             parsed = await self._records(request, explain=True)
@@ -361,7 +452,9 @@ class ChurnService:
         answers = await loop.run_in_executor(self._explain_pool, self._explain, model, X, parsed.ids, started)
         return _json(answers[0] if parsed.single else answers)
 
-    @app.get("/healthz", summary="ready / degraded / not_ready")
+    @app.get("/healthz", summary="ready / degraded / not_ready",
+             responses={200: {"model": Health, "description": "a model is loaded (ready, or degraded: still serving)"},
+                        503: {"model": Health, "description": "no model loaded yet"}})
     def healthz(self):
         model = self._model
         problems = [p for p in (self._registry_error, self._load_error) if p]
@@ -381,12 +474,26 @@ class ChurnService:
             body["reason"] = self._reason
         return JSONResponse(body, status_code=code)
 
-    @app.get("/model", summary="the model that answers", responses={503: ERRORS[503]})
+    @app.get("/model", summary="the model that answers",
+             responses={200: {"model": ModelInfo, "description": "the version answering now"}, 503: ERRORS[503]})
     def model_info(self):
         model = self._model
         if model is None:
             return JSONResponse({"detail": self._reason or "no model loaded"}, status_code=503)
         return {**model.describe(), "source": self._loader.describe()}
+
+    @app.get("/docs", include_in_schema=False)
+    def docs(self):
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        return get_swagger_ui_html(openapi_url="openapi.json", title="Churn prediction - API",
+                                   swagger_js_url="docs/assets/swagger-ui-bundle.js",
+                                   swagger_css_url="docs/assets/swagger-ui.css",
+                                   swagger_favicon_url="docs/assets/favicon.png")
+
+    @app.get("/docs/assets/{name}", include_in_schema=False)
+    def docs_asset(self, name: str):
+        return _asset(name)
 
 
 def settings_from_config(cfg: Config, api_key_sha256: Union[str, None] = None) -> dict[str, Any]:
@@ -406,6 +513,8 @@ def settings_from_config(cfg: Config, api_key_sha256: Union[str, None] = None) -
         "top_reasons": s.top_reasons,
         "decision_threshold": cfg.model.decision_threshold,
         "gpus": s.gpus_per_replica,
+        # what the API docs show of the schema: each column's meaning and unit, one real record
+        "docs": {"descriptions": dict(cfg.features.descriptions), "example": cfg.features.example},
         # only a hash of the key travels in the deployment's arguments
         "api_key_sha256": api_key_sha256,
     }

@@ -58,14 +58,18 @@ class Limits:
                                                "unknown_fields") if k in settings})
 
 
-def record_type(spec: Any, unknown_fields: str = "reject", descriptions: dict[str, str] | None = None):
+def record_type(spec: Any, unknown_fields: str = "reject", descriptions: dict[str, str] | None = None,
+                example: dict[str, Any] | None = None):
     """The type of one raw record, from the feature spec (a TypedDict keyed by column name).
 
     Every feature is required (a key may hold null: a missing value); numbers
     must be JSON numbers (not strings or booleans), finite and within float32;
     categories must be one of the configured levels; the id column is optional
     and passes through; the target column is allowed and ignored; other keys
-    are refused or ignored (``unknown_fields``).
+    are refused or ignored (``unknown_fields``). Each field's title is the
+    column's own name (``CustomerID``, not pydantic's "Customerid"); its
+    description (meaning, unit) and the record's example come from
+    ``features.descriptions`` and ``features.example``.
     """
     from pydantic import ConfigDict, Field, StrictInt, StrictStr
     from typing_extensions import NotRequired, TypedDict
@@ -74,16 +78,24 @@ def record_type(spec: Any, unknown_fields: str = "reject", descriptions: dict[st
     fields: dict[str, Any] = {}
     number = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
     for col in spec.numeric:
-        fields[col] = Annotated[Optional[number], Field(description=descriptions.get(col))]
+        fields[col] = Annotated[Optional[number], Field(title=col, description=descriptions.get(col))]
     for col, levels in spec.categorical:
-        fields[col] = Annotated[Optional[Literal[tuple(levels)]], Field(description=descriptions.get(col))]  # type: ignore[misc]
+        fields[col] = Annotated[Optional[Literal[tuple(levels)]], Field(title=col, description=descriptions.get(col))]  # type: ignore[misc]
     if spec.id_column:
         fields[spec.id_column] = NotRequired[Annotated[Optional[Union[StrictInt, StrictStr]], Field(
-            description="customer id, echoed in the answer (optional)")]]
+            title=spec.id_column, description=descriptions.get(spec.id_column) or "customer id, echoed in the answer"
+                                              " (optional)")]]
     if spec.target and spec.target not in fields:
-        fields[spec.target] = NotRequired[Annotated[Any, Field(description="the label, if known: ignored")]]
+        fields[spec.target] = NotRequired[Annotated[Any, Field(title=spec.target,
+                                                               description="the label, if known: ignored")]]
     record = TypedDict("CustomerRecord", fields)  # type: ignore[misc]
-    record.__pydantic_config__ = ConfigDict(extra="forbid" if unknown_fields == "reject" else "ignore")  # type: ignore[attr-defined]
+    extra: dict[str, Any] = {"title": "CustomerRecord",
+                             "description": "One customer in the raw schema: column names and category strings as in "
+                                            "the training table; null is a missing value."}
+    if example:
+        extra["examples"] = [example]
+    record.__pydantic_config__ = ConfigDict(  # type: ignore[attr-defined]
+        extra="forbid" if unknown_fields == "reject" else "ignore", json_schema_extra=extra)
     return record
 
 
@@ -98,11 +110,13 @@ class Parsed:
 class Validator:
     """Request bodies -> validated records, parsed and checked by pydantic-core in one pass."""
 
-    def __init__(self, spec: Any, limits: Limits | None = None, descriptions: dict[str, str] | None = None):
+    def __init__(self, spec: Any, limits: Limits | None = None, descriptions: dict[str, str] | None = None,
+                 example: dict[str, Any] | None = None):
         from pydantic import TypeAdapter
 
         self.limits = limits or Limits()
-        one = record_type(spec, self.limits.unknown_fields, descriptions)
+        self.example = example
+        one = record_type(spec, self.limits.unknown_fields, descriptions, example)
         self.record = TypeAdapter(one)
         self.records = TypeAdapter(list[one])  # type: ignore[valid-type]
         self.id_column = spec.id_column

@@ -398,3 +398,34 @@ def alive(pids: list[int]) -> list[str]:
         except psutil.NoSuchProcess:
             pass
     return out
+
+
+# What a person sees: headless Chromium from Debian's packages -----------------------------------------
+
+
+def chromium() -> str:
+    """Debian's Chromium; its absence is a skip on a laptop, a failure in CI."""
+    import shutil
+
+    for name in ("chromium", "chromium-browser"):
+        path = shutil.which(name)
+        if path:
+            return path
+    require_service("Chromium (Debian's package)", "not on PATH")
+    raise AssertionError("unreachable")
+
+
+def chromium_dom(url: str, profile: Path, screenshot: Path | None = None, wait_ms: int = 15000) -> str:
+    """The page at ``url`` after its scripts ran (``--dump-dom``), in a headless Chromium whose every
+    host but 127.0.0.1 resolves nowhere (no network: what works offline works here); a PNG too."""
+    import subprocess
+
+    base = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+            "--no-first-run", f"--user-data-dir={profile / 'chromium'}",
+            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1", "--proxy-server=direct://",
+            f"--virtual-time-budget={wait_ms}", "--window-size=1280,2000"]
+    if screenshot is not None:
+        subprocess.run([*base, f"--screenshot={screenshot}", url], capture_output=True, text=True, timeout=120)
+    res = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout

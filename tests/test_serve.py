@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import signal
 import tempfile
 import threading
@@ -155,16 +156,50 @@ def test_model_healthz_and_docs(lab, pinned):
     assert info["run_id"] == lab["runs"]["a"] and info["decision_threshold"] == 0.5 and info["loaded_at"]
     health = requests.get(f"{pinned}/healthz", timeout=30)
     assert health.status_code == 200 and health.json()["status"] == "ready"
-    assert requests.get(f"{pinned}/docs", timeout=30).status_code == 200
     spec = requests.get(f"{pinned}/openapi.json", timeout=30).json()
     assert {"/predict", "/explain", "/healthz", "/model"} <= set(spec["paths"])
-    schema = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    assert "Contract Length" in schema["anyOf"][0]["properties"]
+    body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]
+    assert body["schema"]["anyOf"][0] == {"$ref": "#/components/schemas/CustomerRecord"}
+    record = spec["components"]["schemas"]["CustomerRecord"]
+    assert "Contract Length" in record["properties"]
+    # the column's own name as title (issue: "Customerid"), its meaning and unit from the config
+    assert record["properties"]["CustomerID"]["title"] == "CustomerID"
+    assert record["properties"]["Tenure"]["description"] == "time as a customer, months"
+    # a real customer as the example (issue: zeros and "string"), valid for the endpoint itself
+    example = body["examples"]["one"]["value"]
+    assert example == lab["cfg"].features.example and example["Age"] == 41
+    answer = requests.post(f"{pinned}/predict", json=example, timeout=30)
+    assert answer.status_code == 200 and answer.json()["customer_id"] == 2
+    # every endpoint documents its answer: response models, not "string" (issue)
+    for path, method, model in (("/predict", "post", "PredictAnswer"), ("/explain", "post", "ExplainAnswer"),
+                                ("/healthz", "get", "Health"), ("/model", "get", "ModelInfo")):
+        ok = json.dumps(spec["paths"][path][method]["responses"]["200"]["content"]["application/json"]["schema"])
+        assert f"#/components/schemas/{model}" in ok, path
+        assert spec["components"]["schemas"][model]["properties"], model
     # the error answers are documented with their bodies (issue: only 200 was)
     for path in ("/predict", "/explain"):
         responses = spec["paths"][path]["post"]["responses"]
         assert {"200", "401", "413", "422", "503"} <= set(responses), path
         assert responses["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
+    # Swagger UI with no internet (issue: its assets came from a CDN): every asset from this server
+    page = requests.get(f"{pinned}/docs", timeout=30)
+    assert page.status_code == 200 and "swagger-ui-bundle.js" in page.text
+    assert not re.findall(r"(?:src|href)=['\"]?(?:https?:)?//", page.text), page.text
+    for asset, kind in (("swagger-ui-bundle.js", "javascript"), ("swagger-ui.css", "text/css")):
+        res = requests.get(f"{pinned}/docs/assets/{asset}", timeout=30)
+        assert res.status_code == 200 and kind in res.headers["content-type"] and len(res.content) > 100_000
+    assert requests.get(f"{pinned}/docs/assets/..%2Fsecrets", timeout=30).status_code == 404
+
+
+def test_swagger_ui_renders_in_a_browser_with_no_network(lab, pinned, tmp_path):
+    """What a person sees: headless Chromium (Debian's) with every non-local host unreachable loads
+    /docs, runs Swagger UI, and shows the endpoints and the Schemas section."""
+    from tests.conftest import chromium_dom
+
+    dom = chromium_dom(f"{pinned}/docs", tmp_path, screenshot=tmp_path / "docs.png")
+    assert "swagger-ui" in dom and "/predict" in dom and "/explain" in dom
+    assert "Schemas" in dom and "CustomerRecord" in dom and "PredictAnswer" in dom
+    assert (tmp_path / "docs.png").stat().st_size > 10_000
 
 
 @pytest.mark.parametrize(("mutate", "status", "detail"), [
