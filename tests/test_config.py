@@ -8,7 +8,7 @@ import pytest
 
 from churnlib.config import load_config
 from churnlib.errors import ConfigError
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 
 pytestmark = pytest.mark.unit  # no Ray, no server, no database
 
@@ -101,6 +101,10 @@ def test_set_parses_yaml_scalars_and_lists():
         (["features.categorical={Gender: []}"], "has no levels"),
         (["xgboost.objective=reg:squarederror"], "xgboost.objective"),
         (["xgboost.max_depth"], "expected section.key=value"),
+        (["features.descriptions={Agee: years}"], "descriptions: no column named 'Agee'"),
+        (["features.example.Gender=Robot"], "example: 'Gender' is 'Robot', not one of its levels"),
+        (["features.example.Age=old"], "example: 'Age' must be a number"),
+        (["features.example={Age: 41}"], "example: feature 'Tenure' is missing"),
     ],
 )
 def test_bad_values_name_the_key(overrides, needle):
@@ -109,6 +113,19 @@ def test_bad_values_name_the_key(overrides, needle):
     message = str(err.value)
     assert needle in message
     assert "\n" not in message
+
+
+def test_another_tables_columns_start_without_the_default_docs(tmp_path):
+    """A file for another table (its own columns) does not inherit the default table's column
+    descriptions and example record; the shipped configs carry their own real customer."""
+    other = write(tmp_path, "features:\n  id_column: id\n  target: {column: y, positive: 1, negative: 0}\n"
+                            "  numeric: [a]\n  categorical: {}\n")
+    cfg = load_config([other], env={})
+    assert cfg.features.example is None and cfg.features.descriptions == {}
+    for name in ("telco", "bank"):
+        shipped = load_config([REPO / "configs" / f"{name}.yaml"], env={})
+        assert shipped.features.example and shipped.features.id_column in shipped.features.example
+    assert load_config(env={}).features.example["CustomerID"] == 2
 
 
 def test_missing_and_malformed_files(tmp_path):
