@@ -10,7 +10,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from churnlib import interrupts
+from churnlib import console, interrupts
 from churnlib.errors import ResourceError
 
 if TYPE_CHECKING:
@@ -48,9 +48,11 @@ def quiet_logs(verbose: bool) -> None:
 LOCAL_FOOTER_ACTORS = 1
 
 
-def ensure_ray(ray_cfg: RayConfig, verbose: bool = False) -> bool:
+def ensure_ray(ray_cfg: RayConfig, verbose: bool = False, announce: bool = True) -> bool:
     """Connect to ``ray.address`` (or RAY_ADDRESS), or start a local instance.
 
+    ``announce``: say (stderr) where the instance's dashboard, metrics and
+    ``ray status`` are, and for a cluster with token auth, where the token comes from.
     Returns True when this process started a local instance (whose resources
     cannot grow, so a shortfall is an error at once rather than a wait).
     """
@@ -68,8 +70,12 @@ def ensure_ray(ray_cfg: RayConfig, verbose: bool = False) -> bool:
         "configure_logging": True,
     }
     if address:
-        ray.init(address=address, **kwargs)
+        context = ray.init(address=address, **kwargs)
         _STARTED_HERE = False
+        dashboard = getattr(context, "dashboard_url", None)
+        if announce and dashboard:
+            console.say(f"ray: on the cluster at {address}; dashboard http://{dashboard.removeprefix('http://')}"
+                        f"{auth_token_hint()}")
     else:
         # "local" always starts a new instance; plain ray.init() would attach
         # to any cluster `ray start` left recorded on this machine (even a dead one).
@@ -91,6 +97,11 @@ def ensure_ray(ray_cfg: RayConfig, verbose: bool = False) -> bool:
         ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
                  dashboard_port=dashboard_port, **kwargs)
         _STARTED_HERE = True
+        if announce:
+            node = ray._private.worker.global_worker.node
+            console.say(f"ray: started a local instance for this command: dashboard http://127.0.0.1:{dashboard_port}, "
+                        f"metrics http://127.0.0.1:{node.metrics_export_port}/metrics, "
+                        f"`ray status --address {node.address}`{auth_token_hint()}")
     # ray.init took SIGTERM (sys.exit, then a C++ handler that aborts): ours again.
     interrupts.install()
     import ray.data
@@ -100,6 +111,19 @@ def ensure_ray(ray_cfg: RayConfig, verbose: bool = False) -> bool:
     ctx.print_on_execution_start = verbose
     quiet_logs(verbose)  # ray.data configures its loggers on import
     return _STARTED_HERE
+
+
+def auth_token_hint() -> str:
+    """Where Ray's auth token is, for the dashboard and ``ray status`` (token auth is on by
+    default in Ray 2.60: the token is in ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or
+    ``~/.ray/auth_token``); empty when authentication is off."""
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() in ("disabled", "off", "none"):
+        return ""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        where = "$RAY_AUTH_TOKEN"
+    else:
+        where = os.environ.get("RAY_AUTH_TOKEN_PATH") or "~/.ray/auth_token"
+    return f" (token: {where}; the dashboard asks for it, `ray status` reads it)"
 
 
 def release_ray() -> None:

@@ -185,6 +185,17 @@ def _document(api: FastAPI, validator: Validator) -> None:
     api.openapi = openapi  # type: ignore[method-assign]
 
 
+def _node_metrics_url() -> str:
+    """Where Ray's metrics agent of this process's node answers (``/metrics`` on its export port)."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node.get("NodeID") == node_id:
+            return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    raise RuntimeError(f"node {node_id} is not in the cluster's node table")
+
+
 # Swagger UI 5 from the fastapi-offline package, served here: /docs works with no internet.
 DOCS_ASSETS = {"swagger-ui-bundle.js": "text/javascript; charset=utf-8", "swagger-ui.css": "text/css; charset=utf-8",
                "favicon.png": "image/png"}
@@ -236,6 +247,7 @@ class ChurnService:
             boundaries=[0.1, 0.25, 0.5, 1, 2, 5, 10, 25, 50, 100, 250, 1000], tag_keys=("model_version", "endpoint"),
         )
         self._api_key_hash = settings.get("api_key_sha256")
+        self._metrics_url: Optional[str] = None
         self._score_one.set_max_batch_size(int(settings["max_batch_size"]))
         self._score_one.set_batch_wait_timeout_s(float(settings["batch_wait_timeout_s"]))
         _document(app, self._validator)
@@ -481,6 +493,25 @@ class ChurnService:
         if model is None:
             return JSONResponse({"detail": self._reason or "no model loaded"}, status_code=503)
         return {**model.describe(), "source": self._loader.describe()}
+
+    @app.get("/metrics", summary="Prometheus metrics of this node (text format)",
+             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format: churn_* "
+                              "(predictions by version and label, model latency) and Ray Serve's ray_serve_*"},
+                        503: ERRORS[503]})
+    def metrics(self):
+        """Ray's metrics of the node this replica runs on, on the Serve port where people look
+        (Ray exports them on a per-node port of its own, printed nowhere)."""
+        import requests
+
+        try:
+            if self._metrics_url is None:
+                self._metrics_url = _node_metrics_url()
+            answer = requests.get(self._metrics_url, timeout=10)
+            answer.raise_for_status()
+        except Exception as exc:  # noqa: BLE001 - the agent restarting, a node without metrics
+            self._metrics_url = None
+            return JSONResponse({"detail": f"Ray's metrics agent did not answer: {one_line(exc)}"}, status_code=503)
+        return Response(answer.content, media_type=answer.headers.get("content-type", "text/plain; version=0.0.4"))
 
     @app.get("/docs", include_in_schema=False)
     def docs(self):

@@ -337,12 +337,13 @@ def cli_env(**extra: str) -> dict:
 
 
 def signal_cli(args: list, trigger: str, signum: int, group: bool, cwd: Path, env: dict | None = None,
-               timeout: float = 300, on_start=None):
+               timeout: float = 300, on_start=None, lines: list | None = None):
     """Run `python -m churnlib *args` in its own session; when ``trigger`` appears on stderr, send
     ``signum`` to the process (``group``: to its whole process group, as a terminal's Ctrl-C does).
 
     -> (exit code, stderr, seconds from the signal to the exit, pids of its descendants just
-    before the signal). ``on_start(proc)`` runs just before the signal (load, checks)."""
+    before the signal). ``on_start(proc)`` runs just before the signal (load, checks); ``lines``,
+    when given, receives stderr's lines as they come (``on_start`` can read what was printed)."""
     import subprocess
     import threading
     import time
@@ -351,7 +352,7 @@ def signal_cli(args: list, trigger: str, signum: int, group: bool, cwd: Path, en
 
     proc = subprocess.Popen([sys.executable, "-m", "churnlib", *map(str, args)], cwd=cwd, env=env or cli_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    lines: list[str] = []
+    lines = [] if lines is None else lines
     seen = threading.Event()
 
     def read() -> None:

@@ -8,8 +8,11 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import re
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -409,6 +412,12 @@ def test_prometheus_metrics_by_version_and_label(lab, pinned):
     labels = " ".join(found["ray_churn_predictions_total"])
     assert 'label="1"' in labels or 'label="0"' in labels
     assert 'model_version="' in labels
+    # the same metrics on the Serve port, where people look (issue: 404 there, a random port elsewhere)
+    here = requests.get(f"{pinned}/metrics", timeout=30)
+    assert here.status_code == 200 and here.headers["content-type"].startswith("text/plain")
+    assert any(line.startswith("ray_churn_predictions_total{") and 'application="pinned"' in line
+               for line in here.text.splitlines())
+    assert "ray_serve_num_http_requests_total{" in here.text
 
 
 def test_serve_config_yaml_is_valid_for_serve_deploy(lab, monkeypatch):
@@ -523,11 +532,25 @@ def test_churn_serve_stops_cleanly_under_load(lab, champion, signame, group):
             listening = {c.laddr for p in haproxies for c in p.net_connections("tcp") if c.status == "LISTEN"}
             assert len(listening) >= 3 and all(a.ip == "127.0.0.1" for a in listening), listening
             checked["state"] = state
+        if signame == "SIGINT":
+            # the instance it started is where it said (issue: the dashboard's URL was printed nowhere)
+            said = next(line for line in printed if line.startswith("ray: started a local instance"))
+            dashboard = re.search(r"dashboard (http://127\.0\.0\.1:\d+)", said).group(1)
+            assert requests.get(f"{dashboard}/api/version", timeout=30).status_code == 401  # token auth is on
+            where = re.search(r"\(token: (\S+);", said).group(1)
+            token = Path(os.path.expanduser(where)).read_text().strip()
+            assert requests.get(f"{dashboard}/api/version", headers={"Authorization": f"Bearer {token}"},
+                                timeout=30).status_code == 200
+            status = subprocess.run([str(Path(sys.executable).parent / "ray"), "status", "--address",
+                                     re.search(r"`ray status --address (\S+)`", said).group(1)],
+                                    capture_output=True, text=True, timeout=60, env=cli_env())
+            assert status.returncode == 0 and "Resources" in status.stdout, status.stderr[-1000:]
         load["load"] = Load(url, [raw(lab, i % 40) for i in range(50)], headers={"Authorization": f"Bearer {key}"}).start()
 
+    printed: list[str] = []
     try:
         rc, err, took, tree = signal_cli(_serve_args(lab, port), "serve: xgboost_churn_model version", getattr(signal, signame),
-                                         group, lab["ws"], env=env, timeout=240, on_start=under_load)
+                                         group, lab["ws"], env=env, timeout=240, on_start=under_load, lines=printed)
     finally:
         if "load" in load:
             time.sleep(1)
