@@ -48,14 +48,16 @@ def test_compose_config_parses_offline_with_an_env_file(tmp_path):
     if binary is None:
         require_service("docker-compose (Debian's package)", "not on PATH")
     env = tmp_path / ".env"
-    env.write_text("POSTGRES_USER=u\nPOSTGRES_PASSWORD=p1\nMINIO_ROOT_USER=m\nMINIO_ROOT_PASSWORD=p2\nRAY_AUTH_TOKEN=t\n")
+    env.write_text("POSTGRES_USER=u\nPOSTGRES_PASSWORD=p1\nMINIO_ROOT_USER=m\nMINIO_ROOT_PASSWORD=p2\nRAY_AUTH_TOKEN=t\n"
+                   "GRAFANA_ADMIN_PASSWORD=g\n")
     res = subprocess.run([binary, "--env-file", str(env), "-f", str(COMPOSE), "config"], capture_output=True, text=True,
                          timeout=120, cwd=REPO)
     assert res.returncode == 0, res.stderr
     resolved = yaml.safe_load(res.stdout)
     assert resolved["services"]["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"] == "postgresql://u:p1@postgres:5432/mlflow"
     # a missing secret stops compose with a message naming it
-    env.write_text("POSTGRES_USER=u\nPOSTGRES_PASSWORD=p1\nMINIO_ROOT_USER=m\nMINIO_ROOT_PASSWORD=p2\n")
+    env.write_text("POSTGRES_USER=u\nPOSTGRES_PASSWORD=p1\nMINIO_ROOT_USER=m\nMINIO_ROOT_PASSWORD=p2\n"
+                   "GRAFANA_ADMIN_PASSWORD=g\n")
     res = subprocess.run([binary, "--env-file", str(env), "-f", str(COMPOSE), "config"], capture_output=True, text=True,
                          timeout=120, cwd=REPO)
     assert res.returncode != 0 and "set RAY_AUTH_TOKEN in .env" in res.stderr
@@ -65,10 +67,11 @@ def test_compose_config_parses_offline_with_an_env_file(tmp_path):
 def test_compose_services_healthchecks_volumes_and_dependencies():
     doc = _compose()
     services = doc["services"]
-    assert set(services) == {"postgres", "minio", "minio-init", "mlflow", "ray-head", "ray-worker"}
-    for name in ("postgres", "minio", "mlflow", "ray-head"):
+    assert set(services) == {"postgres", "minio", "minio-init", "mlflow", "ray-head", "ray-worker", "prometheus",
+                             "grafana"}
+    for name in ("postgres", "minio", "mlflow", "ray-head", "prometheus", "grafana"):
         assert services[name]["healthcheck"]["test"], name
-    assert set(doc["volumes"]) == {"postgres-data", "minio-data"}
+    assert set(doc["volumes"]) == {"postgres-data", "minio-data", "prometheus-data", "grafana-data"}
     assert "postgres-data:/var/lib/postgresql/data" in services["postgres"]["volumes"]
     assert "minio-data:/data" in services["minio"]["volumes"]
     assert "mb --ignore-existing" in " ".join(services["minio-init"]["command"])  # idempotent bucket
@@ -86,7 +89,57 @@ def test_compose_services_healthchecks_volumes_and_dependencies():
         for port in service.get("ports", []):
             assert str(port).startswith("127.0.0.1:"), (name, port)
     published = {p.split(":")[1] for s in services.values() for p in s.get("ports", [])}
-    assert published == {"5000", "8265", "8000", "9001"}
+    assert published == {"5000", "8265", "8000", "9001", "9090", "3000"}
+
+
+def _metrics_port(service: dict) -> str:
+    return next(a.split("=", 1)[1].split()[0] for a in service["command"] if a.startswith("--metrics-export-port="))
+
+
+@pytest.mark.unit
+def test_prometheus_scrapes_every_ray_node_and_grafana_shows_the_service():
+    """Prometheus's targets are the compose services' metrics ports (issue: no monitoring in the
+    stack); Grafana's provisioned data source is that Prometheus and its dashboard charts requests,
+    latency percentiles, predictions by version and errors, from metric names the code emits."""
+    import json
+
+    services = _compose()["services"]
+    prom = yaml.safe_load((REPO / "docker" / "prometheus" / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in prom["scrape_configs"]}
+    ray_job = jobs["ray"]
+    targets = [t for sc in ray_job["static_configs"] for t in sc["targets"]]
+    assert targets == [f"ray-head:{_metrics_port(services['ray-head'])}"]
+    (workers,) = ray_job["dns_sd_configs"]
+    assert workers["names"] == ["ray-worker"] and str(workers["port"]) == _metrics_port(services["ray-worker"])
+    for host in [t.split(":")[0] for t in targets] + workers["names"]:
+        assert host in services, host
+    # the files the containers mount are these
+    mounts = {v.split(":")[1]: v.split(":")[0] for name in ("prometheus", "grafana") for v in services[name]["volumes"]
+              if v.startswith("./")}
+    assert mounts["/etc/prometheus/prometheus.yml"] == "./docker/prometheus/prometheus.yml"
+    for inside, local in mounts.items():
+        assert (REPO / local).exists(), local
+    assert services["ray-head"]["environment"]["RAY_PROMETHEUS_HOST"] == "http://prometheus:9090"
+    # Grafana: its data source is the stack's Prometheus; the dashboard is provisioned from the mounted folder
+    grafana = REPO / "docker" / "grafana"
+    (source,) = yaml.safe_load((grafana / "provisioning" / "datasources" / "prometheus.yaml").read_text())["datasources"]
+    assert source["url"] == "http://prometheus:9090" and source["type"] == "prometheus"
+    (provider,) = yaml.safe_load((grafana / "provisioning" / "dashboards" / "churn.yaml").read_text())["providers"]
+    assert mounts[provider["options"]["path"]] == "./docker/grafana/dashboards"
+    board = json.loads((grafana / "dashboards" / "churn-serving.json").read_text())
+    exprs = {p["title"]: " ".join(t["expr"] for t in p["targets"]) for p in board["panels"]}
+    assert all(t["datasource"]["uid"] == source["uid"] for p in board["panels"] for t in p["targets"])
+    wanted = {"Requests": "ray_serve_num_http_requests_total", "Latency": "ray_serve_http_request_latency_ms_bucket",
+              "Predictions": "ray_churn_predictions_total", "Errors": "ray_serve_num_http_error_requests_total"}
+    for start, metric in wanted.items():
+        title = next(t for t in exprs if t.startswith(start))
+        assert metric in exprs[title], title
+    assert "model_version" in exprs[next(t for t in exprs if t.startswith("Predictions"))]
+    assert {"0.5", "0.95", "0.99"} <= set(re.findall(r"histogram_quantile\(([\d.]+)", exprs[next(
+        t for t in exprs if t.startswith("Latency"))]))
+    # the service's own metric names are the ones the dashboard reads (ray_ + name + _total/_bucket)
+    app = (REPO / "serve" / "app.py").read_text()
+    assert '"churn_predictions"' in app and '"churn_model_latency_ms"' in app
 
 
 @pytest.mark.unit
