@@ -413,11 +413,16 @@ class Config(_Section):
 
     @property
     def artifact_location(self) -> str | None:
+        """Where a new experiment's artifacts go: ``mlflow.artifact_location``; else, for a
+        tracking server (http/https, databricks), the server's own store (None); else (the
+        workspace's SQLite, or a database URI the user gives) the workspace's ``artifacts``
+        folder, never MLflow's default ``./mlruns`` of whatever folder the command ran in."""
         if self.mlflow.artifact_location:
             return self.mlflow.artifact_location
-        if self.mlflow.tracking_uri is None:
-            return (self.workspace_path / "artifacts").as_uri()
-        return None
+        uri = self.mlflow.tracking_uri
+        if uri is not None and uri.split(":", 1)[0].lower() in ("http", "https", "databricks", "databricks-uc", "uc"):
+            return None
+        return (self.workspace_path / "artifacts").as_uri()
 
     @property
     def storage_path(self) -> str:

@@ -26,6 +26,53 @@ def metric_key(name: str) -> str:
     return name.replace("@", "_at_").replace("-", "_")
 
 
+# MLflow groups a run's charts by the part of a metric's key before "/": the
+# learning curves (train/, valid/), the best iteration's values (best/), row
+# counts, missing values and stage timings each get a section of their own.
+# The names the code and `--json` use stay the plain ones; only MLflow's keys
+# are grouped. Runs logged before 0.4 used the plain names as keys (readers
+# that look a metric up in a run go through ``run_metric``, which knows both).
+_GROUP_EXACT = {
+    "train_rows": "rows/train", "valid_rows": "rows/valid", "dropped_empty_rows": "rows/dropped_empty",
+    "total_rows": "rows/total", "missing_values": "missing/total", "best_iteration": "best/iteration",
+    "num_boosted_rounds": "training/num_boosted_rounds", "stopped_early": "training/stopped_early",
+    "worker_restarts": "training/worker_restarts", "rounds": "training/rounds", "sweep_s": "time/sweep_s",
+    # evaluation: the paired-bootstrap comparison with the baseline, the gate
+    "auc_diff_ci_low": "diff/roc_auc_ci_low", "auc_diff_ci_high": "diff/roc_auc_ci_high",
+    "log_loss_diff": "diff/log_loss_paired", "log_loss_diff_ci_low": "diff/log_loss_ci_low",
+    "log_loss_diff_ci_high": "diff/log_loss_ci_high", "gate_passed": "gate/passed",
+}
+_GROUP_PREFIXES = (("best_", "best/"), ("train_", "train/"), ("valid_", "valid/"), ("time_", "time/"),
+                   ("missing_", "missing/"), ("rows_", "rows/"), ("baseline_", "baseline/"), ("diff_", "diff/"),
+                   ("confusion_", "confusion/"), ("shap_mean_abs_", "shap/mean_abs_"), ("drift_", "drift/"),
+                   ("trials_", "trials/"))
+
+
+def grouped(name: str) -> str:
+    """The MLflow key of a metric: its section before "/" ('best_valid_auc' -> 'best/valid_auc',
+    'time_fit_s' -> 'time/fit_s', 'train_rows' -> 'rows/train'); a headline metric
+    ('roc_auc', 'trials') keeps its name."""
+    if name in _GROUP_EXACT:
+        return _GROUP_EXACT[name]
+    for prefix, section in _GROUP_PREFIXES:
+        if name.startswith(prefix) and len(name) > len(prefix):
+            return section + name[len(prefix):]
+    return name
+
+
+def history_key(xgb_name: str) -> str:
+    """A learning curve's MLflow key from XGBoost's eval-log name ('valid-error@0.5' -> 'valid/error_at_0.5')."""
+    split, _, metric = xgb_name.partition("-")
+    return f"{split}/{metric.replace('@', '_at_')}" if metric else metric_key(xgb_name)
+
+
+def run_metric(metrics: dict[str, float], name: str) -> float | None:
+    """A metric of a logged run by its plain name, under its grouped key or (runs logged
+    before the keys were grouped) its plain one."""
+    value = metrics.get(grouped(name))
+    return metrics.get(name) if value is None else value
+
+
 def configure(cfg: Config) -> None:
     """Point the MLflow client at the configured store (called by commands, never at import)."""
     import mlflow
@@ -157,6 +204,12 @@ def preflight(cfg: Config) -> str:
     return experiment_id
 
 
+# MLflow 3's UI picks an experiment's landing view by this tag: a model-training
+# experiment opens on its runs table, a GenAI one (the default guess for an
+# experiment without runs) on the traces overview.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def ensure_experiment(cfg: Config) -> str:
     """The configured experiment's id, created when missing (its artifact location checked)."""
     import mlflow
@@ -167,7 +220,9 @@ def ensure_experiment(cfg: Config) -> str:
         exp = mlflow.get_experiment_by_name(name)
         if exp is None:
             try:
-                return mlflow.create_experiment(name, artifact_location=cfg.artifact_location)
+                # the kind makes the MLflow UI open on the runs table (not the GenAI overview)
+                return mlflow.create_experiment(name, artifact_location=cfg.artifact_location,
+                                                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
             except MlflowException:
                 # created by a concurrent process in the meantime
                 exp = mlflow.get_experiment_by_name(name)
@@ -175,6 +230,8 @@ def ensure_experiment(cfg: Config) -> str:
                     raise
         if exp.lifecycle_stage == "deleted":
             raise TrackingError(f"MLflow experiment {name!r} is deleted; restore it or choose another name")
+        if EXPERIMENT_KIND_TAG not in (exp.tags or {}):  # made before the kind was set, or by hand
+            mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     except MlflowException as exc:
         raise TrackingError(f"MLflow at {redact(cfg.tracking_uri)}: {telling_line(exc)}") from None
@@ -251,7 +308,7 @@ def log_history(run_id: str, history: dict[str, list[float]]) -> None:
 
     now = int(time.time() * 1000)
     metrics = [
-        Metric(metric_key(name), float(v), now, step)
+        Metric(history_key(name), float(v), now, step)
         for name, values in history.items()
         for step, v in enumerate(values)
     ]
@@ -295,8 +352,21 @@ def log_importance(booster: Any, feature_names: list[str]) -> None:
     log_figure(fig, "feature_importance.png")
 
 
-def log_dataset(source: Any, spec: Any, context: str) -> None:
-    """Record the data's source and digest as an MLflow dataset input."""
+def lineage_tags() -> dict[str, str]:
+    """What ``mlflow.start_run`` records of where a run comes from (source, user, git commit),
+    for the runs made through the client (a sweep's runs: the parent must stay RUNNING)."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    tags = dict(resolve_tags({}))
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def log_dataset(source: Any, spec: Any, context: str, run_id: str | None = None) -> Any:
+    """Record the data's source and digest as an MLflow dataset input (of the active run, or of
+    ``run_id``); returns the dataset (metrics logged with it say which data they were measured on)."""
     import mlflow
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
@@ -311,7 +381,27 @@ def log_dataset(source: Any, spec: Any, context: str) -> None:
         warnings.simplefilter("ignore")
         ds_source = resolve_dataset_source(source.uri)
     dataset = MetaDataset(source=ds_source, name=source.name, digest=source.digest, schema=schema)
-    mlflow.log_input(dataset, context=context)
+    if run_id is None:
+        mlflow.log_input(dataset, context=context)
+        return dataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    mlflow.MlflowClient().log_inputs(run_id, datasets=[DatasetInput(
+        dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])])
+    return dataset
+
+
+def log_model_metrics(metrics: dict[str, float], model_uri: str, dataset: Any = None) -> None:
+    """``metrics`` (grouped keys) on the logged model ``models:/m-...`` too, with the dataset they
+    were measured on: the MLflow models table then compares models by them. Into the active run."""
+    import mlflow
+
+    model_id = model_uri.rsplit("/", 1)[-1]
+    if not model_id.startswith("m-"):
+        return  # not a logged model (an older run's artifact path): the run holds the metrics
+    clean = {k: float(v) for k, v in metrics.items() if v == v}
+    if clean:
+        mlflow.log_metrics(clean, model_id=model_id, dataset=dataset)
 
 
 def metric_name(text: str) -> str:

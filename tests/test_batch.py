@@ -132,9 +132,11 @@ def test_the_job_is_recorded_in_mlflow(store, scored):
     assert run.data.tags["churn.model_version"] == str(store["version"])
     assert run.data.params["input"] == str(store["csv"])
     assert run.data.params["output"] == str(store["ws"] / "scores")
-    assert run.data.metrics["rows_scored"] == 2997 and run.data.metrics["rows_rejected"] == 3
+    assert run.data.metrics["rows/scored"] == 2997 and run.data.metrics["rows/rejected"] == 3
+    assert run.data.metrics["rows/total"] == 3000 and "rows/rows" not in run.data.metrics  # issue: "rows_rows"
+    assert run.data.metrics["time/total_s"] > 0
     # the table comes from the training distribution: no feature drifted
-    assert run.data.metrics["drift_features_shifted"] == 0
+    assert run.data.metrics["drift/features_shifted"] == 0
     artifacts = {a.path for a in MlflowClient(store["cfg"].tracking_uri).list_artifacts(result.run_id, "drift")}
     assert {"drift/report.json", "drift/psi.png"} <= artifacts
     assert no_running_runs(store["cfg"])

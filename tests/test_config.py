@@ -73,6 +73,18 @@ def test_precedence_default_file_env_set(tmp_path):
     assert cfg.artifact_location is None  # a server decides where artifacts go
 
 
+def test_a_database_tracking_uri_keeps_artifacts_in_the_workspace(tmp_path):
+    """MLFLOW_TRACKING_URI=sqlite:///... or postgresql://... (no server): artifacts go to the
+    workspace's artifact store, not MLflow's default ./mlruns of the folder the command ran in."""
+    for uri in (f"sqlite:///{tmp_path}/other.db", "postgresql://u@db:5432/mlflow"):
+        cfg = load_config(overrides={"workspace": str(tmp_path / "ws")}, env={"MLFLOW_TRACKING_URI": uri})
+        assert cfg.tracking_uri == uri
+        assert cfg.artifact_location == (tmp_path / "ws" / "artifacts").as_uri()
+    assert load_config(env={"MLFLOW_TRACKING_URI": "https://mlflow.example.com"}).artifact_location is None
+    given = load_config(overrides=["mlflow.artifact_location=s3://b/p"], env={"MLFLOW_TRACKING_URI": "sqlite:///x.db"})
+    assert given.artifact_location == "s3://b/p"
+
+
 def test_set_parses_yaml_scalars_and_lists():
     cfg = load_config(
         overrides=["xgboost.max_depth=8", "xgboost.eval_metric=[auc, logloss]", "ray.use_gpu=true", "xgboost.device=cuda"],

@@ -55,17 +55,27 @@ def test_metric_history_has_one_point_per_iteration(trained):
     _, result, _ = trained
     client = MlflowClient()
     n = result.num_boosted_rounds
-    for key in ("valid_auc", "valid_logloss", "valid_error", "train_auc"):
+    # MLflow's sections: learning curves under train/ and valid/ (issue: 31 charts in one list)
+    for key in ("valid/auc", "valid/logloss", "valid/error", "train/auc"):
         history = client.get_metric_history(result.run_id, key)
         assert sorted(m.step for m in history) == list(range(n)), key
-    aucs = {m.step: m.value for m in client.get_metric_history(result.run_id, "valid_auc")}
+    aucs = {m.step: m.value for m in client.get_metric_history(result.run_id, "valid/auc")}
     best = result.best_iteration
     assert aucs[best] == max(aucs.values())
     metrics = client.get_run(result.run_id).data.metrics
-    assert metrics["best_valid_auc"] == pytest.approx(aucs[best])
-    assert metrics["best_iteration"] == best
-    assert metrics["train_rows"] + metrics["valid_rows"] == 4000 and metrics["dropped_empty_rows"] == 0
-    assert 0.8 < result.metrics["best_valid_auc"] <= 1.0
+    assert metrics["best/valid_auc"] == pytest.approx(aucs[best])
+    assert metrics["best/iteration"] == best
+    assert metrics["rows/train"] + metrics["rows/valid"] == 4000 and metrics["rows/dropped_empty"] == 0
+    assert metrics["time/total_s"] > metrics["time/fit_s"] > 0
+    assert all("/" in key for key in metrics), sorted(k for k in metrics if "/" not in k)
+    assert 0.8 < result.metrics["best_valid_auc"] <= 1.0  # --json keeps the plain names
+    # the logged model carries the best iteration's metrics (issue: round 1's), with its dataset
+    model = client.get_logged_model(result.extra["logged_model_uri"].rsplit("/", 1)[-1])
+    on_model = {m.key: m for m in model.metrics or []}
+    assert on_model["best/valid_auc"].value == pytest.approx(aucs[best])
+    assert on_model["best/valid_auc"].dataset_digest == result.data_digest
+    assert on_model["valid/auc"].value == pytest.approx(aucs[best])  # the curve at the best round, not round 1
+    assert not any(k.startswith("time/") for k in on_model)
 
 
 def test_early_stopping_keeps_trees_up_to_the_best_iteration(trained):
@@ -74,7 +84,7 @@ def test_early_stopping_keeps_trees_up_to_the_best_iteration(trained):
     path = client.download_artifacts(result.run_id, "booster/booster.ubj")
     booster = xgb.Booster(model_file=path)
     assert booster.num_boosted_rounds() == result.best_iteration + 1
-    stopped = client.get_run(result.run_id).data.metrics["stopped_early"] == 1.0
+    stopped = client.get_run(result.run_id).data.metrics["training/stopped_early"] == 1.0
     if stopped:
         assert result.num_boosted_rounds == result.best_iteration + 1 + cfg.xgboost.early_stopping_rounds
     else:
@@ -212,8 +222,8 @@ def test_a_recovered_worker_failure_logs_the_model_of_a_resume_without_one(ray_s
     assert faulty.restarts == 1
     mlflow.set_tracking_uri(cfg.tracking_uri)
     client = MlflowClient()
-    assert client.get_run(faulty.run_id).data.metrics["worker_restarts"] == 1
-    history = client.get_metric_history(faulty.run_id, "valid_auc")
+    assert client.get_run(faulty.run_id).data.metrics["training/worker_restarts"] == 1
+    history = client.get_metric_history(faulty.run_id, "valid/auc")
     steps = sorted(m.step for m in history)
     assert steps == list(range(faulty.num_boosted_rounds))  # no gap, no duplicate
     aucs = {m.step: m.value for m in history}
@@ -240,7 +250,7 @@ def test_a_recovered_worker_failure_logs_the_model_of_a_resume_without_one(ray_s
                   say=lambda m: None)
     assert clean.restarts == 0
     assert (clean.best_iteration, clean.num_boosted_rounds) == (faulty.best_iteration, faulty.num_boosted_rounds)
-    for key in ("valid_auc", "valid_logloss", "train_auc"):
+    for key in ("valid/auc", "valid/logloss", "train/auc"):
         a = [m.value for m in sorted(client.get_metric_history(faulty.run_id, key), key=lambda m: m.step)]
         b = [m.value for m in sorted(client.get_metric_history(clean.run_id, key), key=lambda m: m.step)]
         assert a == pytest.approx(b, abs=1e-9), key

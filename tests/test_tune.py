@@ -5,6 +5,7 @@ ASHA stopping trials, --register-best, a bad search space refused up front, resu
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -71,7 +72,8 @@ def test_parent_run_records_the_sweep(sweep):
     assert params["tune.search"] == "random" and params["tune.scheduler"] == "asha"
     assert json.loads(params["tune.search_space"])["eta"] == {"distribution": "loguniform", "low": 0.005, "high": 0.4}
     assert parent.data.metrics["trials"] == 4
-    assert parent.data.metrics["best_valid_auc"] == pytest.approx(result.best["score"])
+    assert parent.data.metrics["best/valid_auc"] == pytest.approx(result.best["score"])
+    assert parent.data.metrics["time/sweep_s"] > 0
     assert parent.data.tags["churn.best_trial_run_id"] == result.best["run_id"]
     assert {f"best.{k}" for k in ("eta", "max_depth", "subsample")} <= set(params)
     arts = {a.path for a in client.list_artifacts(result.parent_run_id, "tune")}
@@ -93,13 +95,22 @@ def test_one_child_run_per_trial_with_params_metrics_and_status(sweep):
         assert int(params["xgboost.max_depth"]) == trial["config"]["max_depth"] and 1 <= trial["config"]["max_depth"] <= 6
         assert params["ray.num_workers"] == "2"  # the trainer of `churn train`, with its workers
         assert child.info.status == "FINISHED"
-        history = client.get_metric_history(child.info.run_id, "valid_auc")
+        # a name a person can read (issue: every trial showed the same truncated "churn-tune-202...")
+        assert re.fullmatch(r"trial 0[1-4]: eta [\d.e-]+, max_depth \d, subsample [\d.]+", child.info.run_name)
+        # the sweep's lineage on every trial: source, git commit, data (issue: none of them)
+        parent_tags = client.get_run(result.parent_run_id).data.tags
+        for key in ("mlflow.source.name", "mlflow.user", "data.digest", "data.source"):
+            assert tags[key] == parent_tags[key], key
+        assert "mlflow.source.git.commit" not in parent_tags or tags["mlflow.source.git.commit"] == parent_tags[
+            "mlflow.source.git.commit"]
+        assert [d.dataset.digest for d in child.inputs.dataset_inputs] == [tags["data.digest"]]
+        history = client.get_metric_history(child.info.run_id, "valid/auc")
         steps = sorted(m.step for m in history)
         if trial["status"] == "completed":
             assert tags["churn.trial.status"].startswith("completed")
-            n = int(child.data.metrics["num_boosted_rounds"])
+            n = int(child.data.metrics["training/num_boosted_rounds"])
             assert steps == list(range(n))  # every iteration
-            assert child.data.metrics["best_valid_auc"] == pytest.approx(trial["score"])
+            assert child.data.metrics["best/valid_auc"] == pytest.approx(trial["score"])
         else:
             assert tags["churn.trial.status"] == f"stopped early by ASHA at round {trial['rounds']}"
             assert trial["rounds"] < 30 and steps and steps[-1] == trial["rounds"] - 1
@@ -186,7 +197,7 @@ def test_an_interrupted_sweep_resumes_with_the_printed_command(ray_session, tmp_
     assert out["registered_version"] == "1"
     run = client.get_run(parent)
     assert run.info.status == "FINISHED" and run.data.tags["data.digest"] == state["data_digest"]
-    assert run.data.metrics["sweep_s"] > first_session
+    assert run.data.metrics["time/sweep_s"] > first_session
     children = _children(cfg, parent)
     assert len(children) == 2  # no trial logged twice
     assert {c.info.run_id for c in children} == {t["run_id"] for t in out["trials"]}

@@ -54,14 +54,14 @@ def drift_figure(drifts: list[FeatureDrift], moderate: float, major: float):
 
 
 def log_drift(drifts: list[FeatureDrift], moderate: float, major: float, prefix: str = "drift") -> None:
-    """Drift metrics (psi_/ks_<feature>), the report JSON and the plot into the active MLflow run."""
+    """Drift metrics (<prefix>/psi_<feature>, <prefix>/ks_<feature>: a section of their own), the report JSON and the plot into the active MLflow run."""
     import mlflow
 
     metrics = {}
     for d in drifts:
-        metrics[metric_name(f"{prefix}_psi_{d.feature}")] = d.psi
-        metrics[metric_name(f"{prefix}_ks_{d.feature}")] = d.ks
-    metrics[f"{prefix}_features_shifted"] = float(sum(d.verdict != "stable" for d in drifts))
+        metrics[metric_name(f"{prefix}/psi_{d.feature}")] = d.psi
+        metrics[metric_name(f"{prefix}/ks_{d.feature}")] = d.ks
+    metrics[f"{prefix}/features_shifted"] = float(sum(d.verdict != "stable" for d in drifts))
     mlflow.log_metrics(metrics)
     mlflow.log_dict({"thresholds": {"psi_moderate": moderate, "psi_major": major},
                      "features": [d.to_dict() for d in drifts]}, f"{prefix}/report.json")

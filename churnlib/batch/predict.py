@@ -251,8 +251,8 @@ def predict(
             + (f" ({counts.get('empty', 0)} empty)" if counts.get("empty") else "")
             + (f" -> {rejects_path}" if rejected else "") + f"; {seconds:.1f} s ({result.rows_per_s:,.0f} rows/s)")
         mlflow.log_param("rejects", result.rejects or "")
-        mlflow.log_metrics({**{f"rows_{k}": float(v) for k, v in counts.items()}, "seconds": seconds,
-                            "rows_per_s": result.rows_per_s})
+        mlflow.log_metrics({**{f"rows/{'total' if k == 'rows' else k}": float(v) for k, v in counts.items()},
+                            "time/total_s": seconds, "speed/rows_per_s": result.rows_per_s})
         if drift_parts and predictor.profile is not None:
             drifts = compare(predictor.profile, merge_counts(drift_parts), cfg.drift.psi_moderate,
                                        cfg.drift.psi_major)

@@ -25,6 +25,7 @@ from churnlib.model.explain import (
     top_reasons,
     waterfall_figure,
 )
+from churnlib.model.loading import logged_model_uri
 from churnlib.tags import (
     TAG_BASELINE_NAME,
     TAG_BASELINE_URI,
@@ -32,8 +33,9 @@ from churnlib.tags import (
     TAG_COMMAND,
     TAG_EVAL_PREFIX,
     TAG_EVAL_RUN,
-    TAG_GATE_PREFIX,
     TAG_GATE_SOURCE,
+    TAG_GATE_STATUS,
+    TAG_GATE_SUMMARY,
     TAG_MODEL_NAME,
     TAG_MODEL_URI,
     TAG_MODEL_VERSION,
@@ -106,7 +108,7 @@ def log_evaluation(
             "thresholds": json.dumps(cfg.evaluation.thresholds),
             "require_improvement": cfg.evaluation.require_improvement,
         })
-        tracking.log_dataset(source, spec, context="evaluation")
+        dataset = tracking.log_dataset(source, spec, context="evaluation")
         logged = dict(metrics)
         logged.update({f"confusion_{k}": float(v) for k, v in confusion.items()})
         logged.update({f"rows_{k}": float(v) for k, v in rows.items()})
@@ -122,7 +124,12 @@ def log_evaluation(
         if shap_summary:
             logged.update({metric_name(f"shap_mean_abs_{k}"): v for k, v in shap_summary["mean_abs"].items()})
         logged["gate_passed"] = float(gate.passed)
-        mlflow.log_metrics({k: float(v) for k, v in logged.items() if v == v})
+        # the headline metrics keep their names (the gates' names); the rest get MLflow sections
+        mlflow.log_metrics({tracking.grouped(k): float(v) for k, v in logged.items() if v == v})
+        # ... and the evaluated model shows them, measured on this dataset, in the models table
+        model_uri = _logged_model_uri(ref)
+        if model_uri:
+            tracking.log_model_metrics(metrics, model_uri, dataset)
 
         threshold = cfg.model.decision_threshold
         labels = {"model": (y, scores[0])}
@@ -180,19 +187,24 @@ def _slice(expl, idx):
     return Explanation(expl.values[idx], expl.base_values[idx], expl.X[idx], expl.feature_names, expl.kind)
 
 
+# What a registry version shows of its latest evaluation: what a person reads in the
+# versions table (the gate's status and one-line summary, where it comes from, two
+# headline metrics). Each check's detail, the baseline and the comparison stay on the
+# evaluation run (``churn.eval.run_id`` links to it).
+VERSION_EVAL_METRICS = ("roc_auc", "log_loss")
+
+
 def version_tags(run_tags: dict[str, str], metrics: dict[str, float], run_id: str) -> dict[str, str]:
-    """What a registry version carries of its latest evaluation: gate outcome, headline metrics, baseline."""
-    tags = {k: v for k, v in run_tags.items() if k.startswith(TAG_GATE_PREFIX)}
+    """What a registry version carries of its latest evaluation: gate status and summary, its
+    source, the headline metrics (the rest is on the evaluation run)."""
+    tags = {k: run_tags[k] for k in (TAG_GATE_STATUS, TAG_GATE_SUMMARY) if k in run_tags}
     tags[TAG_EVAL_RUN] = run_id
     # which evaluation, on which data, the gate status comes from
     tags[TAG_GATE_SOURCE] = (f"evaluation run {run_id} on {run_tags.get('data.source', '?')} "
                              f"(digest {run_tags.get('data.digest', '?')})")
-    for key in ("roc_auc", "accuracy", "log_loss"):
+    for key in VERSION_EVAL_METRICS:
         if key in metrics:
             tags[f"{TAG_EVAL_PREFIX}{key}"] = f"{metrics[key]:.6g}"
-    for key in (TAG_BASELINE_URI, TAG_BASELINE_VERSION, TAG_VERDICT):
-        if key in run_tags:
-            tags[key] = run_tags[key]
     return tags
 
 
@@ -216,3 +228,22 @@ def _tag_versions(client: Any, cfg: Config, ref: Any, run_tags: dict[str, str], 
     for name, version in targets:
         for key, value in tags.items():
             client.set_model_version_tag(name, version, key, value)
+
+
+def _logged_model_uri(ref: Any) -> str | None:
+    """The ``models:/m-...`` logged model behind an evaluated reference (a registry version, a
+    run's model, or the logged model itself), or None when there is none to attach metrics to."""
+    from mlflow import MlflowClient
+
+    try:
+        if ref.uri.startswith("models:/m-"):
+            return ref.uri
+        if ref.name and ref.version:
+            source = MlflowClient().get_model_version(ref.name, str(ref.version)).source or ""
+            if source.startswith("models:/m-"):
+                return source
+        if ref.run_id:
+            return logged_model_uri(ref.run_id)
+    except Exception:  # noqa: BLE001 - a model without a logged model (older runs): the run holds the metrics
+        return None
+    return None

@@ -79,6 +79,9 @@ def log_model(cfg: Config, spec: Any, source: Any, columns: list[str], booster: 
             input_example=input_example(sample_rows(source, columns), spec),
             pip_requirements=requirements(),
             metadata={"churn_feature_spec": spec.to_dict(), "decision_threshold": cfg.model.decision_threshold},
+            # MLflow links the run's metrics at this step to the model: the learning curves'
+            # values at the best iteration (at step 0 the model showed round 1's)
+            step=int(best),
         )
     return info.model_uri
 

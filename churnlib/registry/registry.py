@@ -67,8 +67,9 @@ if TYPE_CHECKING:
 STAGING, CHAMPION, PRODUCTION, PREVIOUS = "staging", "champion", "production", "previous"
 SYSTEM_ALIASES = (STAGING, CHAMPION, PRODUCTION, PREVIOUS)
 
-# Training metrics copied onto a version when it is registered.
-KEY_METRICS = ("best_valid_auc", "best_valid_logloss", "best_valid_error", "best_iteration", "train_rows", "valid_rows")
+# Training metrics copied onto a version when it is registered: what the versions
+# table shows (the training run holds every other one).
+KEY_METRICS = ("best_valid_auc",)
 
 
 def _now() -> str:
@@ -275,7 +276,8 @@ class Registry:
 
     def _registration_tags(self, run_id: str) -> dict[str, str]:
         run = self.client.get_run(run_id)
-        tags = {f"train.{k}": f"{run.data.metrics[k]:.6g}" for k in KEY_METRICS if k in run.data.metrics}
+        found = {k: tracking.run_metric(run.data.metrics, k) for k in KEY_METRICS}
+        tags = {f"train.{k}": f"{v:.6g}" for k, v in found.items() if v is not None}
         for key in ("data.digest", "data.source"):
             if key in run.data.tags:
                 tags[key] = run.data.tags[key]
@@ -379,8 +381,9 @@ class Registry:
                 f"{champion.version}); evaluate with --compare-baseline models:/{self.name}@{CHAMPION}")
             return evaluation, refusals
         verdict = compared.data.tags.get(TAG_VERDICT, "not compared")
-        diff = compared.data.metrics.get("diff_roc_auc")
-        low, high = compared.data.metrics.get("auc_diff_ci_low"), compared.data.metrics.get("auc_diff_ci_high")
+        measured = compared.data.metrics
+        diff = tracking.run_metric(measured, "diff_roc_auc")
+        low, high = tracking.run_metric(measured, "auc_diff_ci_low"), tracking.run_metric(measured, "auc_diff_ci_high")
         shown = f" (AUC {diff:+.4f}, CI [{low:+.4f}, {high:+.4f}], run {compared.info.run_id})" if None not in (diff, low, high) else ""
         if verdict == "worse":
             refusals.append(f"version {target.version} is significantly worse than the champion (version "

@@ -152,7 +152,7 @@ def train(
             f"{sum(missing.values())} missing value(s){' in ' + ', '.join(missing) if missing else ''}, "
             f"churn rate {report.positives / max(report.usable_rows, 1):.3f}"
         )
-        tracking.log_dataset(source, spec, context="training")
+        dataset = tracking.log_dataset(source, spec, context="training")
         mlflow.log_dict(report.to_dict(), "data/validation_report.json")
         t0 = time.perf_counter()
         profile = profile_from_dataset(prepared.dataset, spec, cfg.drift.profile_rows, seed=cfg.model.random_state)
@@ -209,14 +209,19 @@ def train(
         for col, n in missing.items():
             metrics[f"missing_{col.replace(' ', '_')}"] = n
         tracking.log_history(run_id, state["history"])
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+        # best/* go to the run and to the logged model at once, below
+        mlflow.log_metrics({tracking.grouped(k): float(v) for k, v in metrics.items() if not k.startswith("best_")})
         mlflow.set_tags({"data.digest": source.digest, "data.source": source.uri})
 
         t0 = time.perf_counter()
         logged_uri = log_model(cfg, spec, source, columns, out.booster, best, run_id, profile)
+        # the model's own metrics are the best iteration's (the booster keeps every round; scoring
+        # stops at the best one), measured on the validation split of this dataset
+        tracking.log_model_metrics({tracking.grouped(k): v for k, v in metrics.items() if k.startswith("best_")},
+                                   logged_uri, dataset)
         timings["log_model_s"] = time.perf_counter() - t0
         timings["total_s"] = time.perf_counter() - t_start
-        mlflow.log_metrics({f"time_{k}": v for k, v in timings.items()})
+        mlflow.log_metrics({tracking.grouped(f"time_{k}"): v for k, v in timings.items()})
 
         result = TrainResult(
             run_id=run_id,

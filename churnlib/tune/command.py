@@ -195,9 +195,11 @@ def tune(
         client.update_run(parent_id, status="RUNNING")
         say(f"tune: resuming sweep {name} (parent run {parent_id})")
     else:
-        tags = {**cfg.mlflow.tags, TAG_COMMAND: "tune", TAG_SWEEP: name}
+        tags = {**tracking.lineage_tags(), **cfg.mlflow.tags, TAG_COMMAND: "tune", TAG_SWEEP: name,
+                "data.digest": source.digest, "data.source": source.uri}
         parent = client.create_run(experiment_id, run_name=name, tags=tags)
         parent_id = parent.info.run_id
+        tracking.log_dataset(source, spec, context="training", run_id=parent_id)
         # Everything a resume needs, so that `--resume NAME` alone carries on the same sweep.
         write_state(state_path, {"parent_run_id": parent_id, "experiment_id": experiment_id,
                                   "data": source.uri, "data_digest": source.digest,
@@ -215,8 +217,6 @@ def tune(
             "ray.num_workers": cfg.ray.num_workers,
         }, run_id=parent_id)
         client.log_text(parent_id, config_to_yaml(cfg), "config/resolved_config.yaml")
-        client.set_tag(parent_id, "data.digest", source.digest)
-        client.set_tag(parent_id, "data.source", source.uri)
     say(f"tune: sweep {name}: {cfg.tune.num_samples} trial(s), {cfg.tune.search} search, scheduler "
         f"{cfg.tune.scheduler}, {k} at a time ({cfg.ray.num_workers} worker(s) each), metric {metric} ({mode})")
 
@@ -303,7 +303,8 @@ def tune(
     summary = {metric: float(best["score"]), "trials": float(len(trials)),
                "trials_stopped_early": float(sum(t["status"] == "stopped" for t in trials)),
                "trials_failed": float(sum(t["status"] == "failed" for t in trials)), "sweep_s": timings["sweep_s"]}
-    client.log_batch(parent_id, metrics=[Metric(k2, v, now, 0) for k2, v in summary.items()], synchronous=True)
+    client.log_batch(parent_id, metrics=[Metric(tracking.grouped(k2), v, now, 0) for k2, v in summary.items()],
+                     synchronous=True)
     tracking.log_params_flat({f"best.{k2}": v for k2, v in best["config"].items()}, run_id=parent_id)
     client.set_tag(parent_id, TAG_BEST_TRIAL_RUN, best["run_id"] or "")
     client.set_tag(parent_id, TAG_BEST_TRIAL, best["trial_id"] or "")
