@@ -151,7 +151,9 @@ def quickstart(cfg: Config, rows: int | None = None, port: int | None = None, ve
                 f"drift: {len(shifted)} of {len(res.drift)} features shifted")
 
     def stop_step() -> str:
-        say(f"      MLflow UI:  mlflow ui --backend-store-uri {cfg.tracking_uri}   (then http://127.0.0.1:5000)")
+        # the runs table itself: MLflow 3's UI otherwise opens an experiment on its GenAI overview
+        runs = f"http://127.0.0.1:5000/#/experiments/{out['train'].experiment_id}/runs"
+        say(f"      MLflow UI:  mlflow ui --backend-store-uri {cfg.tracking_uri}   (then {runs})")
         say(f"      Serve docs: {out['url']}/docs   (run `churn serve` to keep it up)")
         serving.stop(out.pop("serve"), cfg.serve.shutdown_grace_s, quiet)
         return "Serve stopped"

@@ -234,6 +234,19 @@ def test_train_evaluate_register_promote_load_against_the_server(remote):
     out = model.predict(__import__("pandas").read_parquet(test).head(10))
     assert out["churn_probability"].between(0, 1).all()
 
+    # What a person sees: the MLflow UI's page of the logged model (headless Chromium) lists the
+    # registered version (issue: "Not registered") and the best round's and the evaluation's metrics
+    from tests.conftest import chromium_dom
+
+    client = MlflowClient(remote["uri"])
+    model_id = client.get_run(trained.run_id).outputs.model_outputs[0].model_id
+    page = f"{remote['uri']}/#/experiments/{trained.experiment_id}/models/{model_id}"
+    dom = chromium_dom(page, remote["ws"], screenshot=remote["ws"] / "model_page.png")
+    assert "Model versions" in dom and f"{cfg.model.registered_name}/versions/{version.version}" in dom, page
+    assert "best/valid_auc" in dom and "roc_auc" in dom
+    best = next(m for m in client.get_logged_model(model_id).metrics if m.key == "best/valid_auc")
+    assert best.value == pytest.approx(trained.metrics["best_valid_auc"])
+
     # the artifacts are objects in the S3 bucket (proxied by the server)
     import boto3
 

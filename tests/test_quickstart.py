@@ -44,6 +44,7 @@ def test_quickstart_runs_every_step_and_stops_serve(tmp_path):
     assert re.search(r"because \w[\w ]*=", res.stderr)  # the explained answer gives reasons
     assert re.search(r"2,000 rows scored with reasons -> .*scores-\d{8}-\d{6}\.parquet", lines["batch"])
     assert "mlflow ui --backend-store-uri sqlite:///" in res.stderr and f"127.0.0.1:{port}/docs" in res.stderr
+    assert re.search(r"then http://127\.0\.0\.1:5000/#/experiments/\d+/runs\)", res.stderr)  # the runs table
     assert re.search(r"quickstart: done in \d+\.\d s", res.stderr)
     assert _port_is_free(port)  # Serve is stopped
     scores = list((tmp_path / ".churn" / "predictions").glob("scores-*.parquet"))
