@@ -351,6 +351,16 @@ def test_mlflow_models_serve_answers_for_the_champion(lab):
         assert len(preds) == 3 and set(preds[0]) == {"churn_probability", "churn_label"}
         local = mlflow.pyfunc.load_model("models:/reg_serve@champion").predict(records)
         assert [p["churn_probability"] for p in preds] == pytest.approx(local["churn_probability"].tolist())
+        # a bad record: 400 with churn's one-line reason, no stack trace (issue: a full traceback)
+        bad = records.head(1).copy()
+        bad["Gender"] = "Robot"
+        r = requests.post(f"http://127.0.0.1:{port}/invocations", timeout=10,
+                          json={"dataframe_split": json.loads(bad.to_json(orient="split", index=False))})
+        assert r.status_code == 400, r.text
+        answer = r.json()
+        assert answer["error_code"] == "INVALID_PARAMETER_VALUE" and "stack_trace" not in answer
+        reason = answer["message"].rsplit("Error: ", 1)[-1]
+        assert "Gender" in reason and "Robot" in reason and "\n" not in reason, answer["message"]
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=30)

@@ -11,6 +11,7 @@ from typing import Any
 import mlflow.pyfunc
 import pandas as pd
 
+from churnlib.errors import DataError, one_line
 from churnlib.model.predictor import ChurnPredictor
 
 
@@ -21,4 +22,13 @@ class ChurnModel(mlflow.pyfunc.PythonModel):
         self._predictor = ChurnPredictor.from_dir(context.artifacts["model_dir"])
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        return self._predictor.predict(model_input)
+        """P(churn) and label per record. A record the model cannot take (an unknown category, a
+        value that is not a number, a missing column) is MLflow's invalid-parameter error with
+        `churn`'s one-line message: ``mlflow models serve`` answers it with a 400 and no stack trace."""
+        try:
+            return self._predictor.predict(model_input)
+        except DataError as exc:
+            from mlflow.exceptions import MlflowException
+            from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+            raise MlflowException(one_line(exc), error_code=INVALID_PARAMETER_VALUE) from None
