@@ -23,7 +23,8 @@ _CONNECTED_HERE = False
 def quiet_logs(verbose: bool) -> None:
     """Ray's and MLflow's chatter at warning level (or not at all) unless verbose."""
     level = logging.INFO if verbose else logging.WARNING
-    for name in ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "mlflow"):
+    # optuna: "A new study created in memory with name: ..." at the start of every sweep
+    for name in ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "mlflow", "optuna"):
         logging.getLogger(name).setLevel(level)
     if not verbose:
         # Said once per local start; the token stays on (see README).

@@ -123,6 +123,20 @@ def test_asha_stopped_at_least_one_trial(sweep):
     assert any("stopped early by ASHA" in line for line in said)
 
 
+def test_the_terminal_follows_each_trial_and_sums_the_sweep_up(sweep):
+    """A line when a trial starts and progress while it runs (issue: nothing while a trial ran),
+    then one line summing the sweep up; none of Tune's own tables or hints."""
+    _, result, said = sweep
+    for n in range(1, 5):
+        assert any(line.startswith(f"  [trial 0{n}] started: eta ") for line in said), n
+    assert any(re.match(r"  \[trial 0\d\] round \d+, best best_valid_auc 0\.\d{4}$", line) for line in said), said
+    stopped = sum(t["status"] == "stopped" for t in result.trials)
+    summary = next(line for line in said if re.match(r"tune: 4 trial\(s\) in [\d.]+ s: ", line))
+    assert f"{stopped} stopped early by ASHA, 0 failed" in summary
+    assert f"{sum(t['rounds'] for t in result.trials):,} boosting rounds of 120 possible" in summary
+    assert not [line for line in said if "Trial status" in line or "tensorboard" in line.lower() or "╭" in line]
+
+
 def test_register_best_puts_the_best_trial_at_staging(sweep):
     cfg, result, _ = sweep
     info = Registry(cfg, say=lambda m: None).alias("staging")

@@ -374,6 +374,8 @@ def _progress(tally: Any, stop: threading.Event, t0: float) -> None:
             p = ray.get(tally.progress.remote(), timeout=5)
         except Exception:  # noqa: BLE001 - progress is best effort
             continue
+        if not p["rows"]:
+            continue  # actors still starting: no "0 rows read" line, the first count comes with rows
         elapsed = time.perf_counter() - t0
         sys.stderr.write(f"\r  {p['rows']:,} rows read, {p['scored']:,} scored, {p['rejected']:,} rejected "
                          f"({p['rows'] / max(elapsed, 1e-9):,.0f} rows/s)   ")

@@ -222,7 +222,8 @@ def tune(
 
     flat = {key: value for key, value in cfg.flat().items() if not key.startswith("tune.")}
     logger = MlflowTrials(cfg.tracking_uri, experiment_id, parent_id, flat, name, cfg.xgboost.early_stopping_metric,
-                          state_path, previous.get("trial_runs", {}), rows, say)
+                          state_path, previous.get("trial_runs", {}), rows, say,
+                          progress_every_s=max(cfg.training.progress_interval_s, 1.0))
     # read by Tune's controller when the Tuner starts, in this process
     os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", str(TRIAL_STOP_GRACE_S))
     trainable = ray_tune.with_resources(
@@ -252,8 +253,10 @@ def tune(
             )
         if resume:
             attach_logger(tuner, logger)
-        # Tune's own tables go to stderr with the rest of the human output: stdout stays for --json.
-        with contextlib.redirect_stdout(sys.stderr):
+        # Tune prints its own tables, config box and TensorBoard hint even at verbose=0: with
+        # --verbose they go to stderr with the rest of the human output (stdout stays for
+        # --json); without, nowhere (the trial lines above say what a person needs).
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(sys.stderr if verbose else devnull):
             grid = tuner.fit()
     except KeyboardInterrupt:
         write_state(state_path, {"sweep_s": float(read_state(state_path).get("sweep_s", 0.0))
@@ -315,6 +318,11 @@ def tune(
         client.set_tag(parent_id, TAG_REGISTERED_VERSION, registered)
     client.set_terminated(parent_id, "FINISHED")
     timings["total_s"] = time.perf_counter() - t_start
+    counts = {status: sum(t["status"] == status for t in trials) for status in ("completed", "stopped", "failed")}
+    rounds = [int(t.get("rounds") or 0) for t in trials]
+    say(f"tune: {len(trials)} trial(s) in {timings['sweep_s']:.1f} s: {counts['completed']} completed, "
+        f"{counts['stopped']} stopped early by {cfg.tune.scheduler.upper()}, {counts['failed']} failed; "
+        f"{sum(rounds):,} boosting rounds of {len(trials) * cfg.xgboost.num_boost_round:,} possible")
     say(f"tune: best trial {best['trial_id']} ({metric} {best['score']:.4f}): "
         + ", ".join(f"{k2}={_fmt(v)}" for k2, v in best["config"].items()))
     return TuneResult(name, sweep_path, parent_id, experiment_id, metric, mode, best, trials, registered, timings)

@@ -62,7 +62,13 @@ def searcher(cfg: Config, max_concurrent: int):
     BasicVariantGenerator passed in, so the limit is set here, on both.)"""
     if cfg.tune.search == "optuna":
         from ray.tune.search import ConcurrencyLimiter
+        import logging
+
         from ray.tune.search.optuna import OptunaSearch
+
+        # Optuna sets its logger to INFO when it is first imported (just now): keep the level
+        # `churn` chose for Ray Tune's (quiet unless --verbose), so "A new study created" stays off
+        logging.getLogger("optuna").setLevel(logging.getLogger("ray.tune").getEffectiveLevel())
 
         return ConcurrencyLimiter(OptunaSearch(seed=cfg.tune.seed), max_concurrent=max_concurrent)
     from ray.tune.search import BasicVariantGenerator

@@ -57,7 +57,7 @@ class MlflowTrials:
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, base_params: dict[str, Any],
                  sweep: str, stopping_metric: str, state_path: str, trial_runs: dict[str, str],
-                 rows: dict[str, float], say: Callable[[str], None] | None = None):
+                 rows: dict[str, float], say: Callable[[str], None] | None = None, progress_every_s: float = 5.0):
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
@@ -69,6 +69,9 @@ class MlflowTrials:
         self.rows = rows
         self.say = say
         self.logged_steps: dict[str, set[int]] = {}
+        # a progress line per running trial at most this often (a trial reports every tune.report_every rounds)
+        self.progress_every_s = progress_every_s
+        self._last_said: dict[str, float] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -112,6 +115,8 @@ class MlflowTrials:
         log_params_flat(params, run_id=run.info.run_id)
         self.trial_runs[trial.trial_id] = run.info.run_id
         self._persist()
+        if self.say:
+            self.say(f"  [{trial_label(trial.trial_id)}] started: {_shown_config(trial.config)}")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict[str, Any], **info: Any) -> None:
         from mlflow.entities import Metric
@@ -126,6 +131,13 @@ class MlflowTrials:
         if metrics:
             self._client().log_batch(run_id, metrics=metrics, synchronous=True)
         self.logged_steps.setdefault(trial.trial_id, set()).add(step)
+        last = getattr(self, "_last_said", None)
+        if self.say and last is not None and time.monotonic() - last.get(trial.trial_id, 0.0) >= getattr(
+                self, "progress_every_s", 5.0):
+            last[trial.trial_id] = time.monotonic()
+            score = result.get(_score(self.stopping_metric))
+            shown = f", best {_score(self.stopping_metric)} {score:.4f}" if isinstance(score, float) else ""
+            self.say(f"  [{trial_label(trial.trial_id)}] round {step + 1}{shown}")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self.trial_runs.get(trial.trial_id)
@@ -177,12 +189,19 @@ def inherited_tags(parent_tags: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in parent_tags.items() if k not in _NOT_INHERITED and not k.startswith("churn.")}
 
 
+def trial_label(trial_id: str) -> str:
+    """'trial 03' for Tune's trial id '<sweep>_00002' (its number in the sweep, from 1)."""
+    number = trial_id.rsplit("_", 1)[-1]
+    return f"trial {int(number) + 1:02d}" if number.isdigit() else f"trial {trial_id}"
+
+
+def _shown_config(config: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in sorted(config.items()))
+
+
 def trial_run_name(trial_id: str, config: dict[str, Any]) -> str:
     """A name a person can read in the runs table: 'trial 03: eta 0.0312, max_depth 4, subsample 0.83'."""
-    number = trial_id.rsplit("_", 1)[-1]
-    index = f"{int(number) + 1:02d}" if number.isdigit() else trial_id
-    shown = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in sorted(config.items()))
-    return f"trial {index}: {shown}"[:250]
+    return f"{trial_label(trial_id)}: {_shown_config(config)}"[:250]
 
 
 def _score(metric: str) -> str:
