@@ -30,8 +30,8 @@ def metric_key(name: str) -> str:
 # learning curves (train/, valid/), the best iteration's values (best/), row
 # counts, missing values and stage timings each get a section of their own.
 # The names the code and `--json` use stay the plain ones; only MLflow's keys
-# are grouped. Runs logged before 0.4 used the plain names as keys (readers
-# that look a metric up in a run go through ``run_metric``, which knows both).
+# are grouped. Runs logged by earlier versions used the plain names as keys
+# (readers that look a metric up in a run go through ``run_metric``, which knows both).
 _GROUP_EXACT = {
     "train_rows": "rows/train", "valid_rows": "rows/valid", "dropped_empty_rows": "rows/dropped_empty",
     "total_rows": "rows/total", "missing_values": "missing/total", "best_iteration": "best/iteration",
@@ -204,9 +204,10 @@ def preflight(cfg: Config) -> str:
     return experiment_id
 
 
-# MLflow 3's UI picks an experiment's landing view by this tag: a model-training
-# experiment opens on its runs table, a GenAI one (the default guess for an
-# experiment without runs) on the traces overview.
+# What kind of experiment this is, in MLflow 3's own vocabulary (a model-training
+# one, not GenAI). MLflow 3.17's UI still opens every experiment on its GenAI
+# overview (its switch is the browser's): the README and `churn quickstart` link
+# the runs table (#/experiments/<id>/runs) instead.
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
@@ -220,7 +221,6 @@ def ensure_experiment(cfg: Config) -> str:
         exp = mlflow.get_experiment_by_name(name)
         if exp is None:
             try:
-                # the kind makes the MLflow UI open on the runs table (not the GenAI overview)
                 return mlflow.create_experiment(name, artifact_location=cfg.artifact_location,
                                                 tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
             except MlflowException:
