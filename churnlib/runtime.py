@@ -49,11 +49,13 @@ def quiet_logs(verbose: bool) -> None:
 LOCAL_FOOTER_ACTORS = 1
 
 
-def ensure_ray(ray_cfg: RayConfig, verbose: bool = False, announce: bool = True) -> bool:
+def ensure_ray(ray_cfg: RayConfig, verbose: bool = False, announce: bool = False) -> bool:
     """Connect to ``ray.address`` (or RAY_ADDRESS), or start a local instance.
 
-    ``announce``: say (stderr) where the instance's dashboard, metrics and
-    ``ray status`` are, and for a cluster with token auth, where the token comes from.
+    ``announce``: when this starts a local instance, say (stderr) where its
+    dashboard, metrics and ``ray status`` are and where the auth token is. The
+    long-running commands (train, tune, serve) announce; short ones (validate,
+    evaluate, predict, drift) keep their output to their result or their one line.
     Returns True when this process started a local instance (whose resources
     cannot grow, so a shortfall is an error at once rather than a wait).
     """
@@ -71,12 +73,8 @@ def ensure_ray(ray_cfg: RayConfig, verbose: bool = False, announce: bool = True)
         "configure_logging": True,
     }
     if address:
-        context = ray.init(address=address, **kwargs)
+        ray.init(address=address, **kwargs)
         _STARTED_HERE = False
-        dashboard = getattr(context, "dashboard_url", None)
-        if announce and dashboard:
-            console.say(f"ray: on the cluster at {address}; dashboard http://{dashboard.removeprefix('http://')}"
-                        f"{auth_token_hint()}")
     else:
         # "local" always starts a new instance; plain ray.init() would attach
         # to any cluster `ray start` left recorded on this machine (even a dead one).

@@ -81,10 +81,10 @@ def _json(payload: Any) -> Response:
 
 class ErrorBody(BaseModel):
     """The body of every error response: what went wrong, in one line."""
-    detail: str = Field(description="what went wrong, in one line", examples=["record 0: 'Age': missing"])
+    detail: str = Field(description="what went wrong, in one line", examples=["record 0, field 'Tenure': Field required"])
     errors: Optional[list[dict[str, Any]]] = Field(
         None, description="every problem found: record index, field, message, type",
-        examples=[[{"record": 0, "field": "Age", "message": "Field required", "type": "missing"}]])
+        examples=[[{"record": 0, "field": "Tenure", "message": "Field required", "type": "missing"}]])
 
 
 class PredictAnswer(BaseModel):
@@ -132,7 +132,7 @@ class ModelInfo(BaseModel):
     alias: Optional[str] = Field(None, examples=["champion"])
     run_id: Optional[str] = Field(None, description="the MLflow run that trained it")
     metrics: dict[str, float] = Field(description="its training and evaluation metrics (registry tags)",
-                                      examples=[{"eval.roc_auc": 0.951}])
+                                      examples=[{"churn.eval.roc_auc": 0.951, "train.best_valid_auc": 0.962}])
     loaded_at: str = Field(description="UTC, ISO 8601", examples=["2026-12-01T10:00:00Z"])
     decision_threshold: float = Field(examples=[0.5])
     features: list[str]

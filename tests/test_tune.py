@@ -129,7 +129,8 @@ def test_the_terminal_follows_each_trial_and_sums_the_sweep_up(sweep):
     _, result, said = sweep
     for n in range(1, 5):
         assert any(line.startswith(f"  [trial 0{n}] started: eta ") for line in said), n
-    assert any(re.match(r"  \[trial 0\d\] round \d+, best best_valid_auc 0\.\d{4}$", line) for line in said), said
+    assert any(re.match(r"  \[trial 0\d\] round \d+, best_valid_auc 0\.\d{4}$", line) for line in said), said
+    assert any(re.match(r"  trial 0\d: (completed|stopped early by ASHA)", line) for line in said), said
     stopped = sum(t["status"] == "stopped" for t in result.trials)
     summary = next(line for line in said if re.match(r"tune: 4 trial\(s\) in [\d.]+ s: ", line))
     assert f"{stopped} stopped early by ASHA, 0 failed" in summary

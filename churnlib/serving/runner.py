@@ -76,7 +76,7 @@ def start(cfg: Config, builder_args: dict[str, Any], port: int, verbose: bool = 
     try:
         from ray import serve
 
-        local = ensure_ray(cfg.ray, verbose=verbose) and will_start
+        local = ensure_ray(cfg.ray, verbose=verbose, announce=True) and will_start
         serve.start(http_options={"host": cfg.serve.host, "port": port})
         serve.run(app, name=APP_NAME, route_prefix="/")
     except BaseException:

@@ -126,7 +126,7 @@ def train(
     columns = check_columns(source, spec)
 
     t0 = time.perf_counter()
-    local = ensure_ray(cfg.ray, verbose=verbose)
+    local = ensure_ray(cfg.ray, verbose=verbose, announce=True)
     check_resources(cfg.ray, local, streaming=not cfg.training.materialize)
     timings["ray_start_s"] = time.perf_counter() - t0
 

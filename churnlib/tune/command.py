@@ -175,7 +175,7 @@ def tune(
         say(f"tune: warning: resuming on other data than the sweep started with (--force): digest "
             f"{previous['data_digest']} -> {source.digest}")
     columns = check_columns(source, spec)
-    local = ensure_ray(cfg.ray, verbose=verbose)
+    local = ensure_ray(cfg.ray, verbose=verbose, announce=True)
     check_resources(cfg.ray, local)
     metric, mode = objective(cfg)
 

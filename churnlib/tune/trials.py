@@ -136,7 +136,7 @@ class MlflowTrials:
                 self, "progress_every_s", 5.0):
             last[trial.trial_id] = time.monotonic()
             score = result.get(_score(self.stopping_metric))
-            shown = f", best {_score(self.stopping_metric)} {score:.4f}" if isinstance(score, float) else ""
+            shown = f", {_score(self.stopping_metric)} {score:.4f}" if isinstance(score, float) else ""
             self.say(f"  [{trial_label(trial.trial_id)}] round {step + 1}{shown}")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -163,7 +163,7 @@ class MlflowTrials:
         self._ended(trial.trial_id)
         if self.say:
             shown = f"{score:.4f}" if isinstance(score, float) else "-"
-            self.say(f"  trial {trial.trial_id}: {status}; {_score(self.stopping_metric)} {shown}")
+            self.say(f"  {trial_label(trial.trial_id)}: {status}; {_score(self.stopping_metric)} {shown}")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self.trial_runs.get(trial.trial_id)
@@ -176,7 +176,7 @@ class MlflowTrials:
         client.set_terminated(run_id, "FAILED")
         self._ended(trial.trial_id)
         if self.say:
-            self.say(f"  trial {trial.trial_id}: failed")
+            self.say(f"  {trial_label(trial.trial_id)}: failed")
 
 
 # A trial's run carries its sweep's lineage: where it was started from (source,
