@@ -316,7 +316,7 @@ class FeaturesConfig(_Section):
     target: TargetConfig
     numeric: list[str] = []
     categorical: dict[str, list[str]] = {}
-    # What each column means, with its unit: shown in the API docs (Swagger UI) and the signature.
+    # What each column means, with its unit: shown in the API docs (Swagger UI).
     descriptions: dict[str, str] = {}
     # One real customer in the raw schema: the example record of the API docs.
     example: dict[str, Any] | None = None
@@ -361,9 +361,9 @@ class FeaturesConfig(_Section):
         for column in sorted(set(example) - known):
             raise ValueError(f"example: no column named {column!r}")
         for column in self.numeric:
-            value = example.get(column, "missing")
-            if value == "missing":
+            if column not in example:
                 raise ValueError(f"example: feature {column!r} is missing")
+            value = example[column]
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise ValueError(f"example: {column!r} must be a number, not {value!r}")
         for column, levels in self.categorical.items():
@@ -603,8 +603,17 @@ def load_config(
 
     if overrides:
         items = overrides.items() if isinstance(overrides, Mapping) else (parse_set(o) for o in overrides)
+        touched = []
         for key, value in items:
             _set_dotted(tree, key, value, f"--set {key}")
+            touched.append(key)
+        # as with a file: other columns (another table) start without the default table's docs
+        if {"features", "features.numeric", "features.categorical"} & set(touched) and isinstance(
+                tree.get("features"), dict):
+            given = tree["features"] if "features" in touched else {}
+            for doc in _TABLE_DOCS:
+                if doc not in given and not any(k.startswith(f"features.{doc}") for k in touched):
+                    tree["features"].pop(doc, None)
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:

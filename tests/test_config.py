@@ -138,6 +138,12 @@ def test_another_tables_columns_start_without_the_default_docs(tmp_path):
         shipped = load_config([REPO / "configs" / f"{name}.yaml"], env={})
         assert shipped.features.example and shipped.features.id_column in shipped.features.example
     assert load_config(env={}).features.example["CustomerID"] == 2
+    # the same for --set: other columns drop the default table's docs, unless given too
+    narrowed = load_config(overrides=["features.numeric=[Age, Tenure]"], env={})
+    assert narrowed.features.example is None and narrowed.features.descriptions == {}
+    kept = load_config(overrides=["features.numeric=[Age]", "features.example={Age: 3, Gender: Male, "
+                                  "Subscription Type: Basic, Contract Length: Annual}"], env={})
+    assert kept.features.example["Age"] == 3
 
 
 def test_missing_and_malformed_files(tmp_path):
