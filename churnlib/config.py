@@ -503,14 +503,21 @@ def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]
 _TABLE_DOCS = ("descriptions", "example")
 
 
+def _drop_other_tables_docs(tree: dict[str, Any], columns_given: bool, docs_given: set[str]) -> None:
+    """When a file or ``--set`` lists other columns (another table), the default table's
+    descriptions and example go, unless that same source gives its own."""
+    features = tree.get("features")
+    if columns_given and isinstance(features, dict):
+        for doc in set(_TABLE_DOCS) - docs_given:
+            features.pop(doc, None)
+
+
 def _merge_file(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     """``over`` (a config file) merged into ``base``; another table's columns drop ours' docs."""
     out = _deep_merge(base, over)
     features = over.get("features") if isinstance(over, Mapping) else None
-    if isinstance(features, Mapping) and ({"numeric", "categorical"} & set(features)):
-        for key in _TABLE_DOCS:
-            if key not in features:
-                out["features"].pop(key, None)
+    if isinstance(features, Mapping):
+        _drop_other_tables_docs(out, bool({"numeric", "categorical"} & set(features)), set(_TABLE_DOCS) & set(features))
     return out
 
 
@@ -607,13 +614,9 @@ def load_config(
         for key, value in items:
             _set_dotted(tree, key, value, f"--set {key}")
             touched.append(key)
-        # as with a file: other columns (another table) start without the default table's docs
-        if {"features", "features.numeric", "features.categorical"} & set(touched) and isinstance(
-                tree.get("features"), dict):
-            given = tree["features"] if "features" in touched else {}
-            for doc in _TABLE_DOCS:
-                if doc not in given and not any(k.startswith(f"features.{doc}") for k in touched):
-                    tree["features"].pop(doc, None)
+        whole = tree.get("features") if "features" in touched and isinstance(tree.get("features"), dict) else {}
+        _drop_other_tables_docs(tree, bool({"features", "features.numeric", "features.categorical"} & set(touched)),
+                                {d for d in _TABLE_DOCS if d in whole or any(k.startswith(f"features.{d}") for k in touched)})
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:
