@@ -1,6 +1,6 @@
 """Benchmark: plain XGBoost in one process vs our Ray Train path, on the same data, in one run.
 
-    python benchmarks/train_overhead.py [--rows 2000000] [--rounds 100] [--depth 6]
+    python benchmarks/train_overhead.py [--rows 2000000] [--rounds 100] [--depth 6] [--commands]
 
 Both train on the same generated Parquet table with the same train/validation
 split (churnlib's hash split), hist, the same depth and rounds, evaluating
@@ -8,6 +8,11 @@ train and validation every round. Plain: ``xgboost.train`` with nthread = all
 cores. Ours: ``churnlib.training.train`` (Ray Train, 2 workers x 1 thread,
 checkpoints on, early stopping armed but not triggered, full metric history,
 MLflow logging), starting its own local Ray instance as ``churn train`` does.
+
+``--commands`` also times the real ``churn train --data ... --json`` as a user
+runs it, in a fresh process each: cold (the command starts its own local Ray
+instance) and warm (on the workspace's instance, ``churn up`` run before and
+not counted), against plain XGBoost in a fresh process (imports included).
 
 Prints a table and writes JSON (default benchmarks/results/train_overhead.json):
 wall time, boosting time per round, fixed cost (wall minus boosting), AUC.
@@ -94,12 +99,73 @@ def ours(path: Path, rounds: int, depth: int, workspace: str) -> dict:
     }
 
 
+PLAIN_SCRIPT = """
+import json, os, sys, time
+t0 = time.perf_counter()
+sys.path.insert(0, {repo!r})
+from benchmarks.train_overhead import plain
+from churnlib.config import load_config
+from pathlib import Path
+cfg = load_config(overrides={{"xgboost.max_depth": {depth}}})
+r = plain(Path({path!r}), {rounds}, {depth}, cfg)
+r["process_s"] = time.perf_counter() - t0
+print(json.dumps(r))
+"""
+
+
+def commands(path: Path, rounds: int, depth: int, plain_round_ms: float) -> dict:
+    """``churn train`` as a user runs it, cold and warm, each in a fresh process; plain likewise."""
+    import subprocess
+
+    repo = str(HERE.parent)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+
+    def timed(cmd: list[str], cwd: str) -> tuple[float, dict]:
+        t0 = time.perf_counter()
+        res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if res.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd[:4])} failed: {res.stderr.strip().splitlines()[-1:]}")
+        return wall, json.loads(res.stdout.strip().splitlines()[-1])
+
+    sets = ["--set", f"xgboost.num_boost_round={rounds}", "--set", f"xgboost.max_depth={depth}",
+            "--set", f"xgboost.early_stopping_rounds={rounds}"]
+    train = [sys.executable, "-m", "churnlib", "train", "--data", str(path), "--json", *sets]
+    out: dict = {}
+    with tempfile.TemporaryDirectory(prefix="churn-bench-") as ws:
+        wall, r = timed([sys.executable, "-c", PLAIN_SCRIPT.format(repo=repo, path=str(path), rounds=rounds,
+                                                                   depth=depth)], ws)
+        out["plain_process"] = {"wall_s": wall, "boosting_s": r["boosting_s"], "per_round_ms": r["per_round_ms"],
+                                "fixed_s": wall - r["boosting_s"]}
+        for mode in ("cold", "warm"):
+            if mode == "warm":
+                up = subprocess.run([sys.executable, "-m", "churnlib", "up"], cwd=ws, env=env, capture_output=True,
+                                    text=True)
+                if up.returncode != 0:
+                    raise SystemExit(f"churn up failed: {up.stderr.strip()}")
+            try:
+                wall, r = timed(train, ws)
+            finally:
+                if mode == "warm":
+                    subprocess.run([sys.executable, "-m", "churnlib", "down"], cwd=ws, env=env, capture_output=True)
+            boost = r["timings"]["boosting_s"]
+            out[mode] = {"wall_s": wall, "boosting_s": boost, "per_round_ms": 1000 * boost / r["num_boosted_rounds"],
+                         "fixed_s": wall - boost, "stages_s": r["timings"]}
+    base = out["plain_process"]
+    for mode in ("cold", "warm"):
+        out[mode]["wall_ratio"] = out[mode]["wall_s"] / base["wall_s"]
+        out[mode]["per_round_ratio"] = out[mode]["per_round_ms"] / base["per_round_ms"]
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=2_000_000)
     ap.add_argument("--rounds", type=int, default=100)
     ap.add_argument("--depth", type=int, default=6)
     ap.add_argument("--out", default=str(HERE / "results" / "train_overhead.json"))
+    ap.add_argument("--commands", action="store_true",
+                    help="also time `churn train` cold and warm (`churn up`) against plain, each a fresh process")
     args = ap.parse_args()
 
     from churnlib.config import load_config
@@ -141,6 +207,16 @@ def main() -> int:
         "fixed_cost_ray_s": o["fixed_s"],
         "auc_diff": o["valid_auc"] - p["valid_auc"],
     }
+    if args.commands:
+        print("\n`churn train` as a user runs it (fresh processes) ...", file=sys.stderr)
+        c = commands(path, args.rounds, args.depth, p["per_round_ms"])
+        result["commands"] = c
+        print(f"\n{'fresh process':24}{'wall (s)':>12}{'fixed (s)':>12}{'per round':>12}{'wall ratio':>12}")
+        for mode in ("plain_process", "cold", "warm"):
+            m = c[mode]
+            print(f"{mode:24}{m['wall_s']:12.2f}{m['fixed_s']:12.2f}{m['per_round_ms']:10.1f}ms"
+                  f"{m.get('wall_ratio', 1.0):12.2f}")
+        print(f"cold stages (s): {c['cold']['stages_s']}\nwarm stages (s): {c['warm']['stages_s']}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=float))

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 import traceback
 from typing import Any, Callable, Sequence
 
@@ -28,7 +30,7 @@ from churnlib.errors import (
     last_line,
     telling_line,
 )
-from churnlib.runtime import ensure_ray, quiet_logs
+from churnlib.runtime import auth_token_hint, ensure_ray, quiet_logs
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,6 +64,9 @@ EXAMPLES = {
     "quickstart": "churn quickstart --rows 50000 --port 8001",
     "serve": "churn serve --port 8000 --replicas 2\nCHURN_API_KEY=... churn serve --alias challenger --port 8001",
     "config": "churn config --set xgboost.max_depth=8\nchurn config --config configs/telco.yaml",
+    "up": "churn up && churn train && churn tune    # one Ray instance for both, started once\nchurn up --num-cpus 4",
+    "down": "churn down",
+    "status": "churn status --json",
 }
 
 
@@ -197,6 +202,18 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p_serve)
     p_serve.set_defaults(func=cmd_serve)
 
+    p_up = sub.add_parser("up", help="start the workspace's Ray instance: later commands attach to it (no start-up each)")
+    p_up.add_argument("--num-cpus", type=float, help="CPUs the instance offers (default: what Ray detects)")
+    p_up.add_argument("--num-gpus", type=float, help="GPUs the instance offers (default: what Ray detects)")
+    _common(p_up)
+    p_up.set_defaults(func=cmd_up)
+    p_down = sub.add_parser("down", help="stop the workspace's Ray instance (only that one)")
+    _common(p_down)
+    p_down.set_defaults(func=cmd_down)
+    p_status = sub.add_parser("status", help="whether the workspace's Ray instance is up, and where")
+    _common(p_status)
+    p_status.set_defaults(func=cmd_status)
+
     p_cfg = sub.add_parser("config", help="print the resolved configuration")
     _common(p_cfg)
     p_cfg.set_defaults(func=cmd_config)
@@ -266,7 +283,7 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
     spec = FeatureSpec.from_config(cfg.features)
     source = resolve_source(args.path)
     columns = check_columns(source, spec, need_target=not args.no_target)
-    ensure_ray(cfg.ray, verbose=args.verbose)
+    ensure_ray(cfg.ray, verbose=args.verbose, workspace=cfg.workspace_path)
     report = validate(source, spec, columns, with_target=not args.no_target)
     payload = {"path": source.uri, "format": source.format, "files": len(source.files), "digest": source.digest, "valid": True, **report.to_dict()}
 
@@ -525,6 +542,73 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _instance_payload(inst: Any) -> dict[str, Any]:
+    return {"up": inst is not None, **(inst.to_dict() if inst is not None else {})}
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """`churn up`: start the workspace's Ray instance (or say where the running one is)."""
+    from churnlib.runtime import up
+
+    cfg = _load(args)
+    named = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if named:
+        raise ConfigError(f"ray.address (or RAY_ADDRESS) is set to {named!r}: commands use that cluster; "
+                          "unset it to start the workspace's own instance")
+    for flag, value in (("--num-cpus", args.num_cpus), ("--num-gpus", args.num_gpus)):
+        if value is not None and value < 0:
+            raise ConfigError(f"churn up {flag} {value:g}: must be 0 or more")
+    inst, started = up(cfg.workspace_path, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+
+    def human() -> None:
+        what = "started" if started else "already up:"
+        say(f"ray: {what} the workspace instance at {inst.address} (dashboard {inst.dashboard_url}, "
+            f"metrics {inst.metrics_url}){auth_token_hint()}")
+        say(f"ray: commands in this workspace ({cfg.workspace_path}) now run on it; `churn down` stops it")
+
+    _emit(args, {**_instance_payload(inst), "started": started}, human)
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    """`churn down`: stop the workspace's Ray instance, and only it."""
+    from churnlib.runtime import down
+
+    cfg = _load(args)
+    inst, graceful = down(cfg.workspace_path)
+
+    def human() -> None:
+        if inst is None:
+            say(f"ray: no workspace instance is up in {cfg.workspace_path}")
+        else:
+            say(f"ray: stopped the workspace instance at {inst.address}"
+                + ("" if graceful else " (some of its processes had to be killed)"))
+
+    _emit(args, {"stopped": inst is not None, "graceful": graceful, **(inst.to_dict() if inst else {})}, human)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """`churn status`: the workspace's Ray instance, if up."""
+    from churnlib.runtime import running
+
+    cfg = _load(args)
+    inst = running(cfg.workspace_path)
+
+    def human() -> None:
+        if inst is None:
+            say(f"ray: no workspace instance is up in {cfg.workspace_path}; commands start their own "
+                "(`churn up` keeps one up)")
+        else:
+            cpus = "all CPUs" if inst.num_cpus is None else f"{inst.num_cpus:g} CPUs"
+            say(f"ray: workspace instance up at {inst.address} since "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(inst.started_at))} ({cpus}); "
+                f"dashboard {inst.dashboard_url}, metrics {inst.metrics_url}, log {inst.log}")
+
+    _emit(args, _instance_payload(inst), human)
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     """`churn config`: the resolved configuration, or the default file."""
     cfg = _load(args)
@@ -560,8 +644,6 @@ def _service_error(exc: BaseException) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The `churn` entry point: the exit code of the command (errors as one line on stderr)."""
-    import os
-
     # A Ray call after the command let go of Ray (an interrupt) must not start a new instance.
     os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
 

@@ -1,23 +1,30 @@
-"""Ray start-up, quiet by default, and resource checks that fail fast.
+"""Ray start-up, quiet by default; the workspace instance (`churn up`); resource checks that fail fast.
 
 Nothing here runs at import time: callers ask for Ray when they need it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+import subprocess
+import sys
 import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from churnlib import console, interrupts
-from churnlib.errors import ResourceError
+from churnlib.errors import ResourceError, strip_ansi
 
 if TYPE_CHECKING:
     from churnlib.config import RayConfig
 
 _STARTED_HERE = False
 _CONNECTED_HERE = False
+_WORKSPACE_INSTANCE: Instance | None = None  # the `churn up` instance this process attached to
 
 
 def quiet_logs(verbose: bool) -> None:
@@ -49,17 +56,20 @@ def quiet_logs(verbose: bool) -> None:
 LOCAL_FOOTER_ACTORS = 1
 
 
-def ensure_ray(ray_cfg: RayConfig, verbose: bool = False, announce: bool = False) -> bool:
-    """Connect to ``ray.address`` (or RAY_ADDRESS), or start a local instance.
+def ensure_ray(ray_cfg: RayConfig, verbose: bool = False, announce: bool = False,
+               workspace: Path | None = None) -> bool:
+    """Connect to ``ray.address`` (or RAY_ADDRESS), else to the workspace's instance
+    (``churn up``) when it is up, else start a private local instance.
 
-    ``announce``: when this starts a local instance, say (stderr) where its
-    dashboard, metrics and ``ray status`` are and where the auth token is. The
-    long-running commands (train, tune, serve) announce; short ones (validate,
-    evaluate, predict, drift) keep their output to their result or their one line.
-    Returns True when this process started a local instance (whose resources
-    cannot grow, so a shortfall is an error at once rather than a wait).
+    ``ray.address: local`` always starts a private instance. ``announce``: say
+    (stderr) which instance the command runs on: where a new private instance's
+    dashboard, metrics and ``ray status`` are, and where the auth token is, or
+    that the workspace instance is used. The long-running commands (train,
+    tune, serve) announce; short ones (validate, evaluate, predict, drift) keep
+    their output to their result or their one line. Returns True when this
+    process started a local instance (it stops with this process).
     """
-    global _STARTED_HERE, _CONNECTED_HERE
+    global _STARTED_HERE, _CONNECTED_HERE, _WORKSPACE_INSTANCE
     import ray
 
     quiet_logs(verbose)
@@ -72,9 +82,21 @@ def ensure_ray(ray_cfg: RayConfig, verbose: bool = False, announce: bool = False
         "log_to_driver": verbose,
         "configure_logging": True,
     }
-    if address:
+    inst = running(workspace) if workspace is not None and address is None else None
+    if address and address != "local":
         ray.init(address=address, **kwargs)
         _STARTED_HERE = False
+    elif inst is not None:
+        # as a private instance would: one footer actor, and this instance's own State API
+        os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", str(LOCAL_FOOTER_ACTORS))
+        os.environ["RAY_API_SERVER_ADDRESS"] = inst.dashboard_url
+        _use_auth_mode(inst.auth_mode)
+        ray.init(address=inst.address, **kwargs)
+        _STARTED_HERE = False
+        _WORKSPACE_INSTANCE = inst
+        if announce:
+            console.say(f"ray: on the workspace instance (churn up): dashboard {inst.dashboard_url}, "
+                        f"`ray status --address {inst.address}`")
     else:
         # "local" always starts a new instance; plain ray.init() would attach
         # to any cluster `ray start` left recorded on this machine (even a dead one).
@@ -100,7 +122,8 @@ def ensure_ray(ray_cfg: RayConfig, verbose: bool = False, announce: bool = False
             node = ray._private.worker.global_worker.node
             console.say(f"ray: started a local instance for this command: dashboard http://127.0.0.1:{dashboard_port}, "
                         f"metrics http://127.0.0.1:{node.metrics_export_port}/metrics, "
-                        f"`ray status --address {node.address}`{auth_token_hint()}")
+                        f"`ray status --address {node.address}`{auth_token_hint()}"
+                        + ("; `churn up` keeps one up for every command" if workspace is not None else ""))
     # ray.init took SIGTERM (sys.exit, then a C++ handler that aborts): ours again.
     interrupts.install()
     import ray.data
@@ -110,6 +133,33 @@ def ensure_ray(ray_cfg: RayConfig, verbose: bool = False, announce: bool = False
     ctx.print_on_execution_start = verbose
     quiet_logs(verbose)  # ray.data configures its loggers on import
     return _STARTED_HERE
+
+
+def _use_auth_mode(mode: str) -> None:
+    """Send the workspace instance's token (or not), as its own processes do.
+
+    ``ray.init`` enables token authentication by itself only for a new local
+    instance or one it finds without an address; for an explicit address it
+    follows ``RAY_AUTH_MODE``, read into Ray's cached config at import, so the
+    variable is set and the cache refreshed (what Ray does for a new instance).
+    A mode the user set wins."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    os.environ["RAY_AUTH_MODE"] = mode
+    from ray._raylet import Config
+
+    Config.initialize("")
+
+
+def fixed_resources(started_here: bool) -> bool:
+    """Whether the instance this process uses cannot grow (a private one, or the workspace's):
+    a resource shortfall is then an error at once rather than a wait for an autoscaler."""
+    return started_here or _WORKSPACE_INSTANCE is not None
+
+
+def on_workspace_instance() -> Instance | None:
+    """The workspace instance (``churn up``) this process attached to, if any."""
+    return _WORKSPACE_INSTANCE
 
 
 def auth_token_hint() -> str:
@@ -133,15 +183,16 @@ def release_ray() -> None:
     connection, and a local instance it started stops. A Ray connection made
     by the caller (a notebook's own ``ray.init``) is left alone.
     """
-    global _STARTED_HERE, _CONNECTED_HERE
+    global _STARTED_HERE, _CONNECTED_HERE, _WORKSPACE_INSTANCE
     import ray
 
     if _CONNECTED_HERE and ray.is_initialized():
         ray.shutdown()
-    if _STARTED_HERE:
-        # the address of the dashboard that just stopped must not steer anything started later
+    if _STARTED_HERE or _WORKSPACE_INSTANCE is not None:
+        # the address of that dashboard must not steer anything started later
         os.environ.pop("RAY_API_SERVER_ADDRESS", None)
     _STARTED_HERE = _CONNECTED_HERE = False
+    _WORKSPACE_INSTANCE = None
 
 
 def _bindable(host: str) -> str:
@@ -213,3 +264,201 @@ def check_resources(ray_cfg: RayConfig, local: bool, streaming: bool = False) ->
         f"{ray_cfg.num_workers} workers x {ray_cfg.cpus_per_worker:g} CPU need {need_cpu:g} CPUs but the "
         f"cluster has {have_cpu:g}; lower ray.num_workers or ray.cpus_per_worker"
     )
+
+
+# --- the workspace instance (`churn up` / `churn down`) -------------------------------
+# The workspace Ray instance: ``churn up`` starts one, later commands attach to it, ``churn down`` stops it.
+#
+# Every ``churn`` command that needs Ray starts a private local instance when no
+# cluster is named (5-10 s on a laptop, plus fresh worker processes), and two
+# commands in two terminals run two instances side by side. ``churn up`` starts
+# one instance for the workspace, the way ``ray start --head`` does on a
+# cluster's head node; ``churn train``, ``tune``, ``evaluate``, ``predict``,
+# ``drift``, ``data validate`` and ``serve`` then attach to it (``ray.address``
+# unset, no ``RAY_ADDRESS``), and fall back to a private instance when none is up.
+# ``ray.address: local`` always starts a private one.
+#
+# The instance is ``ray start --head --block`` in a session of its own: that
+# process supervises the instance's processes and, on SIGTERM, stops all of
+# them. ``churn down`` sends SIGTERM to that one process (recorded with its
+# start time, so a recycled PID is never signalled) and waits until it and every
+# process it started have ended; nothing else on the machine is touched (never
+# ``ray stop``, which stops every instance on the machine). Every port is chosen free, so the
+# instance runs beside any other Ray instance. Its record,
+# ``<workspace>/ray/instance.json``, is written only once the instance is up.
+
+RECORD = Path("ray") / "instance.json"
+LOG = Path("ray") / "instance.log"
+READY_LINE = "Ray runtime started"
+
+
+@dataclass
+class Instance:
+    """A workspace instance: its supervisor process, addresses and resources."""
+
+    pid: int
+    create_time: float  # of the supervisor process, against PID reuse
+    address: str  # the GCS, host:port: what ray.init(address=...) takes
+    dashboard_url: str
+    metrics_url: str
+    num_cpus: float | None  # None: what Ray detects on this machine
+    num_gpus: float | None
+    started_at: float
+    log: str
+    auth_mode: str = "token"  # RAY_AUTH_MODE of the instance; commands attaching use the same
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def record_path(workspace: Path) -> Path:
+    """Where a workspace records its instance."""
+    return workspace / RECORD
+
+
+def _supervisor_alive(pid: int, create_time: float) -> bool:
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        return abs(proc.create_time() - create_time) < 1.0 and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def running(workspace: Path) -> Instance | None:
+    """The workspace's instance when it is up (its supervisor alive, its GCS port open), else None.
+
+    A record whose instance is gone (the machine restarted, the process was
+    killed) is removed here, so it never steers a command to a dead address."""
+    import socket
+
+    path = record_path(workspace)
+    try:
+        inst = Instance(**json.loads(path.read_text()))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError):
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return None
+    if _supervisor_alive(inst.pid, inst.create_time):
+        host, _, port = inst.address.rpartition(":")
+        with socket.socket() as s:
+            s.settimeout(2.0)
+            if s.connect_ex((host, int(port))) == 0:
+                return inst
+    with contextlib.suppress(OSError):
+        path.unlink()
+    return None
+
+
+def up(workspace: Path, num_cpus: float | None = None, num_gpus: float | None = None,
+       timeout_s: float = 90.0) -> tuple[Instance, bool]:
+    """Start the workspace instance, or return the one already up -> (instance, started now)."""
+    import psutil
+
+    current = running(workspace)
+    if current is not None:
+        return current, False
+    folder = workspace / "ray"
+    folder.mkdir(parents=True, exist_ok=True)
+    gcs, dashboard, metrics = free_port(), free_port(), free_port()
+    ports = {name: free_port() for name in ("ray-client-server-port", "dashboard-agent-listen-port",
+                                            "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                                            "node-manager-port", "object-manager-port")}
+    ray_cli = Path(sys.executable).with_name("ray")  # the ray of this environment, not another on PATH
+    cmd = [
+        str(ray_cli) if ray_cli.exists() else "ray",
+        "start", "--head", "--block", "--disable-usage-stats",
+        f"--port={gcs}",
+        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+        f"--metrics-export-port={metrics}",
+        *(f"--{name}={port}" for name, port in ports.items()),
+    ]
+    if num_cpus is not None:
+        cmd.append(f"--num-cpus={num_cpus:g}")
+    if num_gpus is not None:
+        cmd.append(f"--num-gpus={num_gpus:g}")
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    # Ray Train's placement-group cleaner finds its cluster through the State API: with
+    # several instances on the machine it must be told which dashboard is its own
+    # (see runtime.ensure_ray); every process of this instance inherits it.
+    env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard}"
+    # Token authentication (Ray 2.60's default for a local instance), said explicitly: a
+    # command attaching to the instance must know to send the token (~/.ray/auth_token)
+    env["RAY_AUTH_MODE"] = auth_mode = os.environ.get("RAY_AUTH_MODE", "token")
+    # On SIGTERM `ray start` first "drains" the node for up to 30 s (for Kubernetes pods
+    # behind a load balancer); a workspace instance stops at once, as a private one does
+    # when its command ends (`churn serve` on it shuts Serve down itself).
+    env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
+    log_path = workspace / LOG
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            text = log_path.read_text(errors="replace")
+            if READY_LINE in text:
+                break
+            code = proc.poll()
+            if code is not None or time.monotonic() > deadline:
+                lines = [line for line in strip_ansi(text).splitlines() if line.strip()]
+                detail = lines[-1][:300] if lines else f"exit code {code}"
+                raise ResourceError(f"churn up: the Ray instance did not start ({detail}); its log: {log_path}")
+            time.sleep(0.2)
+    except BaseException:
+        # failed, timed out or interrupted: nothing half started stays behind, no record
+        _stop_group(proc.pid, timeout_s=10.0)
+        raise
+    inst = Instance(
+        pid=proc.pid,
+        create_time=psutil.Process(proc.pid).create_time(),
+        address=f"127.0.0.1:{gcs}",
+        dashboard_url=f"http://127.0.0.1:{dashboard}",
+        metrics_url=f"http://127.0.0.1:{metrics}/metrics",
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        started_at=time.time(),
+        log=str(log_path),
+        auth_mode=auth_mode,
+    )
+    # written whole, then renamed: a reader never sees half a record
+    tmp = record_path(workspace).with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(inst.to_dict(), indent=1))
+    tmp.replace(record_path(workspace))
+    return inst, True
+
+
+def _stop_group(pid: int, timeout_s: float) -> bool:
+    """SIGTERM the supervisor ``pid`` (it stops the instance's processes) and wait until it and
+    every process it had started are gone; SIGKILL what is left after ``timeout_s``.
+    True when all ended in time."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return True
+    with contextlib.suppress(psutil.Error):
+        root.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=5)
+    return not alive
+
+
+def down(workspace: Path, timeout_s: float = 30.0) -> tuple[Instance | None, bool]:
+    """Stop the workspace instance -> (the instance that was up, or None; whether it ended gracefully)."""
+    inst = running(workspace)
+    if inst is None:
+        return None, True
+    graceful = _stop_group(inst.pid, timeout_s)
+    with contextlib.suppress(OSError):
+        record_path(workspace).unlink()
+    return inst, graceful

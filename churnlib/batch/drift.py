@@ -84,11 +84,11 @@ def drift_report(cfg: Config, reference: str, data_path: str, verbose: bool = Fa
     else:
         spec = FeatureSpec.from_config(cfg.features)
         ref_source = resolve_source(reference)
-        ensure_ray(cfg.ray, verbose=verbose)
+        ensure_ray(cfg.ray, verbose=verbose, workspace=cfg.workspace_path)
         profile = profile_from_dataset(_encoded(ref_source, spec), spec, cfg.drift.profile_rows,
                                                  seed=cfg.model.random_state)
     source = resolve_source(data_path)
-    ensure_ray(cfg.ray, verbose=verbose)  # already up when the reference was a table; a no-op then
+    ensure_ray(cfg.ray, verbose=verbose, workspace=cfg.workspace_path)  # already up when the reference was a table; a no-op then
     counts = _count_table(source, spec, profile)
     drifts = compare(profile, counts, cfg.drift.psi_moderate, cfg.drift.psi_major)
     say(summary_line(drifts))

@@ -230,7 +230,7 @@ def predict(
     say(f"model: {model.ref.describe()} (training run {model.ref.run_id})")
     spec = predictor.spec
     columns = check_columns(source, spec, need_target=False)
-    ensure_ray(cfg.ray, verbose=verbose)
+    ensure_ray(cfg.ray, verbose=verbose, workspace=cfg.workspace_path)
     scoring = _fit_pool(cfg.scoring, say)
     explain_top = cfg.scoring.explain_top if explain else 0
     tags = {TAG_COMMAND: "predict", TAG_MODEL_URI: uri, "data.source": source.uri, "data.digest": source.digest}

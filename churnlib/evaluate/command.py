@@ -114,7 +114,7 @@ def evaluate(
     timings["resolve_s"] = time.perf_counter() - t_start
 
     t0 = time.perf_counter()
-    ensure_ray(cfg.ray, verbose=verbose)
+    ensure_ray(cfg.ray, verbose=verbose, workspace=cfg.workspace_path)
     predictors = [model.predictor] + ([baseline.predictor] if baseline is not None else [])
     n_models = len(predictors)
     threshold = cfg.model.decision_threshold

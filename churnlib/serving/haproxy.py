@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from churnlib.errors import ConfigError
-from churnlib.runtime import free_port
+from churnlib.runtime import free_port, running
 
 if TYPE_CHECKING:
     from churnlib.config import Config
@@ -42,8 +42,11 @@ def use_high_throughput(cfg: Config) -> bool:
     mode = cfg.serve.high_throughput
     if mode == "off":
         return False
-    if ray.is_initialized() or cfg.ray.address:
-        return False  # an existing cluster: its own environment decides
+    named = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized() or (named or "local") != "local" or (not named and running(cfg.workspace_path)):
+        # an existing cluster or the workspace instance (`churn up`): their processes were
+        # started without HAProxy's environment, so Serve's Python proxy answers there
+        return False
     if haproxy_binary() is None:
         if mode == "on":
             raise ConfigError("serve.high_throughput is on but no HAProxy binary was found "

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from churnlib import tracking
 from churnlib.errors import ConfigError, ServeError
-from churnlib.runtime import check_port_free, ensure_ray
+from churnlib.runtime import check_port_free, ensure_ray, on_workspace_instance, running
 from churnlib.serving.haproxy import (
     haproxy_processes,
     prepare_haproxy,
@@ -53,6 +53,7 @@ class Started:
     local: bool  # this process started the Ray instance (and so stops it)
     high_throughput: bool
     state_dir: Path | None = None  # HAProxy's private state folder
+    owns_serve: bool = False  # the workspace instance: Serve (controller, proxies) stops with this server
 
 
 def start(cfg: Config, builder_args: dict[str, Any], port: int, verbose: bool = False) -> Started:
@@ -65,7 +66,8 @@ def start(cfg: Config, builder_args: dict[str, Any], port: int, verbose: bool = 
     tracking.configure(cfg)
     check_port_free(cfg.serve.host, port)
     high_throughput = use_high_throughput(cfg)
-    will_start = not ray_is_up() and not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    named = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    will_start = not ray_is_up() and (named == "local" or (not named and running(cfg.workspace_path) is None))
     key = os.environ.pop("CHURN_API_KEY", None)
     if key:
         builder_args = {**builder_args, "api_key_sha256": hashlib.sha256(key.encode()).hexdigest()}
@@ -76,7 +78,7 @@ def start(cfg: Config, builder_args: dict[str, Any], port: int, verbose: bool = 
     try:
         from ray import serve
 
-        local = ensure_ray(cfg.ray, verbose=verbose, announce=True) and will_start
+        local = ensure_ray(cfg.ray, verbose=verbose, announce=True, workspace=cfg.workspace_path) and will_start
         serve.start(http_options={"host": cfg.serve.host, "port": port})
         serve.run(app, name=APP_NAME, route_prefix="/")
     except BaseException:
@@ -84,7 +86,8 @@ def start(cfg: Config, builder_args: dict[str, Any], port: int, verbose: bool = 
             shutil.rmtree(state, ignore_errors=True)
         raise
     host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
-    return Started(f"http://{host}:{port}", port, local, high_throughput, state)
+    return Started(f"http://{host}:{port}", port, local, high_throughput, state,
+                   owns_serve=on_workspace_instance() is not None)
 
 
 def ray_is_up() -> bool:
@@ -118,7 +121,9 @@ def stop(started: Started, grace_s: float, say: Callable[[str], None]) -> dict[s
     folder removed. Serve's own graceful shutdown is not used there: in direct
     ingress mode it holds each replica open for 30 s for external load balancers.
     Python proxy: Serve's graceful shutdown (replicas finish their requests).
-    On a Ray cluster this process did not start, only the application is deleted.
+    On the workspace instance (``churn up``) Serve is shut down (its proxy frees the
+    port) and the instance stays up. On a Ray cluster this process did not start,
+    only the application is deleted.
     """
     import psutil
     from ray import serve
@@ -134,7 +139,7 @@ def stop(started: Started, grace_s: float, say: Callable[[str], None]) -> dict[s
         unfinished = len(alive)
         if alive:
             say(f"serve: connections still open after {grace_s:g} s (serve.shutdown_grace_s); closing them")
-    elif started.local:
+    elif started.local or started.owns_serve:
         with contextlib.suppress(Exception):
             serve.shutdown()
     else:
@@ -194,6 +199,8 @@ def run_until_interrupted(cfg: Config, builder_args: dict[str, Any], port: int, 
         while True:
             time.sleep(0.5)
             failure = ray_failure() if started.local else None
+            if started.owns_serve and running(cfg.workspace_path) is None:
+                failure = "the workspace instance is gone"
             if failure:
                 raise ServeError(f"serve: the Ray instance under the server stopped ({failure}); "
                                  f"port {started.port} freed")

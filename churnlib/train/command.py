@@ -21,7 +21,13 @@ from churnlib.data.preparation import prepare
 from churnlib.data.profiles import profile_from_dataset
 from churnlib.data.sources import check_columns, resolve_source
 from churnlib.model.packaging import log_model, package_version
-from churnlib.runtime import check_resources, ensure_ray, quiet_logs, release_ray
+from churnlib.runtime import (
+    check_resources,
+    ensure_ray,
+    fixed_resources,
+    quiet_logs,
+    release_ray,
+)
 from churnlib.tags import TAG_COMMAND, TAG_RESUMED_FROM
 from churnlib.train.loop import check_checkpoint, xgb_log_name
 from churnlib.train.progress import ProgressRelay
@@ -126,8 +132,8 @@ def train(
     columns = check_columns(source, spec)
 
     t0 = time.perf_counter()
-    local = ensure_ray(cfg.ray, verbose=verbose, announce=True)
-    check_resources(cfg.ray, local, streaming=not cfg.training.materialize)
+    local = ensure_ray(cfg.ray, verbose=verbose, announce=True, workspace=cfg.workspace_path)
+    check_resources(cfg.ray, fixed_resources(local), streaming=not cfg.training.materialize)
     timings["ray_start_s"] = time.perf_counter() - t0
 
     tags = {TAG_COMMAND: "train", "ray_version": package_version("ray"), "xgboost_version": package_version("xgboost")}

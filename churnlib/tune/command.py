@@ -46,7 +46,7 @@ from churnlib.data.sources import check_columns, resolve_source
 from churnlib.errors import ConfigError, TrainingError, first_line, root_cause
 from churnlib.model.packaging import log_model
 from churnlib.registry.registry import STAGING, Registry
-from churnlib.runtime import check_resources, ensure_ray, quiet_logs
+from churnlib.runtime import check_resources, ensure_ray, fixed_resources, quiet_logs
 from churnlib.tags import (
     TAG_BEST_TRIAL,
     TAG_BEST_TRIAL_RUN,
@@ -175,8 +175,8 @@ def tune(
         say(f"tune: warning: resuming on other data than the sweep started with (--force): digest "
             f"{previous['data_digest']} -> {source.digest}")
     columns = check_columns(source, spec)
-    local = ensure_ray(cfg.ray, verbose=verbose, announce=True)
-    check_resources(cfg.ray, local)
+    local = ensure_ray(cfg.ray, verbose=verbose, announce=True, workspace=cfg.workspace_path)
+    check_resources(cfg.ray, fixed_resources(local))
     metric, mode = objective(cfg)
 
     t0 = time.perf_counter()
