@@ -51,10 +51,11 @@ def test_quickstart_runs_every_step_and_stops_serve(tmp_path):
     assert len(scores) == 1 and any(scores[0].glob("*.parquet"))
 
 
-def test_quickstart_failure_names_the_step_and_moves_no_alias(tmp_path):
-    """A gate the model cannot clear stops the run at step 3: nothing registered, exit 3."""
+def test_quickstart_failure_names_the_step_and_moves_no_alias(ray_session, tmp_path):
+    """A gate the model cannot clear stops the run at step 3: nothing registered, exit 3.
+    (On the session's Ray instance, as after `churn up`: the first test runs it cold.)"""
     res = run_cli("quickstart", "--rows", "5000", "--port", str(free_port()),
-                  "--set", "evaluation.thresholds.roc_auc=0.9999", cwd=tmp_path, timeout=900)
+                  "--set", "evaluation.thresholds.roc_auc=0.9999", cwd=tmp_path, timeout=900, attach=True)
     assert res.returncode == 3, res.stderr[-3000:]
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error: quickstart step 3/9 (evaluate): ") and "roc_auc: failed" in last, last
