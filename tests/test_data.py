@@ -221,6 +221,49 @@ def test_split_is_deterministic_across_files_and_formats(ray_session, tmp_path):
     assert other_seed.valid_rows != one.valid_rows or other_seed.train_rows != one.train_rows
 
 
+def _rows(prepared) -> dict[str, np.ndarray]:
+    parts = list(prepared.dataset.iter_batches(batch_size=None, batch_format="numpy"))
+    return {k: np.concatenate([p[k] for p in parts]) for k in ("X", "y", "is_valid", "flags")}
+
+
+@pytest.mark.parametrize("name", ["t.csv", "t.parquet", "folder"])
+def test_a_small_table_prepared_in_the_driver_equals_the_ray_data_pass(ray_session, tmp_path, monkeypatch, name):
+    """Small tables skip the Ray Data pass (read, encode and check in the driver, one block):
+    the same rows in the same order, the same encoding, split, flags and report."""
+    from churnlib.data import preparation
+
+    def edit(df):
+        df.loc[[1, 2, 3], "Total Spend"] = None
+        df.loc[4, "Gender"] = None
+        df.loc[[7, 8], :] = None  # empty rows: dropped, counted
+        return df
+
+    if name == "folder":
+        (tmp_path / "folder").mkdir()
+        for i in range(3):
+            _table(tmp_path / "folder", f"p{i}.csv", rows=400, seed=20 + i, edit=edit)
+        path = tmp_path / "folder"
+    else:
+        path = _table(tmp_path, name, rows=1500, edit=edit)
+    local = _prepare(path)
+    assert local.dataset.num_blocks() == 1  # no Ray Data pass: one block put from the driver
+    monkeypatch.setattr(preparation, "LOCAL_PREPARE_MAX_BYTES", -1)
+    passed = _prepare(path)
+    assert passed.dataset.num_blocks() >= 1
+    assert local.report.to_dict() == passed.report.to_dict()
+    assert (local.train_rows, local.valid_rows) == (passed.train_rows, passed.valid_rows)
+    a, b = _rows(local), _rows(passed)
+    np.testing.assert_array_equal(a["X"], b["X"])  # NaN where missing, in both
+    for key in ("y", "is_valid", "flags"):
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert a["X"].dtype == b["X"].dtype and a["flags"].dtype == b["flags"].dtype
+    # the training profile (drift reference) of every usable row: the same from either copy
+    assert local.profile(SPEC, 10**6) == passed.profile(SPEC, 10**6)
+    sampled = local.profile(SPEC, 500, seed=3)
+    assert sampled["rows_total"] == a["flags"].size and 300 < sampled["rows_sampled"] <= 500
+    assert sampled == local.profile(SPEC, 500, seed=3)  # seeded
+
+
 def test_cli_validate_exit_codes(ray_session, tmp_path):
     good = _table(tmp_path, "good.csv")
     res = run_cli("data", "validate", str(good), "--json", cwd=tmp_path, attach=True)

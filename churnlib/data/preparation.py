@@ -18,7 +18,8 @@ import pandas as pd
 import pyarrow as pa
 
 from churnlib.data.features import FeatureSpec, encode_columns, encode_target
-from churnlib.data.sources import CSV_NULLS, Source, read_raw
+from churnlib.data.profiles import build_profile, profile_from_dataset
+from churnlib.data.sources import CSV_NULLS, Source, read_local, read_raw
 from churnlib.data.validation import DataReport, as_data_error, empty_rows, validate
 from churnlib.errors import DataError
 
@@ -26,6 +27,13 @@ ROW_EMPTY = 1  # every configured cell empty: dropped, counted
 
 
 ROW_PROBLEM = 2  # a non-numeric value, unknown level or bad label: fails validation
+
+
+# Tables up to this size (on disk) are read, encoded and checked in the driver and handed to
+# Ray as one materialized block: a Ray Data pass costs an executor and read tasks in new
+# worker processes (seconds on a laptop), more than reading a few megabytes. Bigger tables,
+# and streaming (training.materialize: false), take the Ray Data pass.
+LOCAL_PREPARE_MAX_BYTES = 64 * 1024 * 1024
 
 
 def canonical_ids(ids: pd.Series) -> pd.Series:
@@ -138,6 +146,19 @@ class Prepared:
     report: DataReport
     train_rows: int
     valid_rows: int
+    local: dict[str, np.ndarray] | None = None  # the encoded table, when prepared in the driver
+
+    def profile(self, spec: FeatureSpec, max_rows: int, seed: int = 0) -> dict[str, Any]:
+        """The training profile (the drift reference) of a seeded sample of the usable rows: from
+        the driver's copy when the table was prepared here, else from the dataset."""
+        if self.local is None:
+            return profile_from_dataset(self.dataset, spec, max_rows, seed=seed)
+        X, flags = self.local["X"], self.local["flags"]
+        total = len(flags)
+        if total > max_rows:
+            keep = np.random.default_rng(seed).random(total) < max_rows / total
+            X, flags = X[keep], flags[keep]
+        return build_profile(X[flags == 0][:max_rows], spec, rows_total=total)
 
 
 def prepare(
@@ -154,6 +175,11 @@ def prepare(
     reads it from memory. When a row has a bad value, the raw data is read
     again (error path only) to name the column, the count and the first value.
     """
+    if materialize and source.size_bytes <= LOCAL_PREPARE_MAX_BYTES:
+        local = _prepare_local(source, spec, columns, validation_split, random_state)
+        if local is not None:
+            encoded, rows, batch = local
+            return _checked(source, spec, columns, encoded, rows, batch)
     encoded = read_raw(source, spec, columns).map_batches(
         encode_batch,
         batch_format="pandas",
@@ -175,6 +201,29 @@ def prepare(
         if source.format == "csv":
             validate(source, spec, columns)  # counts non-numeric cells (text read) and raises
         raise as_data_error(exc, source) from None
+    return _checked(source, spec, columns, encoded, rows)
+
+
+def _prepare_local(source: Source, spec: FeatureSpec, columns: list[str], validation_split: float,
+                   random_state: int) -> tuple[Any, list[dict[str, Any]], dict[str, np.ndarray]] | None:
+    """A small table: read, encode and summarise in this process, then one materialized dataset
+    (one block in Ray's object store) -> (dataset, summary rows, the encoded arrays); None when the table does not
+    read cleanly here, so the Ray Data pass reads it again and reports as it always does."""
+    import ray.data
+    from ray.data.block import BlockAccessor
+
+    try:
+        df = read_local(source, spec, columns).to_pandas()
+    except Exception:  # noqa: BLE001 - any read problem: the usual path finds and names it
+        return None
+    batch = encode_batch(df, spec, columns, validation_split, random_state)
+    rows = _summary_udf(batch, len(spec.feature_names)).to_dict("records")
+    return ray.data.from_arrow(BlockAccessor.batch_to_block(batch)), rows, batch
+
+
+def _checked(source: Source, spec: FeatureSpec, columns: list[str], encoded: Any,
+             rows: list[dict[str, Any]], local: dict[str, np.ndarray] | None = None) -> Prepared:
+    """The per-block summaries -> the report; a DataError for the first fatal problem."""
     report = DataReport()
     problems = train_rows = valid_rows = 0
     missing = np.zeros(len(spec.feature_names), dtype=np.int64)
@@ -201,4 +250,4 @@ def prepare(
             f"{source.uri}: {report.usable_rows} usable row(s) leave {train_rows} for training and "
             f"{valid_rows} for validation; use more data or change model.validation_split"
         )
-    return Prepared(dataset=encoded, report=report, train_rows=train_rows, valid_rows=valid_rows)
+    return Prepared(dataset=encoded, report=report, train_rows=train_rows, valid_rows=valid_rows, local=local)

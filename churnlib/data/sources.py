@@ -197,6 +197,39 @@ def check_columns(source: Source, spec: FeatureSpec, need_target: bool = True) -
     return ([spec.id_column] if id_everywhere else []) + wanted
 
 
+def _csv_convert(spec: FeatureSpec, columns: list[str], typed: bool):
+    import pyarrow.csv as pacsv
+
+    types = {c: pa.string() for c in columns}
+    if typed:
+        types.update({c: pa.float64() for c in spec.numeric})
+        # the id keeps its inferred type, so a CSV and a Parquet copy of one
+        # table split their rows the same way (integer ids hash as integers)
+        types.pop(spec.id_column, None)
+    return pacsv.ConvertOptions(
+        column_types=types, include_columns=columns, null_values=CSV_NULLS, strings_can_be_null=True
+    )
+
+
+def read_local(source: Source, spec: FeatureSpec, columns: list[str]) -> pa.Table:
+    """Read the configured columns in this process, as ``read_raw`` reads them (the same
+    types, nulls and column order), file after file: for tables small enough that a Ray Data
+    pass (an executor, read tasks in new worker processes) costs more than the read."""
+    if source.format == "parquet":
+        import pyarrow.parquet as pq
+
+        tables = [pq.read_table(path, columns=columns, filesystem=source.filesystem) for path in source.files]
+    else:
+        import pyarrow.csv as pacsv
+
+        convert = _csv_convert(spec, columns, typed=True)
+        tables = []
+        for path in source.files:
+            with source.filesystem.open_input_stream(path, compression="detect") as stream:
+                tables.append(pacsv.read_csv(stream, convert_options=convert))
+    return pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
+
+
 def read_raw(source: Source, spec: FeatureSpec, columns: list[str], typed: bool = True):
     """Read the configured columns into a Ray Dataset.
 
@@ -208,15 +241,5 @@ def read_raw(source: Source, spec: FeatureSpec, columns: list[str], typed: bool 
 
     if source.format == "parquet":
         return ray.data.read_parquet(source.files, filesystem=source.filesystem).select_columns(columns)
-    import pyarrow.csv as pacsv
-
-    types = {c: pa.string() for c in columns}
-    if typed:
-        types.update({c: pa.float64() for c in spec.numeric})
-        # the id keeps its inferred type, so a CSV and a Parquet copy of one
-        # table split their rows the same way (integer ids hash as integers)
-        types.pop(spec.id_column, None)
-    convert = pacsv.ConvertOptions(
-        column_types=types, include_columns=columns, null_values=CSV_NULLS, strings_can_be_null=True
-    )
-    return ray.data.read_csv(source.files, filesystem=source.filesystem, convert_options=convert)
+    return ray.data.read_csv(source.files, filesystem=source.filesystem,
+                             convert_options=_csv_convert(spec, columns, typed))

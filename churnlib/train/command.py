@@ -18,7 +18,6 @@ from churnlib.console import say
 from churnlib.data.features import FeatureSpec
 from churnlib.data.generation import generate
 from churnlib.data.preparation import prepare
-from churnlib.data.profiles import profile_from_dataset
 from churnlib.data.sources import check_columns, resolve_source
 from churnlib.model.packaging import log_model, package_version
 from churnlib.runtime import (
@@ -161,7 +160,7 @@ def train(
         dataset = tracking.log_dataset(source, spec, context="training")
         mlflow.log_dict(report.to_dict(), "data/validation_report.json")
         t0 = time.perf_counter()
-        profile = profile_from_dataset(prepared.dataset, spec, cfg.drift.profile_rows, seed=cfg.model.random_state)
+        profile = prepared.profile(spec, cfg.drift.profile_rows, seed=cfg.model.random_state)
         timings["profile_s"] = time.perf_counter() - t0
 
         say(

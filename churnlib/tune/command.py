@@ -41,7 +41,6 @@ from churnlib.config import config_to_yaml
 from churnlib.console import say as default_say
 from churnlib.data.features import FeatureSpec
 from churnlib.data.preparation import prepare
-from churnlib.data.profiles import profile_from_dataset
 from churnlib.data.sources import check_columns, resolve_source
 from churnlib.errors import ConfigError, TrainingError, first_line, root_cause
 from churnlib.model.packaging import log_model
@@ -185,7 +184,7 @@ def tune(
     timings["prepare_s"] = time.perf_counter() - t0
     rows = {"train": float(prepared.train_rows), "valid": float(prepared.valid_rows)}
 
-    profile = profile_from_dataset(prepared.dataset, spec, cfg.drift.profile_rows, seed=cfg.model.random_state)
+    profile = prepared.profile(spec, cfg.drift.profile_rows, seed=cfg.model.random_state)
 
     experiment_id = tracking.ensure_experiment(cfg)
     client = mlflow.MlflowClient()
