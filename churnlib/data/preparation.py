@@ -1,4 +1,7 @@
-"""A validated table -> the encoded model matrix, split into train and validation, in one Ray Data pass.
+"""A validated table -> the encoded model matrix, split into train and validation, in one pass.
+
+One Ray Data pass, or, for a small table (``LOCAL_PREPARE_MAX_BYTES``), the same
+steps in the driver, handed to Ray as one block: the same rows, encoding and split.
 
 ``prepare`` reads (``data.sources``), encodes (``data.features``) and checks every
 row in one pass; when a row has a problem, ``data.validation`` reads the raw data
@@ -206,17 +209,18 @@ def prepare(
 
 def _prepare_local(source: Source, spec: FeatureSpec, columns: list[str], validation_split: float,
                    random_state: int) -> tuple[Any, list[dict[str, Any]], dict[str, np.ndarray]] | None:
-    """A small table: read, encode and summarise in this process, then one materialized dataset
-    (one block in Ray's object store) -> (dataset, summary rows, the encoded arrays); None when the table does not
-    read cleanly here, so the Ray Data pass reads it again and reports as it always does."""
+    """A small table: read, encode and summarise in this process, then one materialized
+    dataset (one block in Ray's object store) -> (dataset, summary rows, the encoded arrays);
+    None when the table does not read cleanly here, so that the Ray Data pass reads it again
+    and reports the problem as it always does."""
     import ray.data
     from ray.data.block import BlockAccessor
 
     try:
         df = read_local(source, spec, columns).to_pandas()
-    except Exception:  # noqa: BLE001 - any read problem: the usual path finds and names it
+        batch = encode_batch(df, spec, columns, validation_split, random_state)
+    except Exception:  # noqa: BLE001 - any problem: the usual path finds it and names it
         return None
-    batch = encode_batch(df, spec, columns, validation_split, random_state)
     rows = _summary_udf(batch, len(spec.feature_names)).to_dict("records")
     return ray.data.from_arrow(BlockAccessor.batch_to_block(batch)), rows, batch
 

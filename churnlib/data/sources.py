@@ -3,7 +3,8 @@
 ``resolve_source`` finds the files and their digest (the same table gives the same
 digest wherever it lives); ``check_columns`` names a missing or duplicated column, or
 a file separated by something else than commas, in one line; ``read_raw`` reads the
-configured columns into a Ray Dataset.
+configured columns into a Ray Dataset, ``read_local`` the same columns, types and
+nulls into one Arrow table in this process (small tables).
 """
 
 from __future__ import annotations
