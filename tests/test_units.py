@@ -191,7 +191,7 @@ def test_haproxy_state_is_private_and_its_listeners_on_loopback(tmp_path, monkey
     try:
         assert stat.S_IMODE(state.stat().st_mode) == 0o700
         assert os.environ["RAY_SERVE_HAPROXY_SOCKET_PATH"] == str(state / "admin.sock")
-        assert os.environ["RAY_SERVE_HAPROXY_RETRY_ON"] == "conn-failure empty-response"
+        assert os.environ["RAY_SERVE_HAPROXY_RETRY_ON"] == "conn-failure empty-response junk-response"
         stats, metrics = os.environ["RAY_SERVE_HAPROXY_STATS_PORT"], os.environ["RAY_SERVE_HAPROXY_METRICS_PORT"]
         cfg = tmp_path / "haproxy.cfg"
         cfg.write_text(f"listen stats\n    bind *:{stats}\nfrontend prometheus\n    bind :{metrics}\n"

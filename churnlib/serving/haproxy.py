@@ -97,9 +97,10 @@ def prepare_haproxy(host: str) -> Path:
     state = Path(tempfile.mkdtemp(prefix="churn-serve-"))  # 0700
     os.environ.update(HIGH_THROUGHPUT_ENV)
     # A replica that dies with requests in flight (killed, out of memory): HAProxy sends
-    # them again to another replica. /predict and /explain are pure functions of the
-    # body, so a replay is safe; a body larger than HAProxy's buffer cannot be replayed.
-    os.environ.setdefault("RAY_SERVE_HAPROXY_RETRY_ON", "conn-failure empty-response")
+    # them again to another replica, whether it died before answering (empty-response) or
+    # in the middle of its answer (junk-response). /predict and /explain are pure functions
+    # of the body, so a replay is safe; a body larger than HAProxy's buffer cannot be replayed.
+    os.environ.setdefault("RAY_SERVE_HAPROXY_RETRY_ON", "conn-failure empty-response junk-response")
     for var, name in HAPROXY_STATE_ENV.items():
         os.environ[var] = str(state / name) if name else str(state)
     # HAProxy's stats and metrics listeners and Serve's fallback proxy have fixed
