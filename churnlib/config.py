@@ -26,8 +26,14 @@ from pydantic import (
 from churnlib.errors import ConfigError
 
 # Metrics the evaluator computes; a gate on any other name is a config error.
-EVAL_METRICS_HIGHER_IS_BETTER = ("roc_auc", "pr_auc", "accuracy", "precision", "recall", "f1")
-EVAL_METRICS_LOWER_IS_BETTER = ("log_loss", "brier_score")
+EVAL_METRICS_HIGHER_IS_BETTER = (
+    "roc_auc", "pr_auc", "accuracy", "precision", "recall", "f1",
+    # the retention decision (churnlib.decision): ranking quality and money
+    "top_decile_lift", "lift_at_5pct", "lift_at_10pct", "lift_at_20pct",
+    "gain_at_5pct", "gain_at_10pct", "gain_at_20pct",
+    "expected_value_per_customer", "expected_value_total", "precision_at_capacity", "recall_at_capacity",
+)
+EVAL_METRICS_LOWER_IS_BETTER = ("log_loss", "brier_score", "ece")
 EVAL_METRICS = EVAL_METRICS_HIGHER_IS_BETTER + EVAL_METRICS_LOWER_IS_BETTER
 
 XGB_EVAL_METRICS = ("auc", "aucpr", "logloss", "error", "map")
@@ -176,6 +182,16 @@ class EvaluationConfig(_Section):
             if name not in EVAL_METRICS:
                 raise ValueError(f"no metric named {name!r} is computed (known: {', '.join(EVAL_METRICS)})")
         return value
+
+
+class DecisionConfig(_Section):
+    """The retention decision: what a saved churner is worth, what a contact costs, how many
+    contacted churners stay, and at most how many customers a run may contact."""
+    value_saved: float = Field(gt=0.0)
+    contact_cost: float = Field(ge=0.0)
+    save_rate: float = Field(gt=0.0, le=1.0)
+    capacity: int | None = Field(default=None, ge=1)
+    capacity_share: float | None = Field(default=None, gt=0.0, le=1.0)
 
 
 class ScoringConfig(_Section):
@@ -385,6 +401,7 @@ class Config(_Section):
     scoring: ScoringConfig
     drift: DriftConfig
     evaluation: EvaluationConfig
+    decision: DecisionConfig
     tune: TuneSettings
     serve: ServeConfig
     features: FeaturesConfig

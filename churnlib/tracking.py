@@ -41,11 +41,14 @@ _GROUP_EXACT = {
     "auc_diff_ci_low": "diff/roc_auc_ci_low", "auc_diff_ci_high": "diff/roc_auc_ci_high",
     "log_loss_diff": "diff/log_loss_paired", "log_loss_diff_ci_low": "diff/log_loss_ci_low",
     "log_loss_diff_ci_high": "diff/log_loss_ci_high", "gate_passed": "gate/passed",
+    "value_diff_per_customer": "diff/expected_value_per_customer_paired",
+    "value_diff_ci_low": "diff/expected_value_per_customer_ci_low",
+    "value_diff_ci_high": "diff/expected_value_per_customer_ci_high",
 }
 _GROUP_PREFIXES = (("best_", "best/"), ("train_", "train/"), ("valid_", "valid/"), ("time_", "time/"),
                    ("missing_", "missing/"), ("rows_", "rows/"), ("baseline_", "baseline/"), ("diff_", "diff/"),
                    ("confusion_", "confusion/"), ("shap_mean_abs_", "shap/mean_abs_"), ("drift_", "drift/"),
-                   ("trials_", "trials/"))
+                   ("trials_", "trials/"), ("value_", "value/"), ("lift_at_", "lift/at_"), ("gain_at_", "gains/at_"))
 
 
 def grouped(name: str) -> str:

@@ -80,6 +80,37 @@ def test_every_metric_matches_scikit_learn(store, good_eval):
     assert good_eval.confusion == {"tp": tp, "fp": fp, "tn": tn, "fn": fn}
     assert m["churn_rate_actual"] == pytest.approx(y.mean()) and m["churn_rate_predicted"] == pytest.approx(pred.mean())
     assert good_eval.rows["evaluated"] == 4500
+    # expected calibration error over the 10 bins of the reliability diagram
+    bins = np.minimum((p * 10).astype(int), 9)
+    ece = sum(abs(p[bins == b].sum() - y[bins == b].sum()) for b in range(10)) / len(y)
+    assert m["ece"] == pytest.approx(ece, rel=1e-5)
+
+
+def test_decision_metrics_equal_a_brute_force_on_the_same_scores(store, good_eval):
+    """Lift, gains and the value of the cuts from `churn evaluate` are what plain Python finds
+    on the pyfunc's scores of the same rows (decision: 500 kept, 25 a contact, 25 % saved)."""
+    test = pd.concat([pd.read_parquet(p) for p in sorted(store["test"].glob("*.parquet"))])
+    p = mlflow.pyfunc.load_model(store["good"]).predict(test)["churn_probability"].to_numpy().astype(np.float64)
+    y = [int(v) for v in test["Churn"]]
+    order = sorted(range(len(p)), key=lambda i: (-p[i], i))
+    m = good_eval.metrics
+    for pct in (5, 10, 20):
+        k = -(-pct * len(p) // 100)
+        caught = sum(y[i] for i in order[:k])
+        assert m[f"gain_at_{pct}pct"] == pytest.approx(caught / sum(y), rel=1e-9)
+        assert m[f"lift_at_{pct}pct"] == pytest.approx((caught / k) / (sum(y) / len(y)), rel=1e-9)
+    worth = [v * 0.25 * 500 - 25 for v in y]
+
+    def value(t):
+        return sum(worth[i] for i in range(len(p)) if p[i] >= t)
+
+    assert m["expected_value_total"] == pytest.approx(value(0.5), rel=1e-9)
+    assert m["value_contacts"] == sum(1 for v in p if v >= 0.5) and m["value_threshold"] == 0.5
+    assert m["expected_value_per_customer"] == pytest.approx(value(0.5) / len(p), rel=1e-9)
+    best = max((value(t), t) for t in set(p.tolist()))
+    assert m["value_best_total"] == pytest.approx(best[0], rel=1e-9) and best[0] >= m["expected_value_total"]
+    assert m["value_best_threshold"] == pytest.approx(best[1], rel=1e-6)
+    assert m["value_break_even"] == pytest.approx(0.2)
 
 
 def test_evaluation_run_is_nested_under_training_run_with_artifacts(store, good_eval):
@@ -93,13 +124,19 @@ def test_evaluation_run_is_nested_under_training_run_with_artifacts(store, good_
     assert run.data.metrics["roc_auc"] == pytest.approx(good_eval.metrics["roc_auc"])
     paths = {a.path for d in ("plots", "shap") for a in client.list_artifacts(good_eval.run_id, d)}
     assert {"plots/roc_curve.png", "plots/pr_curve.png", "plots/calibration_curve.png",
-            "plots/confusion_matrix.png", "shap/summary_beeswarm.png", "shap/mean_abs_shap_bar.png",
+            "plots/confusion_matrix.png", "plots/cumulative_gains.png", "plots/lift_curve.png",
+            "plots/profit_curve.png", "shap/summary_beeswarm.png", "shap/mean_abs_shap_bar.png",
             "shap/mean_abs_shap.json", "shap/top_customers.json"} <= paths
     assert len([p for p in paths if p.startswith("shap/waterfall_")]) == 5
     mean_abs = json.loads(Path(client.download_artifacts(good_eval.run_id, "shap/mean_abs_shap.json")).read_text())
     assert set(mean_abs) == set(store["cfg"].features.numeric) | set(store["cfg"].features.categorical)
     assert run.data.metrics["shap/mean_abs_Contract_Length"] == pytest.approx(mean_abs["Contract Length"])
     assert run.data.metrics["gate/passed"] == 1.0 and run.data.metrics["rows/evaluated"] == 4500
+    # the decision's metrics in their MLflow sections; the gateable ones under their own names
+    assert run.data.metrics["top_decile_lift"] == pytest.approx(good_eval.metrics["top_decile_lift"])
+    assert run.data.metrics["lift/at_10pct"] == pytest.approx(good_eval.metrics["lift_at_10pct"])
+    assert run.data.metrics["value/best_total"] == pytest.approx(good_eval.metrics["value_best_total"])
+    assert run.data.params["decision.value_saved"] == "500.0" and run.data.params["decision.capacity"] == "None"
     # the evaluated model shows the evaluation's metrics, measured on the evaluation's dataset
     model_id = MlflowClient(store["cfg"].tracking_uri).get_run(store["good_run"]).outputs.model_outputs[0].model_id
     on_model = [m for m in client.get_logged_model(model_id).metrics or [] if m.key == "roc_auc"]
@@ -134,6 +171,12 @@ def test_comparison_with_a_baseline(store, challenger, baseline, verdict):
     assert lo <= comp.auc_diff <= hi
     if challenger == baseline:
         assert comp.auc_diff == 0 and comp.auc_ci == (0.0, 0.0) and comp.log_loss_diff == 0
+        assert comp.value_diff == 0 and comp.value_ci == (0.0, 0.0)
+    # the money: the difference in expected value per customer of each model's contacts
+    assert comp.value_diff == pytest.approx(
+        res.metrics["expected_value_per_customer"] - res.baseline_metrics["expected_value_per_customer"])
+    assert comp.value_ci[0] <= comp.value_diff <= comp.value_ci[1]
+    assert comp.value_verdict == verdict  # the good model also earns more at the same threshold
     tags = MlflowClient(cfg.tracking_uri).get_run(res.run_id).data.tags
     assert tags["churn.comparison.verdict"] == verdict and tags["churn.baseline_uri"] == store[baseline]
 
@@ -228,7 +271,9 @@ def test_gate_on_unknown_metric_is_rejected_when_the_config_loads(store):
     assert res.returncode == 2
     assert res.stderr.strip() == (
         "error: config: evaluation.thresholds: no metric named 'f2' is computed "
-        "(known: roc_auc, pr_auc, accuracy, precision, recall, f1, log_loss, brier_score)"
+        "(known: roc_auc, pr_auc, accuracy, precision, recall, f1, top_decile_lift, lift_at_5pct, lift_at_10pct, "
+        "lift_at_20pct, gain_at_5pct, gain_at_10pct, gain_at_20pct, expected_value_per_customer, "
+        "expected_value_total, precision_at_capacity, recall_at_capacity, log_loss, brier_score, ece)"
     )
 
 

@@ -256,13 +256,15 @@ def test_version_tags_carry_the_gate_its_source_and_the_headline_metrics():
     run_tags = {TAG_GATE_STATUS: "passed", TAG_GATE_SUMMARY: "roc_auc: passed (0.95 >= 0.7)",
                 "churn.gate.roc_auc": "passed: 0.95 >= 0.7", "data.source": "t.csv",
                 "data.digest": "abc", TAG_BASELINE_VERSION: "3", TAG_VERDICT: "better", "other": "x"}
-    tags = version_tags(run_tags, {"roc_auc": 0.951234567, "log_loss": 0.2, "accuracy": 0.9, "brier": 0.1}, "r1")
+    tags = version_tags(run_tags, {"roc_auc": 0.951234567, "log_loss": 0.2, "accuracy": 0.9, "brier": 0.1,
+                                   "expected_value_per_customer": 12.3456789}, "r1")
     assert tags[TAG_GATE_STATUS] == "passed" and tags[TAG_GATE_SUMMARY].startswith("roc_auc: passed")
     assert tags[TAG_EVAL_RUN] == "r1"
     assert tags[TAG_GATE_SOURCE] == "evaluation run r1 on t.csv (digest abc)"
     assert tags["churn.eval.roc_auc"] == "0.951235" and tags["churn.eval.log_loss"] == "0.2"
+    assert tags["churn.eval.expected_value_per_customer"] == "12.3457"
     assert set(tags) == {TAG_GATE_STATUS, TAG_GATE_SUMMARY, TAG_EVAL_RUN, TAG_GATE_SOURCE, "churn.eval.roc_auc",
-                         "churn.eval.log_loss"}
+                         "churn.eval.log_loss", "churn.eval.expected_value_per_customer"}
 
 
 # Drift arithmetic --------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from churnlib import tracking
 from churnlib.console import say as default_say
 from churnlib.data.sources import check_columns, resolve_source
 from churnlib.data.validation import as_data_error, validate
+from churnlib.decision.value import Decision, contact, decision_metrics, row_value
 from churnlib.errors import DataError, ModelNotFoundError, NoSuchAliasError
 from churnlib.evaluate.collect import collect, select_udf
 from churnlib.evaluate.gates import evaluate_gates
@@ -60,6 +61,20 @@ def _load_baseline(uri: str | None, say: Callable[[str], None]):
         note = f"baseline: {exc}; no comparison"
         say(note)
         return None, note, False
+
+
+def _decision_line(m: dict[str, float], d: Decision, n: int) -> str:
+    """One line of what the decision is worth on this data: at the threshold in force, at the
+    best cut, at 0.5, and the top-decile lift."""
+    best = (f"best cut P >= {m['value_best_threshold']:.3f}: {m['value_best_total']:,.0f} "
+            f"({int(m['value_best_contacts'])} contacts)" if "value_best_threshold" in m
+            else "no cut pays: contact nobody")
+    capacity = f", capacity {int(m['value_capacity'])}" if "value_capacity" in m else ""
+    half = f"at 0.5: {m['value_at_half_total']:,.0f}; " if m["value_threshold"] != 0.5 else ""
+    return (f"decision: contacting {int(m['value_contacts'])} of {n} at P >= {m['value_threshold']:g}{capacity} is worth "
+            f"{m['expected_value_total']:,.0f} ({m['expected_value_per_customer']:,.2f} per customer); {best}; "
+            f"{half}everyone: {m['value_everyone_total']:,.0f}; top-decile lift {m['top_decile_lift']:.2f} "
+            f"(break-even P {d.break_even:.3f})")
 
 
 def _explanation_rows(scored: Any, cfg: Config, y_total: int, scores: np.ndarray) -> dict[str, np.ndarray]:
@@ -150,7 +165,9 @@ def evaluate(
         )
 
     t0 = time.perf_counter()
-    metrics = {**threshold_metrics(main), **rank_metrics(scores[0], y)}
+    decision = Decision.from_config(cfg.decision)
+    metrics = {**threshold_metrics(main), **rank_metrics(scores[0], y),
+               **decision_metrics(scores[0], y, threshold, decision)}
     confusion = {k: int(main[k]) for k in ("tp", "fp", "tn", "fn")}
     rows = {"total": counts["rows"], "dropped_empty": counts["empty"], "evaluated": usable,
             "positives": int(positives), "negatives": int(usable - positives)}
@@ -158,16 +175,24 @@ def evaluate(
         f"metrics: ROC AUC {metrics['roc_auc']:.4f}, PR AUC {metrics['pr_auc']:.4f}, log loss {metrics['log_loss']:.4f}, "
         f"accuracy {metrics['accuracy']:.4f}, F1 {metrics['f1']:.4f} at P >= {threshold:g} ({usable} rows)"
     )
+    say(_decision_line(metrics, decision, usable))
     baseline_metrics = comparison = None
     if baseline is not None:
-        baseline_metrics = {**threshold_metrics(sums[1]), **rank_metrics(scores[1], y)}
+        baseline_metrics = {**threshold_metrics(sums[1]), **rank_metrics(scores[1], y),
+                            **decision_metrics(scores[1], y, threshold, decision)}
         b = cfg.evaluation.bootstrap
-        comparison = paired_bootstrap(scores[0], scores[1], y, b.resamples, b.confidence, b.seed, b.max_rows)
+        worth = row_value(y, decision)
+        value_rows = (worth * contact(scores[0], threshold, decision), worth * contact(scores[1], threshold, decision))
+        comparison = paired_bootstrap(scores[0], scores[1], y, b.resamples, b.confidence, b.seed, b.max_rows,
+                                      value_rows=value_rows)
         lo, hi = comparison.auc_ci
+        vlo, vhi = comparison.value_ci
         say(
             f"comparison: AUC {metrics['roc_auc']:.4f} vs {baseline_metrics['roc_auc']:.4f} "
             f"({comparison.auc_diff:+.4f}, {b.confidence:.0%} CI [{lo:+.4f}, {hi:+.4f}]), "
-            f"log loss {comparison.log_loss_diff:+.4f}: {comparison.verdict}"
+            f"log loss {comparison.log_loss_diff:+.4f}: {comparison.verdict}; "
+            f"expected value per customer {comparison.value_diff:+.2f} (CI [{vlo:+.2f}, {vhi:+.2f}]): "
+            f"{comparison.value_verdict}"
         )
     timings["metrics_s"] = time.perf_counter() - t0
 

@@ -84,6 +84,8 @@ def threshold_metrics(s: dict[str, Any]) -> dict[str, float]:
         "churn_rate_actual": _ratio(tp + fn, n),
         "churn_rate_predicted": _ratio(tp + fp, n),
         "mean_probability": _ratio(s["p_sum"], n),
+        # expected calibration error: |mean predicted - observed rate| per bin, weighted by its rows
+        "ece": _ratio(float(np.abs(np.asarray(s["bin_p_sum"]) - np.asarray(s["bin_y_sum"])).sum()), n),
     }
 
 
@@ -152,9 +154,17 @@ class Comparison:
     resamples: int
     rows: int
     confidence: float
+    # expected net value per customer of each model's contacts (challenger - baseline), when given
+    value_diff: float | None = None
+    value_ci: tuple[float, float] | None = None
+
+    @property
+    def value_verdict(self) -> str | None:
+        """"better" / "worse" / "not significantly different" in expected value per customer."""
+        return verdict_from_ci(*self.value_ci) if self.value_ci is not None else None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "auc_diff": self.auc_diff,
             "auc_ci": list(self.auc_ci),
             "log_loss_diff": self.log_loss_diff,
@@ -164,6 +174,10 @@ class Comparison:
             "rows": self.rows,
             "confidence": self.confidence,
         }
+        if self.value_ci is not None:
+            out.update({"value_diff_per_customer": self.value_diff, "value_diff_ci": list(self.value_ci),
+                        "value_verdict": self.value_verdict})
+        return out
 
 
 def verdict_from_ci(low: float, high: float) -> str:
@@ -183,6 +197,7 @@ def paired_bootstrap(
     confidence: float = 0.95,
     seed: int = 0,
     max_rows: int | None = None,
+    value_rows: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Comparison:
     """Paired bootstrap of the AUC and log-loss differences (challenger - baseline).
 
@@ -191,6 +206,10 @@ def paired_bootstrap(
     difference, not the two models' separate noise. Above ``max_rows`` rows,
     a seeded subsample is resampled (a slightly wider, still honest interval).
     The verdict follows the AUC interval: above zero is better, below is worse.
+
+    ``value_rows``: what each model's decision is worth per row (the row's value when the
+    model contacts that customer, else 0; see ``churnlib.decision``); the same draws then
+    give the interval of the difference in expected net value per customer.
     """
     rng = np.random.default_rng(seed)
     y = y.astype(np.float64)
@@ -198,7 +217,12 @@ def paired_bootstrap(
     if max_rows is not None and n_all > max_rows:
         keep = np.sort(rng.choice(n_all, size=max_rows, replace=False))
         p_new, p_base, y = p_new[keep], p_base[keep], y[keep]
+        if value_rows is not None:
+            value_rows = (value_rows[0][keep], value_rows[1][keep])
     n = len(y)
+    v_diff_rows = (np.asarray(value_rows[0], np.float64) - np.asarray(value_rows[1], np.float64)
+                   if value_rows is not None else None)
+    v_d = np.empty(resamples)
     auc_new, auc_base = _WeightedAUC(p_new, y), _WeightedAUC(p_base, y)
     ll_diff_rows = _row_logloss(p_new, y) - _row_logloss(p_base, y)
     ones = np.ones(n)
@@ -210,11 +234,19 @@ def paired_bootstrap(
         w = np.bincount(rng.integers(0, n, size=n), minlength=n).astype(np.float64)
         auc_d[i] = auc_new(w) - auc_base(w)
         ll_d[i] = float((w * ll_diff_rows).sum() / n)
+        if v_diff_rows is not None:
+            v_d[i] = float((w * v_diff_rows).sum() / n)
     alpha = (1 - confidence) / 2
     auc_d = auc_d[~np.isnan(auc_d)]
     auc_ci = (float(np.quantile(auc_d, alpha)), float(np.quantile(auc_d, 1 - alpha))) if len(auc_d) else (float("nan"),) * 2
     ll_ci = (float(np.quantile(ll_d, alpha)), float(np.quantile(ll_d, 1 - alpha)))
+    value_diff = value_ci = None
+    if v_diff_rows is not None:
+        value_diff = float(v_diff_rows.mean())
+        value_ci = (float(np.quantile(v_d, alpha)), float(np.quantile(v_d, 1 - alpha)))
     return Comparison(
+        value_diff=value_diff,
+        value_ci=value_ci,
         auc_diff=float(point_auc),
         auc_ci=auc_ci,
         log_loss_diff=point_ll,

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from churnlib import tracking
+from churnlib.decision.value import Decision
 from churnlib.evaluate import plots
 from churnlib.evaluate.metrics import (
     calibration_table,
@@ -107,6 +108,7 @@ def log_evaluation(
             "shap.explainer_type": cfg.evaluation.shap.explainer_type if cfg.evaluation.shap.enabled else "off",
             "thresholds": json.dumps(cfg.evaluation.thresholds),
             "require_improvement": cfg.evaluation.require_improvement,
+            **{f"decision.{k}": v for k, v in cfg.decision.model_dump().items()},
         })
         dataset = tracking.log_dataset(source, spec, context="evaluation")
         logged = dict(metrics)
@@ -114,13 +116,17 @@ def log_evaluation(
         logged.update({f"rows_{k}": float(v) for k, v in rows.items()})
         if baseline_metrics is not None:
             logged.update({f"baseline_{k}": v for k, v in baseline_metrics.items()})
-            logged.update({f"diff_{k}": metrics[k] - v for k, v in baseline_metrics.items()})
+            logged.update({f"diff_{k}": metrics[k] - v for k, v in baseline_metrics.items() if k in metrics})
         if comparison is not None:
             logged.update({
                 "auc_diff_ci_low": comparison.auc_ci[0], "auc_diff_ci_high": comparison.auc_ci[1],
                 "log_loss_diff": comparison.log_loss_diff,
                 "log_loss_diff_ci_low": comparison.log_loss_ci[0], "log_loss_diff_ci_high": comparison.log_loss_ci[1],
             })
+            if comparison.value_ci is not None:
+                logged.update({"value_diff_per_customer": comparison.value_diff,
+                               "value_diff_ci_low": comparison.value_ci[0],
+                               "value_diff_ci_high": comparison.value_ci[1]})
         if shap_summary:
             logged.update({metric_name(f"shap_mean_abs_{k}"): v for k, v in shap_summary["mean_abs"].items()})
         logged["gate_passed"] = float(gate.passed)
@@ -144,6 +150,9 @@ def log_evaluation(
                 {n: calibration_table(s) for n, s in zip(names, sums)}
             ),
             "plots/confusion_matrix.png": plots.confusion_figure(confusion, threshold),
+            "plots/cumulative_gains.png": plots.gains_figure(labels),
+            "plots/lift_curve.png": plots.lift_figure(labels),
+            "plots/profit_curve.png": plots.profit_figure(labels, Decision.from_config(cfg.decision), threshold),
         }
         for path, fig in figures.items():
             log_figure(fig, path)
@@ -188,10 +197,10 @@ def _slice(expl, idx):
 
 
 # What a registry version shows of its latest evaluation: what a person reads in the
-# versions table (the gate's status and one-line summary, where it comes from, two
-# headline metrics). Each check's detail, the baseline and the comparison stay on the
+# versions table (the gate's status and one-line summary, where it comes from, three
+# headline metrics: ranking, probabilities, money). Each check's detail, the baseline and the comparison stay on the
 # evaluation run (``churn.eval.run_id`` links to it).
-VERSION_EVAL_METRICS = ("roc_auc", "log_loss")
+VERSION_EVAL_METRICS = ("roc_auc", "log_loss", "expected_value_per_customer")
 
 
 def version_tags(run_tags: dict[str, str], metrics: dict[str, float], run_id: str) -> dict[str, str]:

@@ -61,9 +61,9 @@ def searcher(cfg: Config, max_concurrent: int):
     (Tune's ``max_concurrent_trials`` is silently ignored for a
     BasicVariantGenerator passed in, so the limit is set here, on both.)"""
     if cfg.tune.search == "optuna":
-        from ray.tune.search import ConcurrencyLimiter
         import logging
 
+        from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
         # Optuna sets its logger to INFO when it is first imported (just now): keep the level
