@@ -59,7 +59,8 @@ EXAMPLES = {
     "models rollback": "churn models rollback                # champion -> the version it replaced",
     "models list": "churn models list\nchurn models list --json",
     "models info": "churn models info --alias staging",
-    "predict": "churn predict --input s3://bucket/customers/ --output s3://bucket/scores/2026-12-01/ --explain",
+    "predict": "churn predict --input s3://bucket/customers/ --output s3://bucket/scores/2026-12-01/ --explain\n"
+               "churn predict --input customers.csv --output calls/ --contacts-only --explain --set decision.capacity=500",
     "drift": "churn drift --reference models:/xgboost_churn_model@champion --data this_month.csv",
     "quickstart": "churn quickstart --rows 50000 --port 8001",
     "serve": "churn serve --port 8000 --replicas 2\nCHURN_API_KEY=... churn serve --alias challenger --port 8001",
@@ -228,6 +229,8 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-uri", help="default: models:/<model.registered_name>@<serve.alias> (the champion)")
     p.add_argument("--rejects", help="folder for rows that cannot be scored (default: <output>_rejects)")
     p.add_argument("--explain", action="store_true", help="add the top reasons per customer (SHAP)")
+    p.add_argument("--contacts-only", action="store_true",
+                   help="write the call list alone: the customers to contact (decision), ranked by expected value")
     _common(p)
 
 
@@ -353,12 +356,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     result = predict(cfg, args.input, args.output, model_uri=args.model_uri, explain=args.explain,
-                     rejects_path=args.rejects, verbose=args.verbose, say=say)
+                     rejects_path=args.rejects, verbose=args.verbose, say=say, contacts_only=args.contacts_only)
 
     def human() -> None:
-        print(f"output: {result.output}")
+        print(f"output: {result.output}" + (" (the call list)" if args.contacts_only else ""))
         print(f"scored: {result.counts['scored']}")
         print(f"rejected: {result.counts['rejected']}")
+        if result.decision is not None:
+            print(f"contacts: {result.decision['contacts']}")
         if result.rejects:
             print(f"rejects: {result.rejects}")
 

@@ -4,8 +4,10 @@ Endpoints (FastAPI ingress, OpenAPI docs at ``/docs``):
 
 - ``POST /predict``: one record (a JSON object) or a list of records in the raw
   schema (original column names, category strings). Per record: P(churn=1),
-  the label at the decision threshold, the model name and version that
-  answered, and the customer id when given. A single record answers with an
+  the label at the decision threshold, the expected net value of contacting
+  the customer and whether to (``churnlib.decision``, the config's
+  ``decision``), the model name and version that answered, and the customer id
+  when given. A single record answers with an
   object, a list with a list.
 - ``POST /explain``: the same input; per record the base value and one SHAP
   contribution per raw feature (exact TreeSHAP via XGBoost ``pred_contribs``)
@@ -13,7 +15,8 @@ Endpoints (FastAPI ingress, OpenAPI docs at ``/docs``):
 - ``GET /healthz``: 200 ``ready`` when a model is loaded (``degraded`` when the
   registry cannot be reached or a new version failed to load: the loaded one
   keeps serving), 503 ``not_ready`` with the reason otherwise.
-- ``GET /model``: name, version, alias, source run, key metrics, loaded-at.
+- ``GET /model``: name, version, alias, source run, key metrics, loaded-at, the
+  threshold in force and the decision settings.
 
 Bad input is a 4xx, never a 500 (``serve/validation.py``): 422 naming the
 record and the field, 413 past the body or record limits (``/explain`` has its
@@ -61,6 +64,7 @@ from ray import serve
 
 from churnlib.config import Config, load_config
 from churnlib.data.features import FeatureSpec, to_matrix
+from churnlib.decision.value import Decision, expected_value
 from churnlib.errors import FeatureError, NoSuchAliasError, one_line
 from churnlib.model.explain import explain, top_reasons
 from serve.loaders import LoadedVersion, RegistryLoader, UriLoader
@@ -91,6 +95,13 @@ class PredictAnswer(BaseModel):
     """The answer for one record (a list of records gets a list of these, in order)."""
     churn_probability: float = Field(description="P(churn) for this customer, 0-1", examples=[0.8731])
     churn_label: int = Field(description="1 when churn_probability >= the decision threshold, else 0", examples=[1])
+    expected_value: Optional[float] = Field(
+        None, description="expected net value of contacting this customer: churn_probability x save_rate x "
+                          "value_saved - contact_cost (the decision settings, see GET /model), in their currency",
+        examples=[40.47])
+    contact: Optional[bool] = Field(None, description="whether to contact this customer: churn_probability >= "
+                                                      "the decision threshold (a capacity limits a batch run, "
+                                                      "not one request)", examples=[True])
     model_name: str = Field(description="registered model that answered", examples=["xgboost_churn_model"])
     model_version: str = Field(description="its version (the one behind the alias when the request came in)",
                                examples=["3"])
@@ -125,6 +136,14 @@ class Health(BaseModel):
     reason: Optional[str] = Field(None, description="why no model is loaded (not_ready only)")
 
 
+class DecisionInfo(BaseModel):
+    """What contacting a customer is worth (the config's ``decision``)."""
+    value_saved: float = Field(description="kept when a churner is saved", examples=[500.0])
+    contact_cost: float = Field(description="cost of one contact and its offer", examples=[25.0])
+    save_rate: float = Field(description="share of contacted churners who stay", examples=[0.25])
+    break_even: float = Field(description="the P(churn) above which a contact pays for itself", examples=[0.2])
+
+
 class ModelInfo(BaseModel):
     """The version that answers, where it comes from and how it scored."""
     name: str = Field(examples=["xgboost_churn_model"])
@@ -134,7 +153,9 @@ class ModelInfo(BaseModel):
     metrics: dict[str, float] = Field(description="its training and evaluation metrics (registry tags)",
                                       examples=[{"churn.eval.roc_auc": 0.951, "train.best_valid_auc": 0.962}])
     loaded_at: str = Field(description="UTC, ISO 8601", examples=["2026-12-01T10:00:00Z"])
-    decision_threshold: float = Field(examples=[0.5])
+    decision_threshold: float = Field(description="the threshold in force: churn_label and contact above it",
+                                      examples=[0.5])
+    decision: Optional[DecisionInfo] = Field(None, description="what a contact is worth")
     features: list[str]
     source: str = Field(examples=["models:/xgboost_churn_model@champion"])
 
@@ -387,6 +408,18 @@ class ChurnService:
                 out[i] = float(p)
         return out
 
+    def _decision(self, model: LoadedVersion) -> Optional[Decision]:
+        """The config's decision settings; else the ones the model was trained with (None: neither)."""
+        d = self._settings.get("decision")
+        return Decision(d["value_saved"], d["contact_cost"], d["save_rate"]) if d else model.predictor.decision
+
+    def _decide(self, model: LoadedVersion, answer: dict[str, Any], p: float, label: int) -> None:
+        """Add the expected value of contacting the customer, and whether to, to one answer."""
+        decision = self._decision(model)
+        if decision is not None:
+            answer["expected_value"] = float(expected_value(np.array([p]), decision)[0])
+            answer["contact"] = bool(label)
+
     def _labels(self, model: LoadedVersion, proba: np.ndarray, endpoint: str, started: float) -> np.ndarray:
         """Labels at the threshold; records the latency and the prediction counters."""
         threshold = self._threshold(model)
@@ -419,6 +452,7 @@ class ChurnService:
                 "model_name": model.name,
                 "model_version": model.version,
             }
+            self._decide(model, a, float(proba[i]), int(labels[i]))
             if ids[i] is not None:
                 a["customer_id"] = ids[i]
             answers.append(a)
@@ -443,8 +477,9 @@ class ChurnService:
         labels = self._labels(model, proba, "predict", started)
         answers = []
         for i, p in enumerate(proba):
-            a = {"churn_probability": float(p), "churn_label": int(labels[i]),
-                 "model_name": model.name, "model_version": model.version}
+            a = {"churn_probability": float(p), "churn_label": int(labels[i])}
+            self._decide(model, a, float(p), int(labels[i]))
+            a.update({"model_name": model.name, "model_version": model.version})
             if parsed.ids[i] is not None:
                 a["customer_id"] = parsed.ids[i]
             answers.append(a)
@@ -492,7 +527,12 @@ class ChurnService:
         model = self._model
         if model is None:
             return JSONResponse({"detail": self._reason or "no model loaded"}, status_code=503)
-        return {**model.describe(), "source": self._loader.describe()}
+        decision = self._decision(model)
+        return {**model.describe(), "decision_threshold": self._threshold(model),
+                "decision": None if decision is None else {
+                    "value_saved": decision.value_saved, "contact_cost": decision.contact_cost,
+                    "save_rate": decision.save_rate, "break_even": decision.break_even},
+                "source": self._loader.describe()}
 
     @app.get("/metrics", summary="Prometheus metrics of this node (text format)",
              responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format: churn_* "
@@ -543,6 +583,7 @@ def settings_from_config(cfg: Config, api_key_sha256: Union[str, None] = None) -
         "unknown_fields": s.unknown_fields,
         "top_reasons": s.top_reasons,
         "decision_threshold": cfg.model.decision_threshold,
+        "decision": {k: getattr(cfg.decision, k) for k in ("value_saved", "contact_cost", "save_rate")},
         "gpus": s.gpus_per_replica,
         # what the API docs show of the schema: each column's meaning and unit, one real record
         "docs": {"descriptions": dict(cfg.features.descriptions), "example": cfg.features.example},

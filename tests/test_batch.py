@@ -5,6 +5,7 @@ verdicts on the real Kaggle files.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -34,7 +35,8 @@ from tests.conftest import (
 )
 
 QUIET = {"say": lambda m: None}
-OUTPUT_COLUMNS = ["customer_id", "churn_probability", "churn_label", "model_name", "model_version"]
+OUTPUT_COLUMNS = ["customer_id", "churn_probability", "churn_label", "expected_value", "contact", "model_name",
+                  "model_version"]
 # three rows no model can score, each for its own reason
 BAD_ROWS = {
     10: ("Age", "forty", "column 'Age': non-numeric value 'forty'"),
@@ -77,7 +79,7 @@ def scored(store):
 
 def test_scores_match_the_registered_model_row_for_row(store, scored):
     result, df = scored
-    assert list(df.columns[:5]) == OUTPUT_COLUMNS
+    assert list(df.columns[:7]) == OUTPUT_COLUMNS
     assert result.counts == {"rows": 3000, "scored": 2997, "rejected": 3, "empty": 1}
     assert len(df) == 2997 and df["customer_id"].is_unique
     mlflow.set_tracking_uri(store["cfg"].tracking_uri)
@@ -91,6 +93,55 @@ def test_scores_match_the_registered_model_row_for_row(store, scored):
     assert (labels == (df["churn_probability"].to_numpy() >= 0.5)).all()
     assert set(df["model_name"]) == {store["cfg"].model.registered_name}
     assert set(df["model_version"]) == {str(store["version"])}
+    # the decision: the same expected value and contact as the pyfunc for the same record
+    theirs = pyfunc.predict(good).set_index(good["CustomerID"].to_numpy())
+    ours = df.set_index("customer_id").loc[good["CustomerID"]]
+    np.testing.assert_allclose(ours["expected_value"].to_numpy(), theirs["expected_value"].to_numpy(), rtol=1e-6, atol=1e-9)
+    assert (ours["contact"].to_numpy() == theirs["contact"].to_numpy()).all() and ours["contact"].any()
+    d = result.decision
+    assert d["contacts"] == d["above_threshold"] == int(df["contact"].sum()) and d["capacity"] is None
+    assert d["expected_value"] == pytest.approx(df.loc[df["contact"], "expected_value"].sum())
+
+
+def test_a_capacity_keeps_exactly_that_many_of_the_highest_risks(store, scored):
+    """decision.capacity below the customers above the threshold: exactly that many contacts,
+    the highest P(churn); everything else in the output as without a capacity."""
+    _, full = scored
+    above = int(full["contact"].sum())
+    capacity = above // 3
+    cfg = make_config(store["ws"], **{"decision.capacity": capacity})
+    out = store["ws"] / "scores_capacity"
+    result = predict(cfg, str(store["csv"]), str(out), **QUIET)
+    df = _read(out)
+    assert int(df["contact"].sum()) == capacity == result.decision["contacts"]
+    assert result.decision["above_threshold"] == above and result.decision["capacity"] == capacity
+    p = df["churn_probability"]
+    assert p[df["contact"]].min() >= p[~df["contact"]].max()
+    assert result.decision["expected_value"] == pytest.approx(df.loc[df["contact"], "expected_value"].sum())
+    same = full.set_index("customer_id").loc[df["customer_id"]]
+    np.testing.assert_allclose(same["churn_probability"].to_numpy(), p.to_numpy())
+    assert (df["churn_label"].to_numpy() == same["churn_label"].to_numpy()).all()
+
+
+def test_contacts_only_writes_the_ranked_call_list(store, scored):
+    """--contacts-only with a capacity of 5 % of the scored customers and --explain: one file,
+    the customers to contact ranked by expected value, with their reasons."""
+    _, full = scored
+    cfg = make_config(store["ws"], **{"decision.capacity_share": 0.05})
+    out = store["ws"] / "calls"
+    result = predict(cfg, str(store["csv"]), str(out), explain=True, contacts_only=True, **QUIET)
+    assert [f.name for f in out.iterdir()] == ["call_list.parquet"]
+    calls = pd.read_parquet(out / "call_list.parquet")
+    k = int(0.05 * 2997)
+    assert len(calls) == k == result.decision["contacts"]
+    assert list(calls.columns[:4]) == ["customer_id", "rank", "churn_probability", "expected_value"]
+    assert "contact" not in calls.columns and "churn_label" not in calls.columns
+    assert calls["rank"].tolist() == list(range(1, k + 1))
+    assert calls["expected_value"].is_monotonic_decreasing and (calls["expected_value"] > -25).all()
+    top = full.sort_values("churn_probability", ascending=False, kind="stable").head(k)
+    assert calls["churn_probability"].min() >= top["churn_probability"].min()
+    assert set(calls["customer_id"]) <= set(full.loc[full["contact"], "customer_id"])
+    assert calls["reason_1"].str.len().gt(0).all()
 
 
 def test_rejects_hold_each_bad_row_with_its_reason(store, scored):
@@ -272,6 +323,14 @@ def test_predict_reads_and_writes_s3(store, s3_endpoint, monkeypatch):
     assert any(k.startswith("out/scores/") and k.endswith(".parquet") for k in keys)
     with pytest.raises(DataError, match="already exists"):
         predict(store["cfg"], "s3://churn-batch/in/score.csv", "s3://churn-batch/out/scores", **QUIET)
+    # the call list with a capacity, rewritten in place on S3 before it is marked complete
+    calls = predict(make_config(store["ws"], **{"decision.capacity": 40}), "s3://churn-batch/in/score.csv",
+                    "s3://churn-batch/out/calls", contacts_only=True, **QUIET)
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="churn-batch", Prefix="out/calls/")["Contents"]
+            if not o["Key"].endswith("/")}  # the folder's own marker
+    assert keys == {"out/calls/call_list.parquet", "out/calls/_SUCCESS"} and calls.decision["contacts"] == 40
+    body = s3.get_object(Bucket="churn-batch", Key="out/calls/call_list.parquet")["Body"].read()
+    assert pd.read_parquet(io.BytesIO(body))["rank"].tolist() == list(range(1, 41))
 
 
 # Drift ------------------------------------------------------------------------------------------

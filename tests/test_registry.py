@@ -80,7 +80,7 @@ def test_register_is_idempotent_and_tags_the_version(lab):
     # the version loads as the model it was registered from
     mlflow.set_tracking_uri(cfg.tracking_uri)
     out = mlflow.pyfunc.load_model("models:/reg_idem@staging").predict(pd.read_parquet(lab["test"]).head(5))
-    assert list(out.columns) == ["churn_probability", "churn_label"]
+    assert list(out.columns) == ["churn_probability", "churn_label", "expected_value", "contact"]
 
 
 def test_register_unknown_run_is_one_line_and_creates_nothing(lab):
@@ -348,7 +348,8 @@ def test_mlflow_models_serve_answers_for_the_champion(lab):
                 time.sleep(1)
         assert r.status_code == 200, r.text
         preds = r.json()["predictions"]
-        assert len(preds) == 3 and set(preds[0]) == {"churn_probability", "churn_label"}
+        assert len(preds) == 3 and set(preds[0]) == {"churn_probability", "churn_label", "expected_value", "contact"}
+        assert all(p["contact"] == (p["churn_label"] == 1) for p in preds)
         local = mlflow.pyfunc.load_model("models:/reg_serve@champion").predict(records)
         assert [p["churn_probability"] for p in preds] == pytest.approx(local["churn_probability"].tolist())
         # a bad record: 400 with churn's one-line reason, no stack trace (issue: a full traceback)

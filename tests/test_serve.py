@@ -119,6 +119,9 @@ def test_predict_single_and_list_match_the_pyfunc(lab, pinned):
     assert body["customer_id"] == records[0]["CustomerID"] and body["model_name"] == "xgboost_churn"
     many = requests.post(f"{pinned}/predict", json=records, timeout=30).json()
     assert [a["churn_probability"] for a in many] == pytest.approx(expected["churn_probability"].tolist(), rel=1e-6)
+    # the decision: the same expected value and contact as the pyfunc (and batch scoring) for each record
+    assert [a["expected_value"] for a in many] == pytest.approx(expected["expected_value"].tolist(), rel=1e-5)
+    assert [a["contact"] for a in many] == expected["contact"].tolist() and any(a["contact"] for a in many)
     assert [a["customer_id"] for a in many] == [r["CustomerID"] for r in records]
     # the id is optional; a missing value (null) is fine
     no_id = {k: v for k, v in records[1].items() if k != "CustomerID"}
@@ -157,6 +160,7 @@ def test_explain_is_additive_and_sorted(lab, pinned):
 def test_model_healthz_and_docs(lab, pinned):
     info = requests.get(f"{pinned}/model", timeout=30).json()
     assert info["run_id"] == lab["runs"]["a"] and info["decision_threshold"] == 0.5 and info["loaded_at"]
+    assert info["decision"] == {"value_saved": 500.0, "contact_cost": 25.0, "save_rate": 0.25, "break_even": 0.2}
     health = requests.get(f"{pinned}/healthz", timeout=30)
     assert health.status_code == 200 and health.json()["status"] == "ready"
     spec = requests.get(f"{pinned}/openapi.json", timeout=30).json()

@@ -114,9 +114,14 @@ def test_pyfunc_predicts_on_raw_records(trained):
     model = mlflow.pyfunc.load_model(result.model_uri)
     raw = next(iter_chunks(50, seed=99, chunk_rows=50))  # ints, strings, an id and the target column
     out = model.predict(raw)
-    assert list(out.columns) == ["churn_probability", "churn_label"] and len(out) == 50
+    assert list(out.columns) == ["churn_probability", "churn_label", "expected_value", "contact"] and len(out) == 50
     assert out["churn_probability"].between(0, 1).all()
     assert (out["churn_label"] == (out["churn_probability"] >= cfg.model.decision_threshold)).all()
+    # the decision the model was trained with: P x save rate x value saved - contact cost, contact at the threshold
+    d = cfg.decision
+    assert out["expected_value"].to_numpy() == pytest.approx(
+        out["churn_probability"].to_numpy() * d.save_rate * d.value_saved - d.contact_cost)
+    assert (out["contact"] == (out["churn_label"] == 1)).all() and out["contact"].dtype == bool
     # the same numbers as the booster alone on the same feature function
     booster = xgb.Booster(model_file=MlflowClient().download_artifacts(result.run_id, "booster/booster.ubj"))
     spec = FeatureSpec.from_config(cfg.features)
@@ -350,7 +355,8 @@ def test_model_has_signature_and_input_example(trained):
     inputs = [c["name"] for c in info.signature.inputs.to_dict()]
     assert inputs == ["Age", "Tenure", "Usage Frequency", "Support Calls", "Payment Delay", "Total Spend",
                       "Last Interaction", "Gender", "Subscription Type", "Contract Length"]
-    assert [c["name"] for c in info.signature.outputs.to_dict()] == ["churn_probability", "churn_label"]
+    assert [c["name"] for c in info.signature.outputs.to_dict()] == ["churn_probability", "churn_label",
+                                                                      "expected_value", "contact"]
     example = Model.load(result.model_uri).load_input_example(mlflow.artifacts.download_artifacts(result.model_uri))
     assert len(example) >= 1 and set(inputs) <= set(example.columns)
 

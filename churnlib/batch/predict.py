@@ -2,7 +2,16 @@
 
 read (CSV/Parquet, local or s3://) -> ``PredictUDF`` actors (the model held once
 per actor) -> write Parquet. Each output row: the customer id, P(churn), the
-label, the model name and version, and with ``--explain`` the top reasons.
+label, the expected net value of contacting the customer and whether to contact
+them (``churnlib.decision``, with the config's ``decision``), the model name and
+version, and with ``--explain`` the top reasons.
+
+The retention decision: ``contact`` is P >= the model's threshold. When a capacity
+(``decision.capacity`` / ``capacity_share`` of the scored customers) is smaller than
+the number of such customers, a second pass over the written output keeps only the
+highest risks (ties at the cut: the first in the output's file and row order), so
+exactly ``capacity`` customers are marked. ``--contacts-only`` writes the call list
+instead: the customers to contact, ranked by expected value, in one file.
 
 Rows that cannot be scored (an unknown category, a non-numeric value, every
 cell empty) are not dropped silently: each actor writes them, with the reason
@@ -37,6 +46,7 @@ from churnlib.data.preparation import ROW_EMPTY, ROW_PROBLEM, id_arrow_type
 from churnlib.data.profiles import batch_counts, compare, merge_counts, summary_line
 from churnlib.data.sources import check_columns, filesystem, read_raw, resolve_source
 from churnlib.data.validation import as_data_error
+from churnlib.decision.value import Decision, expected_value
 from churnlib.errors import DataError, ResourceError
 from churnlib.model import loading
 from churnlib.model.explain import explain, top_reasons
@@ -84,8 +94,9 @@ class PredictUDF(BatchScorer):
 
     def __init__(self, payloads: list[dict[str, Any]], columns: list[str], tally: Any, rejects_fs: Any,
                  rejects_dir: str, explain_top: int = 0, drift: bool = True, nthread: int = 1,
-                 id_type: str = "string"):
+                 id_type: str = "string", decision: Decision | None = None):
         super().__init__(payloads, columns, with_target=False, keep_features=True, nthread=nthread)
+        self.decision = decision
         self.id_type = id_type  # the input's: "int64" or "string" (the output keeps it)
         self.nthread = nthread
         self.tally = tally
@@ -108,15 +119,21 @@ class PredictUDF(BatchScorer):
             self._write_rejects(df, out, ~ok)
         model = self.models[0]
         proba = out["score"][ok].astype(np.float64)
+        contact = proba >= model.threshold
         # An Arrow table, typed here: Ray Data would otherwise infer the type of
         # every Python string in object columns, which costs as much as scoring.
         columns: dict[str, pa.Array] = {
             "customer_id": ids_out.filter(pa.array(ok)),
             "churn_probability": pa.array(proba),
-            "churn_label": pa.array((proba >= model.threshold).astype(np.int8)),
-            "model_name": pa.repeat(pa.scalar(self.model_name, pa.string()), n_ok),
-            "model_version": pa.repeat(pa.scalar(self.model_version, pa.string()), n_ok),
+            "churn_label": pa.array(contact.astype(np.int8)),
         }
+        value = None
+        if self.decision is not None:
+            value = expected_value(proba, self.decision)
+            columns["expected_value"] = pa.array(value)
+            columns["contact"] = pa.array(contact)
+        columns["model_name"] = pa.repeat(pa.scalar(self.model_name, pa.string()), n_ok)
+        columns["model_version"] = pa.repeat(pa.scalar(self.model_version, pa.string()), n_ok)
         if self.explain_top:
             reasons: list[list[dict[str, Any]]] = []
             if n_ok:
@@ -124,10 +141,13 @@ class PredictUDF(BatchScorer):
                 reasons = top_reasons(expl, model.spec, k=self.explain_top)
             for k in range(self.explain_top):
                 columns[f"reason_{k + 1}"] = pa.array(
-                    [f"{r[k]['feature']}={r[k]['value']} ({r[k]['contribution']:+.3f})" if k < len(r) else ""
+                    [f"{r[k]['feature']}={_shown(r[k]['value'])} ({r[k]['contribution']:+.3f})" if k < len(r) else ""
                      for r in reasons], type=pa.string())
         counts = {"rows": int(len(df)), "scored": n_ok, "rejected": int((~ok).sum()),
                   "empty": int((out["flags"] == ROW_EMPTY).sum())}
+        if value is not None:
+            counts["contacts"] = int(contact.sum())
+            counts["contact_value"] = float(value[contact].sum())
         drift = batch_counts(out["X"][ok], model.profile, model.spec) if self.drift and n_ok else None
         self.tally.add.remote(counts, drift)
         return pa.table(columns)
@@ -178,6 +198,9 @@ class PredictResult:
     seconds: float
     run_id: str | None = None
     drift: list[dict[str, Any]] = field(default_factory=list)
+    # the retention decision: threshold, capacity, contacts (and how many more were above the
+    # threshold), their expected value, and whether the output is the call list alone
+    decision: dict[str, Any] | None = None
 
     @property
     def rows_per_s(self) -> float:
@@ -186,7 +209,8 @@ class PredictResult:
     def to_dict(self) -> dict[str, Any]:
         return {"output": self.output, "rejects": self.rejects, "model_uri": self.model_uri,
                 "model_version": self.model_version, "counts": self.counts, "seconds": round(self.seconds, 3),
-                "rows_per_s": round(self.rows_per_s, 1), "run_id": self.run_id, "drift": self.drift}
+                "rows_per_s": round(self.rows_per_s, 1), "run_id": self.run_id, "drift": self.drift,
+                "decision": self.decision}
 
 
 def _staging(output: str):
@@ -211,8 +235,10 @@ def predict(
     rejects_path: str | None = None,
     verbose: bool = False,
     say: Callable[[str], None] = default_say,
+    contacts_only: bool = False,
 ) -> PredictResult:
-    """Score ``input_path`` into the Parquet folder ``output_path`` (see the module doc)."""
+    """Score ``input_path`` into the Parquet folder ``output_path`` (see the module doc); with
+    ``contacts_only``, write the call list: the customers to contact, ranked by expected value."""
     import mlflow
 
     quiet_logs(verbose)
@@ -238,21 +264,31 @@ def predict(
         tags[TAG_MODEL_VERSION] = str(model.ref.version)
     # The run covers the scoring: an interrupt or a failure ends it KILLED or FAILED.
     with tracking.tracked_run(cfg, f"predict-{model.ref.name or 'model'}-v{model.ref.version or '?'}", tags) as run:
+        decision = Decision.from_config(cfg.decision)
         tracking.log_params_flat({"input": source.uri, "output": output_path, "model_uri": uri,
-                                  "explain_top": explain_top})
-        counts, drift_parts = _score_to(source, spec, columns, predictor, scoring, explain_top, cfg.scoring.drift,
-                                         (fs, final, staging, local), (rfs, rfinal, rstaging, rlocal), t_start,
-                                         output_path, say)
+                                  "explain_top": explain_top, "contacts_only": contacts_only,
+                                  **{f"decision.{k}": v for k, v in cfg.decision.model_dump().items()}})
+        counts, drift_parts, chosen = _score_to(
+            source, spec, columns, predictor, scoring, explain_top, cfg.scoring.drift, (fs, final, staging, local),
+            (rfs, rfinal, rstaging, rlocal), t_start, output_path, say, decision, contacts_only)
         seconds = time.perf_counter() - t_start
         rejected = counts.get("rejected", 0)
         result = PredictResult(output_path, rejects_path if rejected else None, uri, model.ref.version, counts,
-                               seconds, run_id=run.info.run_id)
+                               seconds, run_id=run.info.run_id, decision=chosen)
         say(f"predict: {counts['rows']} rows, {counts['scored']} scored, {rejected} rejected"
             + (f" ({counts.get('empty', 0)} empty)" if counts.get("empty") else "")
             + (f" -> {rejects_path}" if rejected else "") + f"; {seconds:.1f} s ({result.rows_per_s:,.0f} rows/s)")
+        say(f"decision: {chosen['contacts']} of {counts['scored']} customers to contact (P >= {chosen['threshold']:g}"
+            + (f", capacity {chosen['capacity']}: {chosen['above_threshold'] - chosen['contacts']} more above it"
+               if chosen["capacity"] is not None and chosen["above_threshold"] > chosen["contacts"] else "")
+            + f"), expected value {chosen['expected_value']:,.0f}"
+            + (f"; the call list -> {output_path}" if contacts_only else ""))
         mlflow.log_param("rejects", result.rejects or "")
         mlflow.log_metrics({**{f"rows/{'total' if k == 'rows' else k}": float(v) for k, v in counts.items()},
-                            "time/total_s": seconds, "speed/rows_per_s": result.rows_per_s})
+                            "time/total_s": seconds, "speed/rows_per_s": result.rows_per_s,
+                            "decision/contacts": float(chosen["contacts"]),
+                            "decision/above_threshold": float(chosen["above_threshold"]),
+                            "decision/expected_value": float(chosen["expected_value"])})
         if drift_parts and predictor.profile is not None:
             drifts = compare(predictor.profile, merge_counts(drift_parts), cfg.drift.psi_moderate,
                                        cfg.drift.psi_major)
@@ -266,9 +302,11 @@ def predict(
 
 def _score_to(source: Any, spec: Any, columns: list[str], predictor: Any, scoring: Any, explain_top: int,
               drift: bool, out: tuple, rejects: tuple, t_start: float, output_path: str,
-              say: Callable[[str], None]) -> tuple[dict[str, int], list[dict[str, Any]]]:
-    """One streaming pass: read -> PredictUDF actors -> Parquet; the output moved into place
-    when complete, removed (with the rejects) on any failure or interrupt. -> (counts, drift counts)."""
+              say: Callable[[str], None], decision: Decision,
+              contacts_only: bool) -> tuple[dict[str, int], list[dict[str, Any]], dict[str, Any]]:
+    """One streaming pass: read -> PredictUDF actors -> Parquet; the capacity and the call list
+    applied to the written output; the output moved into place when complete, removed (with the
+    rejects) on any failure or interrupt. -> (counts, drift counts, the decision taken)."""
     import ray
     import ray.data
 
@@ -296,7 +334,7 @@ def _score_to(source: Any, spec: Any, columns: list[str], predictor: Any, scorin
             fn_constructor_kwargs={
                 "payloads": put_payloads([predictor]), "columns": columns, "tally": tally, "rejects_fs": rfs,
                 "rejects_dir": rstaging, "explain_top": explain_top, "drift": drift,
-                "nthread": max(1, int(scoring.cpus_per_actor)), "id_type": id_type,
+                "nthread": max(1, int(scoring.cpus_per_actor)), "id_type": id_type, "decision": decision,
             },
             compute=actor_pool(scoring),
             num_cpus=scoring.cpus_per_actor,
@@ -308,6 +346,14 @@ def _score_to(source: Any, spec: Any, columns: list[str], predictor: Any, scorin
         counts, drift_parts = ray.get(tally.result.remote())
         if counts.get("rows", 0) == 0:
             raise DataError(f"{source.uri}: the table has no rows (a header only?): nothing to score")
+        above = int(counts.pop("contacts", 0))
+        chosen = {"threshold": predictor.threshold, "capacity": decision.limit(counts["scored"]),
+                  "above_threshold": above, "contacts": above,
+                  "expected_value": float(counts.pop("contact_value", 0.0)), "contacts_only": contacts_only}
+        if chosen["capacity"] is not None and above > chosen["capacity"]:
+            chosen["contacts"], chosen["expected_value"] = limit_contacts(fs, staging, chosen["capacity"])
+        if contacts_only:
+            call_list(fs, staging)
         # complete: into place, atomically where the filesystem allows it
         if local:
             fs.move(staging, final)
@@ -335,7 +381,81 @@ def _score_to(source: Any, spec: Any, columns: list[str], predictor: Any, scorin
         ray.kill(tally)
         if sys.stderr.isatty():
             sys.stderr.write("\n")
-    return counts, drift_parts
+    return counts, drift_parts, chosen
+
+
+def _shown(value: Any) -> str:
+    """A reason's raw value as a person reads it: 101.45, not float32's 101.44999694824219."""
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def _parquet_files(fs: Any, folder: str) -> list[str]:
+    import pyarrow.fs as pafs
+
+    infos = fs.get_file_info(pafs.FileSelector(folder, recursive=False))
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+
+
+def limit_contacts(fs: Any, folder: str, capacity: int) -> tuple[int, float]:
+    """Keep ``contact`` only for the ``capacity`` highest P(churn) among the rows that have it, in
+    the Parquet files of ``folder`` (rewritten in place): ties at the cut go to the first rows
+    in file-name and row order. Two passes in the driver over two narrow columns, then one
+    file at a time. -> (contacts, their expected value)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = _parquet_files(fs, folder)
+    eligible, values = [], []
+    for path in files:
+        t = pq.read_table(path, columns=["churn_probability", "expected_value", "contact"], filesystem=fs)
+        was = t.column("contact").to_numpy(zero_copy_only=False)
+        eligible.append(t.column("churn_probability").to_numpy()[was])
+        values.append(t.column("expected_value").to_numpy()[was])
+    scores = np.concatenate(eligible) if eligible else np.empty(0)
+    if len(scores) <= capacity:  # nothing to take away
+        return len(scores), float(np.concatenate(values).sum()) if values else 0.0
+    cut = float(np.partition(scores, len(scores) - capacity)[len(scores) - capacity])  # the capacity-th highest
+    ties_kept = capacity - int((scores > cut).sum())
+    kept = 0
+    value = 0.0
+    for path in files:
+        t = pq.read_table(path, filesystem=fs)
+        p = t.column("churn_probability").to_numpy()
+        was = t.column("contact").to_numpy(zero_copy_only=False)
+        now = was & (p > cut)
+        ties = np.flatnonzero(was & (p == cut))
+        take = ties[: max(0, ties_kept - kept)]
+        now[take] = True
+        kept += len(take)
+        value += float(t.column("expected_value").to_numpy()[now].sum())
+        t = t.set_column(t.schema.get_field_index("contact"), "contact", pa.array(now))
+        pq.write_table(t, path, filesystem=fs)
+    return capacity, value
+
+
+def call_list(fs: Any, folder: str) -> int:
+    """Replace the Parquet files of ``folder`` with the call list: the rows to contact, highest
+    expected value first (ties in file and row order), ranked from 1, in one file. -> its rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = _parquet_files(fs, folder)
+    parts = []
+    schema = None
+    for path in files:
+        t = pq.read_table(path, filesystem=fs)
+        schema = t.schema
+        parts.append(t.filter(t.column("contact")))
+    if schema is None:
+        return 0
+    table = pa.concat_tables(parts)
+    order = np.argsort(-table.column("expected_value").to_numpy(), kind="stable")
+    table = table.take(pa.array(order)).drop_columns(["churn_label", "contact"])
+    table = table.add_column(1, "rank", pa.array(np.arange(1, len(order) + 1, dtype=np.int64)))
+    pq.write_table(table, f"{folder}/call_list.parquet", filesystem=fs)
+    for path in files:
+        fs.delete_file(path)
+    return table.num_rows
 
 
 def _fit_pool(scoring: Any, say: Callable[[str], None]) -> Any:

@@ -19,3 +19,6 @@ META_FILE = "model_meta.json"
 
 
 OUTPUT_COLUMNS = ("churn_probability", "churn_label")
+# ... and, for a model that carries its decision (trained since the decision layer):
+# the expected net value of contacting the customer, and whether to contact them
+DECISION_COLUMNS = ("expected_value", "contact")

@@ -14,7 +14,7 @@ import pandas as pd
 
 from churnlib import tracking
 from churnlib.data.features import FeatureSpec
-from churnlib.model.files import OUTPUT_COLUMNS
+from churnlib.model.files import DECISION_COLUMNS, OUTPUT_COLUMNS
 from churnlib.model.predictor import save_model_dir
 
 if TYPE_CHECKING:
@@ -35,7 +35,8 @@ def signature_for(spec: FeatureSpec):
     inputs = [ColSpec(AnyType(), c) for c in spec.numeric] + [
         ColSpec("string", c) for c in spec.categorical_columns
     ]
-    outputs = [ColSpec("double", OUTPUT_COLUMNS[0]), ColSpec("long", OUTPUT_COLUMNS[1])]
+    outputs = [ColSpec("double", OUTPUT_COLUMNS[0]), ColSpec("long", OUTPUT_COLUMNS[1]),
+               ColSpec("double", DECISION_COLUMNS[0]), ColSpec("boolean", DECISION_COLUMNS[1])]
     return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
 
 
@@ -66,6 +67,8 @@ def log_model(cfg: Config, spec: Any, source: Any, columns: list[str], booster: 
             "feature_names": spec.feature_names,
             "run_id": run_id,
             "data_digest": source.digest,
+            # what a contact is worth, for the model's own expected_value and contact outputs
+            "decision": {k: getattr(cfg.decision, k) for k in ("value_saved", "contact_cost", "save_rate")},
         }
         model_dir = save_model_dir(tmpdir / "model_dir", booster, spec, meta, profile)
         if profile is not None:

@@ -6,6 +6,10 @@ strings returns a DataFrame (same index) with
 - ``churn_probability``: P(churn = 1), float
 - ``churn_label``: 1 when the probability is at or above the model's decision
   threshold, else 0
+- ``expected_value``: the expected net value of contacting the customer
+  (``churnlib.decision``, with the value, cost and save rate the model was
+  trained with) and ``contact``: whether to (P >= the threshold), for models
+  that carry their decision
 
 The booster (only the trees up to the best iteration), the feature spec and
 the threshold are stored in the model's ``model_dir`` artifact, so the booster
@@ -23,8 +27,10 @@ import numpy as np
 import pandas as pd
 
 from churnlib.data.features import FeatureSpec, to_matrix
+from churnlib.decision.value import Decision, expected_value
 from churnlib.model.files import (
     BOOSTER_FILE,
+    DECISION_COLUMNS,
     META_FILE,
     OUTPUT_COLUMNS,
     PROFILE_FILE,
@@ -98,11 +104,23 @@ class ChurnPredictor:
             return np.empty(0, dtype=np.float32)
         return self.booster.inplace_predict(X)
 
+    @property
+    def decision(self) -> Decision | None:
+        """What a contact is worth, as the model was trained with it (None: an older model)."""
+        d = self.meta.get("decision")
+        return Decision(d["value_saved"], d["contact_cost"], d["save_rate"]) if d else None
+
     def predict(self, records: Any) -> pd.DataFrame:
+        """P(churn) and the label at the threshold; with the model's decision, also the expected
+        value of contacting each customer and whether to (P >= the threshold: a capacity limits
+        a run, ``churn predict``, not one call)."""
         proba = self.predict_proba(records)
         index = records.index if isinstance(records, pd.DataFrame) else None
         probability, label = OUTPUT_COLUMNS
-        return pd.DataFrame(
-            {probability: proba.astype(np.float64), label: (proba >= self.threshold).astype(np.int64)},
-            index=index,
-        )
+        out = {probability: proba.astype(np.float64), label: (proba >= self.threshold).astype(np.int64)}
+        decision = self.decision
+        if decision is not None:
+            value, contact = DECISION_COLUMNS
+            out[value] = expected_value(proba, decision)
+            out[contact] = proba >= self.threshold
+        return pd.DataFrame(out, index=index)
