@@ -192,6 +192,23 @@ class DecisionConfig(_Section):
     save_rate: float = Field(gt=0.0, le=1.0)
     capacity: int | None = Field(default=None, ge=1)
     capacity_share: float | None = Field(default=None, gt=0.0, le=1.0)
+    # whom to contact: "auto" (the cut worth most on the validation rows, chosen at training and
+    # carried by the model) or a fixed P(churn)
+    threshold: float | str = "auto"
+
+    @field_validator("threshold", mode="before")
+    @classmethod
+    def _auto_or_probability(cls, value: Any) -> float | str:
+        if value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
+            raise ValueError(f"must be auto or a probability in (0, 1), got {value!r}")
+        return float(value)
+
+    @property
+    def fixed_threshold(self) -> float | None:
+        """The configured cut, or None for auto (the model's own)."""
+        return None if self.threshold == "auto" else float(self.threshold)
 
 
 class ScoringConfig(_Section):

@@ -48,7 +48,8 @@ _GROUP_EXACT = {
 _GROUP_PREFIXES = (("best_", "best/"), ("train_", "train/"), ("valid_", "valid/"), ("time_", "time/"),
                    ("missing_", "missing/"), ("rows_", "rows/"), ("baseline_", "baseline/"), ("diff_", "diff/"),
                    ("confusion_", "confusion/"), ("shap_mean_abs_", "shap/mean_abs_"), ("drift_", "drift/"),
-                   ("trials_", "trials/"), ("value_", "value/"), ("lift_at_", "lift/at_"), ("gain_at_", "gains/at_"))
+                   ("trials_", "trials/"), ("value_", "value/"), ("lift_at_", "lift/at_"), ("gain_at_", "gains/at_"),
+                   ("decision_", "decision/"))
 
 
 def grouped(name: str) -> str:

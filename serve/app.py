@@ -50,6 +50,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -100,8 +101,8 @@ class PredictAnswer(BaseModel):
                           "value_saved - contact_cost (the decision settings, see GET /model), in their currency",
         examples=[40.47])
     contact: Optional[bool] = Field(None, description="whether to contact this customer: churn_probability >= "
-                                                      "the decision threshold (a capacity limits a batch run, "
-                                                      "not one request)", examples=[True])
+                                                      "the contact threshold (GET /model; a capacity limits a "
+                                                      "batch run, not one request)", examples=[True])
     model_name: str = Field(description="registered model that answered", examples=["xgboost_churn_model"])
     model_version: str = Field(description="its version (the one behind the alias when the request came in)",
                                examples=["3"])
@@ -142,6 +143,9 @@ class DecisionInfo(BaseModel):
     contact_cost: float = Field(description="cost of one contact and its offer", examples=[25.0])
     save_rate: float = Field(description="share of contacted churners who stay", examples=[0.25])
     break_even: float = Field(description="the P(churn) above which a contact pays for itself", examples=[0.2])
+    contact_threshold: Optional[float] = Field(
+        description="contact from this P(churn): decision.threshold, or the cut worth most on the validation rows "
+                    "when the model was trained (null: no cut paid, contact nobody)", examples=[0.23])
 
 
 class ModelInfo(BaseModel):
@@ -413,12 +417,17 @@ class ChurnService:
         d = self._settings.get("decision")
         return Decision(d["value_saved"], d["contact_cost"], d["save_rate"]) if d else model.predictor.decision
 
-    def _decide(self, model: LoadedVersion, answer: dict[str, Any], p: float, label: int) -> None:
+    def _contact_threshold(self, model: LoadedVersion) -> float:
+        """``decision.threshold`` when set to a number; else the cut the model was trained with."""
+        fixed = (self._settings.get("decision") or {}).get("threshold")
+        return model.predictor.contact_threshold(fixed, self._decision(model))
+
+    def _decide(self, model: LoadedVersion, answer: dict[str, Any], p: float) -> None:
         """Add the expected value of contacting the customer, and whether to, to one answer."""
         decision = self._decision(model)
         if decision is not None:
             answer["expected_value"] = float(expected_value(np.array([p]), decision)[0])
-            answer["contact"] = bool(label)
+            answer["contact"] = bool(p >= self._contact_threshold(model))
 
     def _labels(self, model: LoadedVersion, proba: np.ndarray, endpoint: str, started: float) -> np.ndarray:
         """Labels at the threshold; records the latency and the prediction counters."""
@@ -452,7 +461,7 @@ class ChurnService:
                 "model_name": model.name,
                 "model_version": model.version,
             }
-            self._decide(model, a, float(proba[i]), int(labels[i]))
+            self._decide(model, a, float(proba[i]))
             if ids[i] is not None:
                 a["customer_id"] = ids[i]
             answers.append(a)
@@ -478,7 +487,7 @@ class ChurnService:
         answers = []
         for i, p in enumerate(proba):
             a = {"churn_probability": float(p), "churn_label": int(labels[i])}
-            self._decide(model, a, float(p), int(labels[i]))
+            self._decide(model, a, float(p))
             a.update({"model_name": model.name, "model_version": model.version})
             if parsed.ids[i] is not None:
                 a["customer_id"] = parsed.ids[i]
@@ -528,10 +537,12 @@ class ChurnService:
         if model is None:
             return JSONResponse({"detail": self._reason or "no model loaded"}, status_code=503)
         decision = self._decision(model)
+        cut = self._contact_threshold(model)
         return {**model.describe(), "decision_threshold": self._threshold(model),
                 "decision": None if decision is None else {
                     "value_saved": decision.value_saved, "contact_cost": decision.contact_cost,
-                    "save_rate": decision.save_rate, "break_even": decision.break_even},
+                    "save_rate": decision.save_rate, "break_even": decision.break_even,
+                    "contact_threshold": cut if math.isfinite(cut) else None},
                 "source": self._loader.describe()}
 
     @app.get("/metrics", summary="Prometheus metrics of this node (text format)",
@@ -583,7 +594,8 @@ def settings_from_config(cfg: Config, api_key_sha256: Union[str, None] = None) -
         "unknown_fields": s.unknown_fields,
         "top_reasons": s.top_reasons,
         "decision_threshold": cfg.model.decision_threshold,
-        "decision": {k: getattr(cfg.decision, k) for k in ("value_saved", "contact_cost", "save_rate")},
+        "decision": {**{k: getattr(cfg.decision, k) for k in ("value_saved", "contact_cost", "save_rate")},
+                     "threshold": cfg.decision.fixed_threshold},
         "gpus": s.gpus_per_replica,
         # what the API docs show of the schema: each column's meaning and unit, one real record
         "docs": {"descriptions": dict(cfg.features.descriptions), "example": cfg.features.example},

@@ -25,7 +25,7 @@ from churnlib.decision.value import (
     value_at,
 )
 from churnlib.errors import ConfigError
-from tests.conftest import TELCO, require_shared
+from tests.conftest import REPO, TELCO, require_shared
 
 pytestmark = pytest.mark.unit
 
@@ -180,3 +180,58 @@ def test_a_higher_auc_with_a_lower_expected_value_is_visible_as_such(telco_score
     assert comp.verdict == "better" and comp.value_verdict == "worse"
     assert comp.value_ci[1] < 0 < comp.auc_ci[0]
     assert comp.to_dict()["value_verdict"] == "worse"
+
+
+@pytest.fixture(scope="module")
+def telco_prepared():
+    """The Telco table encoded as training encodes it, held in the driver (as small tables are),
+    and a real booster fitted on its training rows."""
+    import xgboost as xgb
+
+    from churnlib.data.features import FeatureSpec
+    from churnlib.data.preparation import Prepared, encode_batch
+
+    cfg = load_config([str(REPO / "configs" / "telco.yaml")], env={})
+    spec = FeatureSpec.from_config(cfg.features)
+    raw = pd.read_csv(require_shared(TELCO), dtype=str, keep_default_na=False)
+    enc = encode_batch(raw, spec, list(raw.columns), cfg.model.validation_split, cfg.model.random_state)
+    ok, valid = enc["flags"] == 0, enc["is_valid"].astype(bool)
+    train = ok & ~valid
+    dtrain = xgb.DMatrix(enc["X"][train], label=enc["y"][train], feature_names=spec.feature_names,
+                         feature_types=spec.feature_types, enable_categorical=True)
+    booster = xgb.train({**cfg.xgb_params(), "nthread": 1}, dtrain, 60)
+    prepared = Prepared(dataset=None, report=None, train_rows=int(train.sum()), valid_rows=int((ok & valid).sum()),
+                        local=enc)
+    return cfg, prepared, booster
+
+
+def test_auto_threshold_is_the_best_cut_on_the_validation_rows(telco_prepared):
+    from churnlib.train.decide import choose_threshold, validation_scores
+
+    cfg, prepared, booster = telco_prepared
+    chosen = choose_threshold(cfg, prepared, booster)
+    p, y = validation_scores(prepared, booster)
+    assert len(p) == prepared.valid_rows > 1000
+    d = Decision(cfg.decision.value_saved, cfg.decision.contact_cost, cfg.decision.save_rate)
+    best = max((_brute_value(p, y, t, d)[1], t) for t in set(p.tolist()))
+    assert chosen["source"] == "auto" and chosen["threshold"] == pytest.approx(best[1])
+    assert chosen["valid_value_total"] == pytest.approx(best[0], abs=1e-6) and best[0] > 0
+    # a fixed threshold is kept, and valued on the same rows
+    fixed = choose_threshold(cfg.model_copy(update={"decision": cfg.decision.model_copy(update={"threshold": 0.5})}),
+                             prepared, booster)
+    assert fixed["source"] == "fixed" and fixed["threshold"] == 0.5
+    assert fixed["valid_value_total"] == pytest.approx(_brute_value(p, y, 0.5, d)[1])
+    assert fixed["valid_value_total"] <= chosen["valid_value_total"]
+    # contacts that cost more than any save: the model contacts nobody
+    dear = cfg.decision.model_copy(update={"contact_cost": 10_000.0})
+    nobody = choose_threshold(cfg.model_copy(update={"decision": dear}), prepared, booster)
+    assert nobody["threshold"] is None and nobody["valid_contacts"] == 0
+
+
+@pytest.mark.parametrize("value", ["best", 1.5, 0, True])
+def test_decision_threshold_is_auto_or_a_probability(value):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides={"decision.threshold": value}, env={})
+    assert str(err.value) == f"config: decision.threshold: must be auto or a probability in (0, 1), got {value!r}"
+    assert load_config(overrides={"decision.threshold": 0.3}, env={}).decision.fixed_threshold == 0.3
+    assert load_config(env={}).decision.threshold == "auto"

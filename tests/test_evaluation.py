@@ -104,9 +104,11 @@ def test_decision_metrics_equal_a_brute_force_on_the_same_scores(store, good_eva
     def value(t):
         return sum(worth[i] for i in range(len(p)) if p[i] >= t)
 
-    assert m["expected_value_total"] == pytest.approx(value(0.5), rel=1e-9)
-    assert m["value_contacts"] == sum(1 for v in p if v >= 0.5) and m["value_threshold"] == 0.5
-    assert m["expected_value_per_customer"] == pytest.approx(value(0.5) / len(p), rel=1e-9)
+    # the model carries no chosen cut (logged without validation rows): it contacts from the break-even P
+    assert m["expected_value_total"] == pytest.approx(value(0.2), rel=1e-9)
+    assert m["value_contacts"] == sum(1 for v in p if v >= 0.2) and m["value_threshold"] == 0.2
+    assert m["expected_value_per_customer"] == pytest.approx(value(0.2) / len(p), rel=1e-9)
+    assert m["value_at_half_total"] == pytest.approx(value(0.5), rel=1e-9)
     best = max((value(t), t) for t in set(p.tolist()))
     assert m["value_best_total"] == pytest.approx(best[0], rel=1e-9) and best[0] >= m["expected_value_total"]
     assert m["value_best_threshold"] == pytest.approx(best[1], rel=1e-6)

@@ -160,7 +160,9 @@ def test_explain_is_additive_and_sorted(lab, pinned):
 def test_model_healthz_and_docs(lab, pinned):
     info = requests.get(f"{pinned}/model", timeout=30).json()
     assert info["run_id"] == lab["runs"]["a"] and info["decision_threshold"] == 0.5 and info["loaded_at"]
-    assert info["decision"] == {"value_saved": 500.0, "contact_cost": 25.0, "save_rate": 0.25, "break_even": 0.2}
+    # a model trained without a chosen cut contacts from the break-even probability
+    assert info["decision"] == {"value_saved": 500.0, "contact_cost": 25.0, "save_rate": 0.25, "break_even": 0.2,
+                                "contact_threshold": 0.2}
     health = requests.get(f"{pinned}/healthz", timeout=30)
     assert health.status_code == 200 and health.json()["status"] == "ready"
     spec = requests.get(f"{pinned}/openapi.json", timeout=30).json()

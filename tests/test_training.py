@@ -117,11 +117,13 @@ def test_pyfunc_predicts_on_raw_records(trained):
     assert list(out.columns) == ["churn_probability", "churn_label", "expected_value", "contact"] and len(out) == 50
     assert out["churn_probability"].between(0, 1).all()
     assert (out["churn_label"] == (out["churn_probability"] >= cfg.model.decision_threshold)).all()
-    # the decision the model was trained with: P x save rate x value saved - contact cost, contact at the threshold
+    # the decision the model was trained with: P x save rate x value saved - contact cost, contact from
+    # the threshold chosen on the validation rows
     d = cfg.decision
     assert out["expected_value"].to_numpy() == pytest.approx(
         out["churn_probability"].to_numpy() * d.save_rate * d.value_saved - d.contact_cost)
-    assert (out["contact"] == (out["churn_label"] == 1)).all() and out["contact"].dtype == bool
+    cut = result.metrics["decision_contact_threshold"]
+    assert (out["contact"] == (out["churn_probability"] >= cut)).all() and out["contact"].dtype == bool
     # the same numbers as the booster alone on the same feature function
     booster = xgb.Booster(model_file=MlflowClient().download_artifacts(result.run_id, "booster/booster.ubj"))
     spec = FeatureSpec.from_config(cfg.features)
@@ -326,6 +328,9 @@ def test_cli_train_json_on_the_streaming_path(tmp_path):
     assert 0.5 < out["metrics"]["best_valid_auc"] <= 1.0
     assert "round" in res.stderr  # progress for a person, on stderr
     assert "INFO" not in res.stderr  # Ray's and MLflow's chatter stays quiet
+    # the contact threshold, chosen on validation rows scored where the streamed table lies
+    assert 0 < out["metrics"]["decision_contact_threshold"] < 1 and out["metrics"]["decision_valid_contacts"] > 0
+    assert "decision: contact from P >= " in res.stderr
 
 
 def test_gpu_setting_reaches_the_trainer_and_xgboost(ray_session, cfg_factory):
@@ -420,3 +425,29 @@ def test_shards_cover_every_row_once_for_any_worker_count(ray_session, workers):
     assert ids == [row["id"] for row in table.take_all()]
     assert [r["id"] for r in datasets["data_0"].take_all()] == [r["id"] for r in datasets["data_0"].take_all()]
     assert data_config is not None
+
+
+def test_the_model_contacts_from_the_cut_worth_most_on_its_validation_rows(trained):
+    """decision.threshold auto: the threshold the model carries is the best of every distinct cut
+    on the validation rows (brute force over the same rows, scored by the logged booster)."""
+    from churnlib.data.preparation import prepare
+    from churnlib.data.sources import check_columns, resolve_source
+    from churnlib.model.loading import load
+    from churnlib.train.command import default_data_path
+    from churnlib.train.decide import validation_scores
+
+    cfg, result, _ = trained
+    predictor = load(result.model_uri).predictor
+    chosen = predictor.meta["decision"]
+    assert chosen["threshold_source"] == "auto" and chosen["threshold"] == result.metrics["decision_contact_threshold"]
+    spec = predictor.spec
+    source = resolve_source(str(default_data_path(cfg)))
+    prepared = prepare(source, spec, check_columns(source, spec), cfg.model.validation_split, cfg.model.random_state)
+    p, y = validation_scores(prepared, predictor.booster)
+    assert len(p) == result.rows["valid"]
+    d = cfg.decision
+    worth = [float(v) * d.save_rate * d.value_saved - d.contact_cost for v in y]
+    best = max((sum(w for w, q in zip(worth, p) if q >= t), t) for t in set(p.tolist()))
+    assert chosen["threshold"] == pytest.approx(best[1])
+    assert result.metrics["decision_valid_value_per_customer"] == pytest.approx(best[0] / len(p))
+    assert 0 < chosen["threshold"] < 1 and result.metrics["decision_valid_contacts"] > 0

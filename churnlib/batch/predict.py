@@ -6,7 +6,8 @@ label, the expected net value of contacting the customer and whether to contact
 them (``churnlib.decision``, with the config's ``decision``), the model name and
 version, and with ``--explain`` the top reasons.
 
-The retention decision: ``contact`` is P >= the model's threshold. When a capacity
+The retention decision: ``contact`` is P >= the model's contact threshold (chosen at
+training, ``decision.threshold: auto``) or the configured one. When a capacity
 (``decision.capacity`` / ``capacity_share`` of the scored customers) is smaller than
 the number of such customers, a second pass over the written output keeps only the
 highest risks (ties at the cut: the first in the output's file and row order), so
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
 import threading
 import time
@@ -94,9 +96,10 @@ class PredictUDF(BatchScorer):
 
     def __init__(self, payloads: list[dict[str, Any]], columns: list[str], tally: Any, rejects_fs: Any,
                  rejects_dir: str, explain_top: int = 0, drift: bool = True, nthread: int = 1,
-                 id_type: str = "string", decision: Decision | None = None):
+                 id_type: str = "string", decision: Decision | None = None, contact_threshold: float = math.inf):
         super().__init__(payloads, columns, with_target=False, keep_features=True, nthread=nthread)
         self.decision = decision
+        self.contact_threshold = contact_threshold
         self.id_type = id_type  # the input's: "int64" or "string" (the output keeps it)
         self.nthread = nthread
         self.tally = tally
@@ -119,13 +122,14 @@ class PredictUDF(BatchScorer):
             self._write_rejects(df, out, ~ok)
         model = self.models[0]
         proba = out["score"][ok].astype(np.float64)
-        contact = proba >= model.threshold
+        label = proba >= model.threshold
+        contact = proba >= self.contact_threshold
         # An Arrow table, typed here: Ray Data would otherwise infer the type of
         # every Python string in object columns, which costs as much as scoring.
         columns: dict[str, pa.Array] = {
             "customer_id": ids_out.filter(pa.array(ok)),
             "churn_probability": pa.array(proba),
-            "churn_label": pa.array(contact.astype(np.int8)),
+            "churn_label": pa.array(label.astype(np.int8)),
         }
         value = None
         if self.decision is not None:
@@ -265,12 +269,13 @@ def predict(
     # The run covers the scoring: an interrupt or a failure ends it KILLED or FAILED.
     with tracking.tracked_run(cfg, f"predict-{model.ref.name or 'model'}-v{model.ref.version or '?'}", tags) as run:
         decision = Decision.from_config(cfg.decision)
+        contact_threshold = predictor.contact_threshold(cfg.decision.fixed_threshold, decision)
         tracking.log_params_flat({"input": source.uri, "output": output_path, "model_uri": uri,
                                   "explain_top": explain_top, "contacts_only": contacts_only,
                                   **{f"decision.{k}": v for k, v in cfg.decision.model_dump().items()}})
         counts, drift_parts, chosen = _score_to(
             source, spec, columns, predictor, scoring, explain_top, cfg.scoring.drift, (fs, final, staging, local),
-            (rfs, rfinal, rstaging, rlocal), t_start, output_path, say, decision, contacts_only)
+            (rfs, rfinal, rstaging, rlocal), t_start, output_path, say, decision, contacts_only, contact_threshold)
         seconds = time.perf_counter() - t_start
         rejected = counts.get("rejected", 0)
         result = PredictResult(output_path, rejects_path if rejected else None, uri, model.ref.version, counts,
@@ -278,7 +283,8 @@ def predict(
         say(f"predict: {counts['rows']} rows, {counts['scored']} scored, {rejected} rejected"
             + (f" ({counts.get('empty', 0)} empty)" if counts.get("empty") else "")
             + (f" -> {rejects_path}" if rejected else "") + f"; {seconds:.1f} s ({result.rows_per_s:,.0f} rows/s)")
-        say(f"decision: {chosen['contacts']} of {counts['scored']} customers to contact (P >= {chosen['threshold']:g}"
+        cut = f"P >= {chosen['threshold']:.4g}" if chosen["threshold"] is not None else "no cut paid at training"
+        say(f"decision: {chosen['contacts']} of {counts['scored']} customers to contact ({cut}"
             + (f", capacity {chosen['capacity']}: {chosen['above_threshold'] - chosen['contacts']} more above it"
                if chosen["capacity"] is not None and chosen["above_threshold"] > chosen["contacts"] else "")
             + f"), expected value {chosen['expected_value']:,.0f}"
@@ -302,8 +308,8 @@ def predict(
 
 def _score_to(source: Any, spec: Any, columns: list[str], predictor: Any, scoring: Any, explain_top: int,
               drift: bool, out: tuple, rejects: tuple, t_start: float, output_path: str,
-              say: Callable[[str], None], decision: Decision,
-              contacts_only: bool) -> tuple[dict[str, int], list[dict[str, Any]], dict[str, Any]]:
+              say: Callable[[str], None], decision: Decision, contacts_only: bool,
+              contact_threshold: float) -> tuple[dict[str, int], list[dict[str, Any]], dict[str, Any]]:
     """One streaming pass: read -> PredictUDF actors -> Parquet; the capacity and the call list
     applied to the written output; the output moved into place when complete, removed (with the
     rejects) on any failure or interrupt. -> (counts, drift counts, the decision taken)."""
@@ -335,6 +341,7 @@ def _score_to(source: Any, spec: Any, columns: list[str], predictor: Any, scorin
                 "payloads": put_payloads([predictor]), "columns": columns, "tally": tally, "rejects_fs": rfs,
                 "rejects_dir": rstaging, "explain_top": explain_top, "drift": drift,
                 "nthread": max(1, int(scoring.cpus_per_actor)), "id_type": id_type, "decision": decision,
+                "contact_threshold": contact_threshold,
             },
             compute=actor_pool(scoring),
             num_cpus=scoring.cpus_per_actor,
@@ -347,7 +354,8 @@ def _score_to(source: Any, spec: Any, columns: list[str], predictor: Any, scorin
         if counts.get("rows", 0) == 0:
             raise DataError(f"{source.uri}: the table has no rows (a header only?): nothing to score")
         above = int(counts.pop("contacts", 0))
-        chosen = {"threshold": predictor.threshold, "capacity": decision.limit(counts["scored"]),
+        chosen = {"threshold": contact_threshold if math.isfinite(contact_threshold) else None,
+                  "capacity": decision.limit(counts["scored"]),
                   "above_threshold": above, "contacts": above,
                   "expected_value": float(counts.pop("contact_value", 0.0)), "contacts_only": contacts_only}
         if chosen["capacity"] is not None and above > chosen["capacity"]:

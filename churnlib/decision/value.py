@@ -196,7 +196,9 @@ def decision_metrics(p: np.ndarray, y: np.ndarray, threshold: float, d: Decision
     out["top_decile_lift"] = out["lift_at_10pct"]
     chosen = value_at(p, y, threshold, d)
     out.update({"expected_value_total": chosen.total, "expected_value_per_customer": chosen.per_customer,
-                "value_contacts": float(chosen.contacts), "value_threshold": float(threshold)})
+                "value_contacts": float(chosen.contacts)})
+    if math.isfinite(threshold):  # absent when the model contacts nobody
+        out["value_threshold"] = float(threshold)
     half = value_at(p, y, 0.5, d)
     out.update({"value_at_half_total": half.total, "value_at_half_per_customer": half.per_customer,
                 "value_at_half_contacts": float(half.contacts)})

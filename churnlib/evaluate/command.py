@@ -70,8 +70,9 @@ def _decision_line(m: dict[str, float], d: Decision, n: int) -> str:
             f"({int(m['value_best_contacts'])} contacts)" if "value_best_threshold" in m
             else "no cut pays: contact nobody")
     capacity = f", capacity {int(m['value_capacity'])}" if "value_capacity" in m else ""
-    half = f"at 0.5: {m['value_at_half_total']:,.0f}; " if m["value_threshold"] != 0.5 else ""
-    return (f"decision: contacting {int(m['value_contacts'])} of {n} at P >= {m['value_threshold']:g}{capacity} is worth "
+    half = f"at 0.5: {m['value_at_half_total']:,.0f}; " if m.get("value_threshold") != 0.5 else ""
+    at = f"P >= {m['value_threshold']:.4g}" if "value_threshold" in m else "no cut (none paid at training)"
+    return (f"decision: contacting {int(m['value_contacts'])} of {n} at {at}{capacity} is worth "
             f"{m['expected_value_total']:,.0f} ({m['expected_value_per_customer']:,.2f} per customer); {best}; "
             f"{half}everyone: {m['value_everyone_total']:,.0f}; top-decile lift {m['top_decile_lift']:.2f} "
             f"(break-even P {d.break_even:.3f})")
@@ -166,8 +167,10 @@ def evaluate(
 
     t0 = time.perf_counter()
     decision = Decision.from_config(cfg.decision)
+    # whom each model contacts: decision.threshold when set, else the cut it was trained with
+    cut = model.predictor.contact_threshold(cfg.decision.fixed_threshold, decision)
     metrics = {**threshold_metrics(main), **rank_metrics(scores[0], y),
-               **decision_metrics(scores[0], y, threshold, decision)}
+               **decision_metrics(scores[0], y, cut, decision)}
     confusion = {k: int(main[k]) for k in ("tp", "fp", "tn", "fn")}
     rows = {"total": counts["rows"], "dropped_empty": counts["empty"], "evaluated": usable,
             "positives": int(positives), "negatives": int(usable - positives)}
@@ -178,11 +181,12 @@ def evaluate(
     say(_decision_line(metrics, decision, usable))
     baseline_metrics = comparison = None
     if baseline is not None:
+        base_cut = baseline.predictor.contact_threshold(cfg.decision.fixed_threshold, decision)
         baseline_metrics = {**threshold_metrics(sums[1]), **rank_metrics(scores[1], y),
-                            **decision_metrics(scores[1], y, threshold, decision)}
+                            **decision_metrics(scores[1], y, base_cut, decision)}
         b = cfg.evaluation.bootstrap
         worth = row_value(y, decision)
-        value_rows = (worth * contact(scores[0], threshold, decision), worth * contact(scores[1], threshold, decision))
+        value_rows = (worth * contact(scores[0], cut, decision), worth * contact(scores[1], base_cut, decision))
         comparison = paired_bootstrap(scores[0], scores[1], y, b.resamples, b.confidence, b.seed, b.max_rows,
                                       value_rows=value_rows)
         lo, hi = comparison.auc_ci

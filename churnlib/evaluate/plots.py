@@ -145,9 +145,10 @@ def lift_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]]):
     return fig
 
 
-def profit_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], decision: Decision, threshold: float):
-    """Expected net value of contacting the first x % of customers by risk, per model, with the
-    cut at the threshold in force, the best cut and the capacity marked."""
+def profit_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], decision: Decision, cuts: dict[str, float]):
+    """Expected net value of contacting the first x % of customers by risk, per model, with each
+    model's contact threshold (``cuts``: label -> P, inf for nobody), the best cut and the
+    capacity marked."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 5))
     n = 1
@@ -158,9 +159,11 @@ def profit_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], decision: De
         best = int(np.argmax(value[: (cap if cap is not None else len(value) - 1) + 1]))
         shares, values = _thin(k / n, value)
         line, = ax.plot(shares, values, label=label)
+        threshold = cuts.get(label, np.inf)
         chosen = int(contact(p, threshold, decision).sum())
+        at = f"P >= {threshold:.3g}" if np.isfinite(threshold) else "no cut"
         ax.plot([chosen / n], [value[chosen]], marker="o", color=line.get_color(), ls="none",
-                label=f"{label}: P >= {threshold:g}, {chosen} contacts, {value[chosen]:,.0f}")
+                label=f"{label}: {at}, {chosen} contacts, {value[chosen]:,.0f}")
         if i == 0:
             ax.plot([best / n], [value[best]], marker="*", ms=12, color=line.get_color(), ls="none",
                     label=f"{label}: best, {best} contacts, {value[best]:,.0f}")

@@ -7,6 +7,7 @@ When the model is a registry version, the gate outcome is also tagged on that ve
 from __future__ import annotations
 
 import json
+import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -152,7 +153,9 @@ def log_evaluation(
             "plots/confusion_matrix.png": plots.confusion_figure(confusion, threshold),
             "plots/cumulative_gains.png": plots.gains_figure(labels),
             "plots/lift_curve.png": plots.lift_figure(labels),
-            "plots/profit_curve.png": plots.profit_figure(labels, Decision.from_config(cfg.decision), threshold),
+            "plots/profit_curve.png": plots.profit_figure(
+                labels, Decision.from_config(cfg.decision),
+                {n: m.get("value_threshold", math.inf) for n, m in zip(names, all_metrics)}),
         }
         for path, fig in figures.items():
             log_figure(fig, path)

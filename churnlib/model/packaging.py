@@ -51,8 +51,11 @@ def input_example(raw: pd.DataFrame, spec: FeatureSpec, rows: int = 3) -> pd.Dat
 
 
 def log_model(cfg: Config, spec: Any, source: Any, columns: list[str], booster: Any, best: int, run_id: str,
-               profile: dict[str, Any] | None = None) -> str:
-    """Feature importance (JSON + PNG), the booster and the raw-records pyfunc model, into the active run."""
+               profile: dict[str, Any] | None = None, contact: dict[str, Any] | None = None) -> str:
+    """Feature importance (JSON + PNG), the booster and the raw-records pyfunc model, into the active run.
+
+    ``contact``: the contact threshold chosen at training (``churnlib.train.decide``); without it
+    the model contacts above the break-even probability of its decision."""
     import mlflow
 
     from churnlib.model.pyfunc import ChurnModel
@@ -68,7 +71,9 @@ def log_model(cfg: Config, spec: Any, source: Any, columns: list[str], booster: 
             "run_id": run_id,
             "data_digest": source.digest,
             # what a contact is worth, for the model's own expected_value and contact outputs
-            "decision": {k: getattr(cfg.decision, k) for k in ("value_saved", "contact_cost", "save_rate")},
+            "decision": {**{k: getattr(cfg.decision, k) for k in ("value_saved", "contact_cost", "save_rate")},
+                         **({"threshold": contact["threshold"], "threshold_source": contact["source"]}
+                            if contact is not None else {})},
         }
         model_dir = save_model_dir(tmpdir / "model_dir", booster, spec, meta, profile)
         if profile is not None:

@@ -8,8 +8,8 @@ strings returns a DataFrame (same index) with
   threshold, else 0
 - ``expected_value``: the expected net value of contacting the customer
   (``churnlib.decision``, with the value, cost and save rate the model was
-  trained with) and ``contact``: whether to (P >= the threshold), for models
-  that carry their decision
+  trained with) and ``contact``: whether to (P >= the contact threshold chosen
+  at training, ``churnlib.train.decide``), for models that carry their decision
 
 The booster (only the trees up to the best iteration), the feature spec and
 the threshold are stored in the model's ``model_dir`` artifact, so the booster
@@ -19,6 +19,7 @@ also loads on its own: ``xgboost.Booster(model_file=<model_dir>/booster.ubj)``.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -110,10 +111,23 @@ class ChurnPredictor:
         d = self.meta.get("decision")
         return Decision(d["value_saved"], d["contact_cost"], d["save_rate"]) if d else None
 
+    def contact_threshold(self, fixed: float | None = None, fallback: Decision | None = None) -> float:
+        """The P(churn) from which to contact: ``fixed`` when given (``decision.threshold`` set to a
+        number); else the cut chosen when the model was trained (inf: no cut paid, contact
+        nobody); else (a model trained before) the break-even probability of its decision, or of
+        ``fallback``'s; inf when there is neither."""
+        if fixed is not None:
+            return float(fixed)
+        d = self.meta.get("decision") or {}
+        if "threshold" in d:
+            return math.inf if d["threshold"] is None else float(d["threshold"])
+        decision = self.decision or fallback
+        return decision.break_even if decision is not None else math.inf
+
     def predict(self, records: Any) -> pd.DataFrame:
         """P(churn) and the label at the threshold; with the model's decision, also the expected
-        value of contacting each customer and whether to (P >= the threshold: a capacity limits
-        a run, ``churn predict``, not one call)."""
+        value of contacting each customer and whether to (P >= the model's contact threshold: a
+        capacity limits a run, ``churn predict``, not one call)."""
         proba = self.predict_proba(records)
         index = records.index if isinstance(records, pd.DataFrame) else None
         probability, label = OUTPUT_COLUMNS
@@ -122,5 +136,5 @@ class ChurnPredictor:
         if decision is not None:
             value, contact = DECISION_COLUMNS
             out[value] = expected_value(proba, decision)
-            out[contact] = proba >= self.threshold
+            out[contact] = proba >= self.contact_threshold()
         return pd.DataFrame(out, index=index)

@@ -28,6 +28,7 @@ from churnlib.runtime import (
     release_ray,
 )
 from churnlib.tags import TAG_COMMAND, TAG_RESUMED_FROM
+from churnlib.train.decide import choose_threshold, contact_line, contact_metrics
 from churnlib.train.loop import check_checkpoint, xgb_log_name
 from churnlib.train.progress import ProgressRelay
 from churnlib.train.trainer import (
@@ -219,7 +220,13 @@ def train(
         mlflow.set_tags({"data.digest": source.digest, "data.source": source.uri})
 
         t0 = time.perf_counter()
-        logged_uri = log_model(cfg, spec, source, columns, out.booster, best, run_id, profile)
+        contact = choose_threshold(cfg, prepared, out.booster)
+        timings["decide_s"] = time.perf_counter() - t0
+        say(contact_line(contact))
+        metrics.update(contact_metrics(contact))
+        mlflow.log_metrics({tracking.grouped(k): float(v) for k, v in contact_metrics(contact).items()})
+        t0 = time.perf_counter()
+        logged_uri = log_model(cfg, spec, source, columns, out.booster, best, run_id, profile, contact)
         # the model's own metrics are the best iteration's (the booster keeps every round; scoring
         # stops at the best one), measured on the validation split of this dataset
         tracking.log_model_metrics({tracking.grouped(k): v for k, v in metrics.items() if k.startswith("best_")},

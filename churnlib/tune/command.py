@@ -54,6 +54,7 @@ from churnlib.tags import (
     TAG_SWEEP,
 )
 from churnlib.train.command import default_data_path
+from churnlib.train.decide import choose_threshold, contact_line, contact_metrics
 from churnlib.train.trainer import START_TIMEOUT_FLOOR_S
 from churnlib.tune.space import (
     concurrency,
@@ -313,7 +314,7 @@ def tune(
     client.log_dict(parent_id, {"metric": metric, "mode": mode, "best": best, "trials": trials}, "tune/trials.json")
     log_plots(client, parent_id, grid, trials, cfg, metric)
     if register_best:
-        registered = _register_best(cfg, best, spec, source, columns, profile, say)
+        registered = _register_best(cfg, best, spec, source, columns, profile, say, prepared)
         client.set_tag(parent_id, TAG_REGISTERED_VERSION, registered)
     client.set_terminated(parent_id, "FINISHED")
     timings["total_s"] = time.perf_counter() - t_start
@@ -332,7 +333,7 @@ def _fmt(v: Any) -> str:
 
 
 def _register_best(cfg: Config, best: dict[str, Any], spec: Any, source: Any, columns: list[str],
-                   profile: dict[str, Any], say: Callable[[str], None]) -> str:
+                   profile: dict[str, Any], say: Callable[[str], None], prepared: Any) -> str:
     """The best trial's model, logged into its run as `churn train` logs it, registered at `staging`."""
     import mlflow
 
@@ -343,7 +344,11 @@ def _register_best(cfg: Config, best: dict[str, Any], spec: Any, source: Any, co
     run_id = best["run_id"]
     with mlflow.start_run(run_id=run_id):
         mlflow.set_tags({"data.digest": source.digest, "data.source": source.uri})
-        log_model(trial_cfg, spec, source, columns, out.booster, int(out.state["best_iteration"] or 0), run_id, profile)
+        contact = choose_threshold(trial_cfg, prepared, out.booster)  # on the sweep's validation rows
+        say(contact_line(contact))
+        mlflow.log_metrics({tracking.grouped(k): v for k, v in contact_metrics(contact).items()})
+        log_model(trial_cfg, spec, source, columns, out.booster, int(out.state["best_iteration"] or 0), run_id, profile,
+                  contact)
     mlflow.MlflowClient().set_terminated(run_id, "FINISHED")
     info, _ = Registry(cfg, say=say).register(run_id, alias=STAGING,
                                               description=f"best trial of sweep {best.get('trial_id')}")
