@@ -157,7 +157,8 @@ class ModelInfo(BaseModel):
     metrics: dict[str, float] = Field(description="its training and evaluation metrics (registry tags)",
                                       examples=[{"churn.eval.roc_auc": 0.951, "train.best_valid_auc": 0.962}])
     loaded_at: str = Field(description="UTC, ISO 8601", examples=["2026-12-01T10:00:00Z"])
-    decision_threshold: float = Field(description="the threshold in force: churn_label and contact above it",
+    decision_threshold: float = Field(description="the threshold in force for churn_label (contact: "
+                                                  "decision.contact_threshold)",
                                       examples=[0.5])
     decision: Optional[DecisionInfo] = Field(None, description="what a contact is worth")
     features: list[str]
@@ -422,12 +423,16 @@ class ChurnService:
         fixed = (self._settings.get("decision") or {}).get("threshold")
         return model.predictor.contact_threshold(fixed, self._decision(model))
 
-    def _decide(self, model: LoadedVersion, answer: dict[str, Any], p: float) -> None:
-        """Add the expected value of contacting the customer, and whether to, to one answer."""
+    def _decide(self, model: LoadedVersion, answers: list[dict[str, Any]], proba: np.ndarray) -> None:
+        """Add to each answer the expected value of contacting the customer, and whether to
+        (the settings and the threshold looked up once per request)."""
         decision = self._decision(model)
-        if decision is not None:
-            answer["expected_value"] = float(expected_value(np.array([p]), decision)[0])
-            answer["contact"] = bool(p >= self._contact_threshold(model))
+        if decision is None:
+            return
+        values = expected_value(proba, decision)
+        contact = np.asarray(proba, dtype=np.float64) >= self._contact_threshold(model)
+        for a, v, c in zip(answers, values.tolist(), contact.tolist()):
+            a["expected_value"], a["contact"] = v, c
 
     def _labels(self, model: LoadedVersion, proba: np.ndarray, endpoint: str, started: float) -> np.ndarray:
         """Labels at the threshold; records the latency and the prediction counters."""
@@ -461,10 +466,10 @@ class ChurnService:
                 "model_name": model.name,
                 "model_version": model.version,
             }
-            self._decide(model, a, float(proba[i]))
             if ids[i] is not None:
                 a["customer_id"] = ids[i]
             answers.append(a)
+        self._decide(model, answers, proba)
         return answers
 
     # Endpoints ---------------------------------------------------------------------------
@@ -486,12 +491,12 @@ class ChurnService:
         labels = self._labels(model, proba, "predict", started)
         answers = []
         for i, p in enumerate(proba):
-            a = {"churn_probability": float(p), "churn_label": int(labels[i])}
-            self._decide(model, a, float(p))
-            a.update({"model_name": model.name, "model_version": model.version})
+            a = {"churn_probability": float(p), "churn_label": int(labels[i]),
+                 "model_name": model.name, "model_version": model.version}
             if parsed.ids[i] is not None:
                 a["customer_id"] = parsed.ids[i]
             answers.append(a)
+        self._decide(model, answers, proba)
         return _json(answers[0] if parsed.single else answers)
 
     @app.post("/explain", summary="SHAP contributions per raw feature",
