@@ -59,6 +59,8 @@ EXAMPLES = {
     "models rollback": "churn models rollback                # champion -> the version it replaced",
     "models list": "churn models list\nchurn models list --json",
     "models info": "churn models info --alias staging",
+    "models decide": "churn models decide --set decision.contact_cost=100     # the champion, break-even P\n"
+                     "churn models decide --version 3 --data outcomes.csv --config telco.yaml",
     "predict": "churn predict --input s3://bucket/customers/ --output s3://bucket/scores/2026-12-01/ --explain\n"
                "churn predict --input customers.csv --output calls/ --contacts-only --explain --set decision.capacity=500",
     "drift": "churn drift --reference models:/xgboost_churn_model@champion --data this_month.csv",
@@ -141,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_arguments(p_eval)
     p_eval.set_defaults(func=cmd_evaluate)
 
-    p_models = sub.add_parser("models", help="the model registry: register, aliases, promote, rollback, list, info")
+    p_models = sub.add_parser("models", help="the model registry: register, aliases, promote, rollback, list, info, "
+                                             "decide")
     m_sub = p_models.add_subparsers(dest="models_command", required=True, parser_class=_Parser)
     p_reg = m_sub.add_parser("register", help="a registry version from a training run's model (idempotent)")
     p_reg.add_argument("--run-id", required=True, help="the MLflow run of `churn train` (or of a tune trial) whose model to register")
@@ -178,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--alias", help="an alias, e.g. staging")
     _common(p_info)
     p_info.set_defaults(func=cmd_models_info)
+    p_dec = m_sub.add_parser("decide", help="re-derive a version's contact threshold for the config's decision costs "
+                                            "and record it on the version (no retraining; Serve picks it up)")
+    p_dec.add_argument("--version", help="the version (default: the champion)")
+    p_dec.add_argument("--data", help="a labelled table: the cut worth most on it (default: the break-even P of the "
+                                      "costs, right for a calibrated model)")
+    _common(p_dec)
+    p_dec.set_defaults(func=cmd_models_decide)
 
     p_pred = sub.add_parser("predict", help="score a table with the champion (Ray Data), with rejects and a drift report")
     add_predict_arguments(p_pred)
@@ -533,6 +543,15 @@ def cmd_models_info(args: argparse.Namespace) -> int:
             print(f"  tag {key}: {value}")
 
     _emit(args, info.to_dict(), human)
+    return 0
+
+
+def cmd_models_decide(args: argparse.Namespace) -> int:
+    """`churn models decide`: the version's contact threshold for the config's decision, on the version."""
+    from churnlib.registry.decide import rederive
+
+    result = rederive(_load(args), args.version, args.data, verbose=args.verbose, say=say)
+    _emit(args, result, lambda: print(f"threshold: {result['threshold'] if result['threshold'] is not None else 'none'}"))
     return 0
 
 

@@ -72,6 +72,7 @@ class ModelConfig(_Section):
     validation_split: float = Field(gt=0.0, lt=1.0)
     random_state: int = Field(ge=0)
     decision_threshold: float = Field(gt=0.0, lt=1.0)
+    calibration: Literal["platt", "isotonic", "none"]
 
 
 class XGBoostConfig(_Section):

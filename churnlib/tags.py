@@ -40,6 +40,10 @@ TAG_PROMOTED_BY = "churn.promoted_by"
 TAG_PROMOTED_FROM = "churn.promoted_from"
 TAG_FORCED = "churn.promotion.forced"
 TAG_ROLLED_BACK = "churn.rolled_back"
+# A version's retention decision re-derived for new costs (`churn models decide`), one JSON
+# tag: value_saved, contact_cost, save_rate, threshold, threshold_source, ... The loaders apply
+# it over the decision the model was trained with.
+TAG_DECISION = "churn.decision"
 
 # Tune: the sweep's parent run and its trial runs
 TAG_SWEEP = "churn.sweep"

@@ -49,7 +49,7 @@ _GROUP_PREFIXES = (("best_", "best/"), ("train_", "train/"), ("valid_", "valid/"
                    ("missing_", "missing/"), ("rows_", "rows/"), ("baseline_", "baseline/"), ("diff_", "diff/"),
                    ("confusion_", "confusion/"), ("shap_mean_abs_", "shap/mean_abs_"), ("drift_", "drift/"),
                    ("trials_", "trials/"), ("value_", "value/"), ("lift_at_", "lift/at_"), ("gain_at_", "gains/at_"),
-                   ("decision_", "decision/"))
+                   ("decision_", "decision/"), ("calibration_", "calibration/"))
 
 
 def grouped(name: str) -> str:

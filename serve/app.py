@@ -67,7 +67,7 @@ from churnlib.config import Config, load_config
 from churnlib.data.features import FeatureSpec, to_matrix
 from churnlib.decision.value import Decision, expected_value
 from churnlib.errors import FeatureError, NoSuchAliasError, one_line
-from churnlib.model.explain import explain, top_reasons
+from churnlib.model.explain import top_reasons
 from serve.loaders import LoadedVersion, RegistryLoader, UriLoader
 from serve.validation import Limits, RequestError, Validator
 
@@ -138,14 +138,19 @@ class Health(BaseModel):
 
 
 class DecisionInfo(BaseModel):
-    """What contacting a customer is worth (the config's ``decision``)."""
+    """What contacting a customer is worth: the version's decision (chosen at training, or re-derived
+    for new costs by ``churn models decide``); the config's for a model that carries none."""
     value_saved: float = Field(description="kept when a churner is saved", examples=[500.0])
     contact_cost: float = Field(description="cost of one contact and its offer", examples=[25.0])
     save_rate: float = Field(description="share of contacted churners who stay", examples=[0.25])
     break_even: float = Field(description="the P(churn) above which a contact pays for itself", examples=[0.2])
     contact_threshold: Optional[float] = Field(
         description="contact from this P(churn): decision.threshold, or the cut worth most on the validation rows "
-                    "when the model was trained (null: no cut paid, contact nobody)", examples=[0.23])
+                    "when the model was trained, or the one `churn models decide` recorded on the version (null: no "
+                    "cut paid, contact nobody)", examples=[0.23])
+    threshold_source: Optional[str] = Field(
+        None, description="where the contact threshold comes from: auto (chosen at training), fixed, break-even, "
+                          "best cut on data (churn models decide)", examples=["auto"])
 
 
 class ModelInfo(BaseModel):
@@ -161,6 +166,9 @@ class ModelInfo(BaseModel):
                                                   "decision.contact_threshold)",
                                       examples=[0.5])
     decision: Optional[DecisionInfo] = Field(None, description="what a contact is worth")
+    calibration: str = Field(description="how the booster's output becomes churn_probability (fitted at "
+                                         "training on the validation rows)",
+                             examples=["platt (P = sigmoid(1.1234 x margin -0.0567), 1600 rows)"])
     features: list[str]
     source: str = Field(examples=["models:/xgboost_churn_model@champion"])
 
@@ -408,15 +416,18 @@ class ChurnService:
         for idx in groups.values():
             model = items[idx[0]][0]
             X = np.vstack([items[i][1] for i in idx])
-            proba = model.predictor.booster.inplace_predict(X)
+            proba = model.predictor.score(X)
             for i, p in zip(idx, proba):
                 out[i] = float(p)
         return out
 
     def _decision(self, model: LoadedVersion) -> Optional[Decision]:
-        """The config's decision settings; else the ones the model was trained with (None: neither)."""
+        """The version's decision (its contact threshold was chosen for it: at training, or by
+        `churn models decide`, which a replica picks up like a new version); the config's for a
+        model that carries none (None: neither)."""
         d = self._settings.get("decision")
-        return Decision(d["value_saved"], d["contact_cost"], d["save_rate"]) if d else model.predictor.decision
+        configured = Decision(d["value_saved"], d["contact_cost"], d["save_rate"]) if d else None
+        return model.predictor.decision or configured
 
     def _contact_threshold(self, model: LoadedVersion) -> float:
         """``decision.threshold`` when set to a number; else the cut the model was trained with."""
@@ -450,8 +461,10 @@ class ChurnService:
     def _explain(self, model: LoadedVersion, X: np.ndarray, ids: list, started: float) -> list[dict[str, Any]]:
         """SHAP answers for a validated matrix (on the explain thread)."""
         spec_m = model.predictor.spec
-        expl = explain(model.predictor.booster, X, spec_m, "tree", nthread=1)
-        proba = 1.0 / (1.0 + np.exp(-expl.margin))
+        expl = model.predictor.explain(X, "tree", nthread=1)
+        proba = model.predictor.score(X)  # as /predict answers it (isotonic: not the margin's sigmoid)
+        cal = model.predictor.calibrator
+        units = "log-odds" if cal is None or cal.additive else "log-odds before calibration"
         labels = self._labels(model, proba, "explain", started)
         reasons = top_reasons(expl, spec_m, k=self._settings["top_reasons"])
         answers = []
@@ -462,7 +475,7 @@ class ChurnService:
                 "base_value": float(expl.base_values[i]),
                 "contributions": {f: float(v) for f, v in zip(expl.feature_names, expl.values[i])},
                 "top_reasons": reasons[i],
-                "units": "log-odds",
+                "units": units,
                 "model_name": model.name,
                 "model_version": model.version,
             }
@@ -485,7 +498,7 @@ class ChurnService:
             if parsed.single:
                 proba = np.array([await self._score_one((model, X))], dtype=np.float32)
             else:
-                proba = model.predictor.booster.inplace_predict(X)
+                proba = model.predictor.score(X)
         except RequestError as exc:
             return self._error(exc)
         labels = self._labels(model, proba, "predict", started)
@@ -547,7 +560,10 @@ class ChurnService:
                 "decision": None if decision is None else {
                     "value_saved": decision.value_saved, "contact_cost": decision.contact_cost,
                     "save_rate": decision.save_rate, "break_even": decision.break_even,
-                    "contact_threshold": cut if math.isfinite(cut) else None},
+                    "contact_threshold": cut if math.isfinite(cut) else None,
+                    "threshold_source": ("fixed" if (self._settings.get("decision") or {}).get("threshold") is not None
+                                         else (model.predictor.meta.get("decision") or {}).get("threshold_source"))},
+                "calibration": cal.describe() if (cal := model.predictor.calibrator) is not None else "none",
                 "source": self._loader.describe()}
 
     @app.get("/metrics", summary="Prometheus metrics of this node (text format)",

@@ -13,6 +13,7 @@ timeouts, so a slow registry cannot stall a poll for minutes.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -77,14 +78,19 @@ class RegistryLoader:
         return f"models:/{self.name}@{self.alias}"
 
     def current(self) -> str:
-        """The version behind the alias now; NoSuchAliasError when there is none yet."""
+        """The version behind the alias now ("3"; "3:<digest>" once its decision was re-derived with
+        `churn models decide`, so that a new decision is picked up like a new version);
+        NoSuchAliasError when there is none yet."""
         _configure_mlflow(self.tracking_uri, self.registry_uri)
         ref = loading.resolve(self.describe())
+        if ref.decision:
+            return f"{ref.version}:{hashlib.sha256(ref.decision.encode()).hexdigest()[:12]}"
         return str(ref.version)
 
-    def load(self, version: str) -> LoadedVersion:
+    def load(self, key: str) -> LoadedVersion:
         from mlflow import MlflowClient
 
+        version = key.split(":")[0]
         _configure_mlflow(self.tracking_uri, self.registry_uri)
         loaded = loading.load(f"models:/{self.name}/{version}")
         tags = MlflowClient().get_model_version(self.name, version).tags or {}

@@ -150,13 +150,18 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     )
 
 
-def log_local_model(cfg, data_path, rounds: int = 40, run_name: str = "local-model", **params: Any) -> str:
+def log_local_model(cfg, data_path, rounds: int = 40, run_name: str = "local-model", calibrate: bool = False,
+                    **params: Any) -> str:
     """Train a booster in this process on ``data_path`` and log it as `churn train` logs its model.
 
     The model (pyfunc on raw records, booster, feature spec, signature) is the
     real artifact format: ``churnlib.training.log_model`` writes it. Only the
     fitting skips Ray Train, which test_training covers, so a test can make
     several models of known quality in seconds. Returns the run id.
+
+    Without ``calibrate`` every row grows the trees and the model carries no calibrator and
+    no chosen cut; with it, the validation rows are held out and ``churnlib.train.decide``
+    fits the calibrator and chooses the cut on them, as `churn train` does.
     """
     import pandas as pd
     import xgboost as xgb
@@ -173,15 +178,24 @@ def log_local_model(cfg, data_path, rounds: int = 40, run_name: str = "local-mod
     raw = pd.read_parquet(data_path) if str(data_path).endswith(".parquet") else pd.read_csv(data_path)
     enc = encode_batch(raw, spec, columns, cfg.model.validation_split, cfg.model.random_state)
     ok = enc["flags"] == 0
-    dtrain = xgb.DMatrix(enc["X"][ok], label=enc["y"][ok], feature_names=spec.feature_names,
+    grow = ok & ~enc["is_valid"].astype(bool) if calibrate else ok
+    dtrain = xgb.DMatrix(enc["X"][grow], label=enc["y"][grow], feature_names=spec.feature_names,
                          feature_types=spec.feature_types, enable_categorical=True)
     booster = xgb.train({**cfg.xgb_params(), "nthread": 1, **params}, dtrain, rounds)
+    contact = None
+    if calibrate:
+        from churnlib.data.preparation import Prepared
+        from churnlib.train.decide import decide
+
+        contact = decide(cfg, Prepared(dataset=None, report=None, train_rows=int(grow.sum()),
+                                       valid_rows=int((ok & ~grow).sum()), local=enc), booster)
     tracking.connect(cfg)
     from churnlib.data.profiles import build_profile
 
     tags = {"churn.command": "train", "data.digest": source.digest, "data.source": source.uri}
     with tracking.tracked_run(cfg, run_name, tags) as run:
-        log_model(cfg, spec, source, columns, booster, rounds - 1, run.info.run_id, build_profile(enc["X"][ok], spec))
+        log_model(cfg, spec, source, columns, booster, rounds - 1, run.info.run_id, build_profile(enc["X"][ok], spec),
+                  contact)
     return run.info.run_id
 
 
@@ -386,10 +400,24 @@ def signal_cli(args: list, trigger: str, signum: int, group: bool, cwd: Path, en
     return proc.returncode, "".join(lines), took, tree
 
 
-def alive(pids: list[int]) -> list[str]:
-    """The processes among ``pids`` still running (zombies excepted), described."""
+def alive(pids: list[int], grace_s: float = 10.0) -> list[str]:
+    """The processes among ``pids`` still running ``grace_s`` after the command exited (zombies
+    excepted), described. The grace covers the last of a stopped Ray node's helpers: the
+    dashboard's forkserver leaves when its parent's socket closes, a moment after the parent (a
+    run beside other tests found it alive at the instant the command had exited)."""
+    import time
+
     import psutil
 
+    def running(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + grace_s
+    while any(running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
     out = []
     for pid in pids:
         try:

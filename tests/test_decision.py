@@ -206,25 +206,27 @@ def telco_prepared():
 
 
 def test_auto_threshold_is_the_best_cut_on_the_validation_rows(telco_prepared):
-    from churnlib.train.decide import choose_threshold, validation_scores
+    from churnlib.model.calibration import Calibrator
+    from churnlib.train.decide import decide, validation_scores
 
     cfg, prepared, booster = telco_prepared
-    chosen = choose_threshold(cfg, prepared, booster)
-    p, y = validation_scores(prepared, booster)
+    chosen = decide(cfg, prepared, booster)
+    assert chosen["calibration"]["method"] == "platt"  # the default: the cut is on calibrated probabilities
+    p, y = validation_scores(prepared, booster, Calibrator.from_dict(chosen["calibration"]))
     assert len(p) == prepared.valid_rows > 1000
     d = Decision(cfg.decision.value_saved, cfg.decision.contact_cost, cfg.decision.save_rate)
     best = max((_brute_value(p, y, t, d)[1], t) for t in set(p.tolist()))
     assert chosen["source"] == "auto" and chosen["threshold"] == pytest.approx(best[1])
     assert chosen["valid_value_total"] == pytest.approx(best[0], abs=1e-6) and best[0] > 0
     # a fixed threshold is kept, and valued on the same rows
-    fixed = choose_threshold(cfg.model_copy(update={"decision": cfg.decision.model_copy(update={"threshold": 0.5})}),
+    fixed = decide(cfg.model_copy(update={"decision": cfg.decision.model_copy(update={"threshold": 0.5})}),
                              prepared, booster)
     assert fixed["source"] == "fixed" and fixed["threshold"] == 0.5
     assert fixed["valid_value_total"] == pytest.approx(_brute_value(p, y, 0.5, d)[1])
     assert fixed["valid_value_total"] <= chosen["valid_value_total"]
     # contacts that cost more than any save: the model contacts nobody
     dear = cfg.decision.model_copy(update={"contact_cost": 10_000.0})
-    nobody = choose_threshold(cfg.model_copy(update={"decision": dear}), prepared, booster)
+    nobody = decide(cfg.model_copy(update={"decision": dear}), prepared, booster)
     assert nobody["threshold"] is None and nobody["valid_contacts"] == 0
 
 

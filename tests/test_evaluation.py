@@ -115,6 +115,43 @@ def test_decision_metrics_equal_a_brute_force_on_the_same_scores(store, good_eva
     assert m["value_break_even"] == pytest.approx(0.2)
 
 
+def test_a_calibrated_model_is_judged_before_and_after_its_calibration(store):
+    """A model stopped after 8 rounds (probabilities crowded toward 0.5) with the Platt calibrator
+    fitted on its validation rows: `churn evaluate` measures the probabilities it answers (the
+    calibrated ones, as the pyfunc gives them) and the booster's own, on 4,500 unseen rows."""
+    from churnlib.model.loading import load
+
+    cfg = _cfg(store)
+    run_id = log_local_model(cfg, store["ws"] / "train.parquet", rounds=8, run_name="calibrated", calibrate=True,
+                             max_depth=4)
+    uri = f"runs:/{run_id}/model"
+    result = evaluate(cfg, uri, str(store["test"]), run_name="eval-calibrated", **QUIET)
+    test = pd.concat([pd.read_parquet(p) for p in sorted(store["test"].glob("*.parquet"))])
+    y = test["Churn"].to_numpy()
+    predictor = load(uri).predictor
+    assert predictor.calibrator is not None and predictor.calibrator.method == "platt"
+    from churnlib.data.features import to_matrix
+
+    after = mlflow.pyfunc.load_model(uri).predict(test)["churn_probability"].to_numpy()
+    before = predictor.score_uncalibrated(to_matrix(test, predictor.spec)).astype(np.float64)
+    m = result.metrics
+    assert m["brier_score"] == pytest.approx(skm.brier_score_loss(y, after), rel=1e-6)
+    assert m["calibration_brier_before"] == pytest.approx(skm.brier_score_loss(y, before), rel=1e-6)
+    assert m["calibration_log_loss_before"] == pytest.approx(skm.log_loss(y, before), rel=1e-6)
+    bins = np.minimum((before * 10).astype(int), 9)
+    ece_before = sum(abs(before[bins == b].sum() - y[bins == b].sum()) for b in range(10)) / len(y)
+    assert m["calibration_ece_before"] == pytest.approx(ece_before, rel=1e-5)
+    # held out: the calibration helps where it was not fitted (the ranking is the booster's)
+    assert m["ece"] < 0.5 * m["calibration_ece_before"] and m["brier_score"] < m["calibration_brier_before"]
+    assert m["roc_auc"] == pytest.approx(skm.roc_auc_score(y, before), abs=1e-4)
+    client = MlflowClient(store["cfg"].tracking_uri)
+    logged = client.get_run(result.run_id).data.metrics
+    assert logged["calibration/ece_before"] == pytest.approx(m["calibration_ece_before"])
+    table = json.loads(Path(client.download_artifacts(result.run_id, "calibration.json", str(store["ws"]))).read_text())
+    assert len(table["rows"]) == len(table["before_calibration"]) == 10
+    assert sum(r["count"] for r in table["before_calibration"]) == 4500
+
+
 def test_evaluation_run_is_nested_under_training_run_with_artifacts(store, good_eval):
     client = MlflowClient(store["cfg"].tracking_uri)
     run = client.get_run(good_eval.run_id)

@@ -283,6 +283,65 @@ def test_list_and_info_cli_table_and_json(lab):
     assert res.returncode == 2 and res.stderr.strip() == "error: reg_list has no version 7"
 
 
+def test_decide_re_derives_a_versions_threshold_and_the_loaders_apply_it(lab, tmp_path):
+    """New costs without retraining: `churn models decide` records the version's threshold for them
+    (the break-even P of a calibrated model, or the best cut on labelled rows), every loader applies
+    it, churn predict contacts by it; bad input changes nothing."""
+    from churnlib.batch.predict import predict
+    from churnlib.model.loading import load
+    from churnlib.registry.decide import rederive
+    from churnlib.tags import TAG_DECISION
+
+    cfg = fresh(lab, "reg_decide")
+    reg = Registry(cfg, **QUIET)
+    run = log_local_model(cfg, lab["ws"] / "train.parquet", rounds=30, run_name="calibrated", calibrate=True,
+                          max_depth=4)
+    v, _ = reg.register(run)
+    reg.promote(v.version, force=True)
+    trained = load(f"models:/reg_decide/{v.version}").predictor.meta["decision"]
+    assert trained["threshold_source"] == "auto" and trained["contact_cost"] == 25.0
+    common = ["--set", f"workspace={lab['ws'] / '.churn'}", "--set", "model.registered_name=reg_decide"]
+
+    # a dearer contact: 100 against 500 x 25 % saved -> contact from P >= 0.8 (the model is calibrated)
+    res = run_cli("models", "decide", "--set", "decision.contact_cost=100", "--json", *common, cwd=lab["ws"])
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["version"] == v.version and out["threshold_source"] == "break-even"
+    assert out["threshold"] == pytest.approx(0.8) and out["contact_cost"] == 100.0
+    champion = load("models:/reg_decide@champion").predictor
+    assert champion.decision.contact_cost == 100.0 and champion.contact_threshold() == pytest.approx(0.8)
+    assert champion.meta["decision"]["threshold_source"] == "break-even"
+
+    # churn predict with the version: its decision (value, cost and threshold together), whatever
+    # the config says; a line says the config's costs differ
+    said: list[str] = []
+    result = predict(cfg, str(lab["test"]), str(tmp_path / "scores.parquet"), say=said.append)
+    scores = pd.read_parquet(tmp_path / "scores.parquet")
+    p = scores["churn_probability"].to_numpy()
+    assert (scores["contact"].to_numpy() == (p >= 0.8)).all() and result.decision["threshold"] == pytest.approx(0.8)
+    assert scores["expected_value"].to_numpy() == pytest.approx(p * 0.25 * 500 - 100, rel=1e-6)
+    assert any("chosen for value 500, cost 100, save rate 0.25; the config says 500, 25, 0.25" in m for m in said)
+
+    # on labelled rows: the cut worth most on them (brute force over every distinct score)
+    dear = fresh(lab, "reg_decide", **{"decision.value_saved": 900.0})
+    got = rederive(dear, v.version, str(lab["test"]), **QUIET)
+    test = pd.read_parquet(lab["test"])
+    p = mlflow.pyfunc.load_model(f"models:/reg_decide/{v.version}").predict(test)["churn_probability"].tolist()
+    worth = [y * 0.25 * 900 - 25 for y in test["Churn"].tolist()]
+    best = max((sum(w for w, q in zip(worth, p) if q >= t), t) for t in set(p))
+    assert got["threshold_source"] == "best cut on data" and got["rows"] == len(test)
+    assert got["threshold"] == pytest.approx(best[1], rel=1e-6) and got["value_total"] == pytest.approx(best[0])
+    assert load(f"models:/reg_decide/{v.version}").predictor.contact_threshold() == pytest.approx(best[1], rel=1e-6)
+
+    # bad input: one line, and the version keeps the decision it had
+    stored = reg.client.get_model_version("reg_decide", v.version).tags[TAG_DECISION]
+    res = run_cli("models", "decide", "--data", str(tmp_path / "missing.csv"), *common, cwd=lab["ws"])
+    assert res.returncode != 0 and res.stderr.strip() == f"error: data path not found: {tmp_path / 'missing.csv'}"
+    res = run_cli("models", "decide", "--version", "9", *common, cwd=lab["ws"])
+    assert res.returncode == 2 and res.stderr.strip() == "error: reg_decide has no version 9"
+    assert reg.client.get_model_version("reg_decide", v.version).tags[TAG_DECISION] == stored
+
+
 def test_tracking_server_down_is_one_line_exit_1(lab):
     uri = f"http://127.0.0.1:{free_port()}"
     for args in (["models", "list"], ["models", "promote", "--version", "1"], ["models", "rollback"]):

@@ -24,6 +24,7 @@ import requests
 import yaml
 
 from churnlib.data.generation import generate, iter_chunks
+from churnlib.model.loading import load
 from churnlib.registry.registry import Registry
 from churnlib.serving.haproxy import use_high_throughput
 from tests.conftest import REPO, free_port, log_local_model, make_config, run_cli
@@ -50,7 +51,8 @@ def lab(ray_session, tmp_path_factory):
     cfg = make_config(ws)
     data = generate(4000, ws / "train.parquet", seed=9)
     runs = {
-        "a": log_local_model(cfg, data, rounds=30, run_name="a", max_depth=4),
+        # a: calibrated (Platt) with its cut chosen on its validation rows, as `churn train` logs it
+        "a": log_local_model(cfg, data, rounds=30, run_name="a", calibrate=True, max_depth=4),
         "b": log_local_model(cfg, data, rounds=8, run_name="b", max_depth=2),
     }
     mlflow.set_tracking_uri(cfg.tracking_uri)
@@ -145,7 +147,12 @@ def test_concurrent_single_records_are_batched_and_correct(lab, pinned):
 def test_explain_is_additive_and_sorted(lab, pinned):
     records = [raw(lab, i) for i in range(5)]
     answers = requests.post(f"{pinned}/explain", json=records, timeout=30).json()
+    # the model is Platt-calibrated: its SHAP values are rescaled to the calibrated log-odds, so
+    # they add up to the probability /predict answers
+    predicted = requests.post(f"{pinned}/predict", json=records, timeout=30).json()
+    assert [a["churn_probability"] for a in answers] == [p["churn_probability"] for p in predicted]
     for a, rec in zip(answers, records):
+        assert a["units"] == "log-odds"
         margin = a["base_value"] + sum(a["contributions"].values())
         assert 1 / (1 + math.exp(-margin)) == pytest.approx(a["churn_probability"], abs=1e-5)
         assert set(a["contributions"]) == set(lab["cfg"].features.numeric) | set(lab["cfg"].features.categorical)
@@ -160,9 +167,13 @@ def test_explain_is_additive_and_sorted(lab, pinned):
 def test_model_healthz_and_docs(lab, pinned):
     info = requests.get(f"{pinned}/model", timeout=30).json()
     assert info["run_id"] == lab["runs"]["a"] and info["decision_threshold"] == 0.5 and info["loaded_at"]
-    # a model trained without a chosen cut contacts from the break-even probability
+    # the model's calibration and the cut chosen on its validation rows
+    meta = load(f"runs:/{lab['runs']['a']}/model").predictor.meta
     assert info["decision"] == {"value_saved": 500.0, "contact_cost": 25.0, "save_rate": 0.25, "break_even": 0.2,
-                                "contact_threshold": 0.2}
+                                "contact_threshold": meta["decision"]["threshold"], "threshold_source": "auto"}
+    assert 0 < info["decision"]["contact_threshold"] < 1
+    cal = meta["calibration"]
+    assert info["calibration"] == f"platt (P = sigmoid({cal['a']:.4f} x margin {cal['b']:+.4f}), {cal['rows']} rows)"
     health = requests.get(f"{pinned}/healthz", timeout=30)
     assert health.status_code == 200 and health.json()["status"] == "ready"
     spec = requests.get(f"{pinned}/openapi.json", timeout=30).json()
@@ -363,7 +374,7 @@ def test_a_version_that_fails_to_load_leaves_the_old_one_serving(lab, deploy):
     _wait(lambda: requests.get(f"{url}/healthz", timeout=30).json()["status"] == "ready", 20)
 
 
-def test_no_champion_at_start_then_one_appears(lab, deploy):
+def test_no_champion_at_start_then_one_appears_then_its_decision_changes(lab, deploy):
     reg = _registry(lab, "serve_empty")
     url = deploy("empty", {"set": overrides(lab, **{"model.registered_name": "serve_empty"})})
     health = requests.get(f"{url}/healthz", timeout=30)
@@ -376,6 +387,19 @@ def test_no_champion_at_start_then_one_appears(lab, deploy):
     reg.promote(v.version, force=True)
     _wait(lambda: requests.get(f"{url}/healthz", timeout=30).status_code == 200, 20)
     assert requests.post(f"{url}/predict", json=raw(lab), timeout=30).json()["model_version"] == v.version
+    # new costs, no new version: `churn models decide` on the champion, and the replica follows
+    from churnlib.registry.decide import rederive
+
+    rederive(make_config(lab["ws"], **{"model.registered_name": "serve_empty", "decision.contact_cost": 100.0}),
+             **QUIET)
+    _wait(lambda: requests.get(f"{url}/model", timeout=30).json()["decision"]["contact_cost"] == 100.0, 20)
+    info = requests.get(f"{url}/model", timeout=30).json()
+    assert info["version"] == v.version and info["decision"]["contact_threshold"] == pytest.approx(0.8)
+    assert info["decision"]["threshold_source"] == "break-even"
+    answers = requests.post(f"{url}/predict", json=[raw(lab, i) for i in range(40)], timeout=30).json()
+    for a in answers:
+        assert a["contact"] == (a["churn_probability"] >= 0.8)
+        assert a["expected_value"] == pytest.approx(a["churn_probability"] * 0.25 * 500 - 100, rel=1e-6)
 
 
 def test_api_key_guards_predict_and_explain_only(lab, deploy, monkeypatch):

@@ -124,10 +124,17 @@ def test_pyfunc_predicts_on_raw_records(trained):
         out["churn_probability"].to_numpy() * d.save_rate * d.value_saved - d.contact_cost)
     cut = result.metrics["decision_contact_threshold"]
     assert (out["contact"] == (out["churn_probability"] >= cut)).all() and out["contact"].dtype == bool
-    # the same numbers as the booster alone on the same feature function
+    # the same numbers as the booster alone on the same feature function, through the Platt map
+    # the model carries (fitted on the validation rows: model.calibration is platt by default)
+    from churnlib.model.loading import load
+
     booster = xgb.Booster(model_file=MlflowClient().download_artifacts(result.run_id, "booster/booster.ubj"))
     spec = FeatureSpec.from_config(cfg.features)
-    np.testing.assert_allclose(out["churn_probability"], booster.inplace_predict(to_matrix(raw, spec)), rtol=1e-6)
+    cal = load(result.model_uri).predictor.meta["calibration"]
+    assert cal["method"] == "platt" and cal["rows"] == result.rows["valid"]
+    margin = booster.inplace_predict(to_matrix(raw, spec), predict_type="margin").astype(np.float64)
+    np.testing.assert_allclose(out["churn_probability"], 1 / (1 + np.exp(-(cal["a"] * margin + cal["b"]))), rtol=1e-6)
+    assert result.metrics["calibration_valid_ece_after"] <= result.metrics["calibration_valid_ece_before"]
     # missing values are fine; an unknown category is a clear error
     holes = raw.head(3).astype(object)
     holes.loc[0, "Age"] = None
@@ -443,7 +450,7 @@ def test_the_model_contacts_from_the_cut_worth_most_on_its_validation_rows(train
     spec = predictor.spec
     source = resolve_source(str(default_data_path(cfg)))
     prepared = prepare(source, spec, check_columns(source, spec), cfg.model.validation_split, cfg.model.random_state)
-    p, y = validation_scores(prepared, predictor.booster)
+    p, y = validation_scores(prepared, predictor.booster, predictor.calibrator)
     assert len(p) == result.rows["valid"]
     d = cfg.decision
     worth = [float(v) * d.save_rate * d.value_saved - d.contact_cost for v in y]

@@ -51,7 +51,7 @@ from churnlib.data.validation import as_data_error
 from churnlib.decision.value import Decision, expected_value
 from churnlib.errors import DataError, ResourceError
 from churnlib.model import loading
-from churnlib.model.explain import explain, top_reasons
+from churnlib.model.explain import top_reasons
 from churnlib.model.scoring import BatchScorer, actor_pool, put_payloads
 from churnlib.runtime import ensure_ray, quiet_logs
 from churnlib.tags import TAG_COMMAND, TAG_MODEL_URI, TAG_MODEL_VERSION
@@ -141,7 +141,7 @@ class PredictUDF(BatchScorer):
         if self.explain_top:
             reasons: list[list[dict[str, Any]]] = []
             if n_ok:
-                expl = explain(model.booster, out["X"][ok], model.spec, "tree", nthread=self.nthread)
+                expl = model.explain(out["X"][ok], "tree", nthread=self.nthread)
                 reasons = top_reasons(expl, model.spec, k=self.explain_top)
             for k in range(self.explain_top):
                 columns[f"reason_{k + 1}"] = pa.array(
@@ -268,7 +268,9 @@ def predict(
         tags[TAG_MODEL_VERSION] = str(model.ref.version)
     # The run covers the scoring: an interrupt or a failure ends it KILLED or FAILED.
     with tracking.tracked_run(cfg, f"predict-{model.ref.name or 'model'}-v{model.ref.version or '?'}", tags) as run:
-        decision = Decision.from_config(cfg.decision)
+        decision, note = predictor.run_decision(Decision.from_config(cfg.decision))
+        if note:
+            say(note)
         contact_threshold = predictor.contact_threshold(cfg.decision.fixed_threshold, decision)
         tracking.log_params_flat({"input": source.uri, "output": output_path, "model_uri": uri,
                                   "explain_top": explain_top, "contacts_only": contacts_only,

@@ -26,13 +26,14 @@ def select_udf(batch: dict[str, np.ndarray], rate: float, min_score: float) -> d
     return out
 
 
-def collect(scored: Any, threshold: float, bins: int, n_models: int):
+def collect(scored: Any, threshold: float, bins: int, n_models: int, raw: bool = False):
     """One pass over the narrow columns (flags, label, scores), batch by batch.
 
     Each batch is reduced to sums at once; only the scores and labels of good
-    rows are kept, for the ranking metrics. -> (counts, sums per model, y, scores per model).
+    rows are kept, for the ranking metrics. -> (counts, sums per model, y, scores per model);
+    with ``raw``, the first model's scores before calibration ("score_raw") come last in both lists.
     """
-    keys = ["score" if k == 0 else f"score_{k}" for k in range(n_models)]
+    keys = ["score" if k == 0 else f"score_{k}" for k in range(n_models)] + (["score_raw"] if raw else [])
     counts = {"rows": 0, "empty": 0, "problems": 0}
     parts: list[list[dict[str, Any]]] = [[] for _ in keys]
     ys: list[np.ndarray] = []

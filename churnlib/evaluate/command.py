@@ -40,7 +40,6 @@ from churnlib.evaluate.metrics import (
 from churnlib.evaluate.record import log_evaluation
 from churnlib.evaluate.result import EvaluationResult
 from churnlib.model import loading
-from churnlib.model.explain import explain
 from churnlib.model.scoring import score_dataset
 from churnlib.runtime import ensure_ray, quiet_logs
 
@@ -137,12 +136,14 @@ def evaluate(
     bins = cfg.evaluation.calibration_bins
     say(f"data: scoring {source.uri} ({len(source.files)} {source.format} file(s)) on Ray Data, "
         f"{cfg.scoring.actors} actor(s) x {cfg.scoring.cpus_per_actor:g} CPU")
+    calibrated = model.predictor.calibrator is not None  # then also the scores before calibration
     scored = score_dataset(
-        source, spec, columns, predictors, cfg.scoring, with_target=True, keep_features=cfg.evaluation.shap.enabled
+        source, spec, columns, predictors, cfg.scoring, with_target=True, keep_features=cfg.evaluation.shap.enabled,
+        raw_score=calibrated,
     )
     try:
         scored = scored.materialize()
-        counts, sums, y, scores = collect(scored, threshold, bins, n_models)
+        counts, sums, y, scores = collect(scored, threshold, bins, n_models, raw=calibrated)
     except Exception as exc:  # noqa: BLE001 - a read error, one line
         if source.format == "csv":
             # the typed read fails on a non-numeric cell: name the column, count and value as
@@ -153,6 +154,9 @@ def evaluate(
     if counts["problems"]:
         validate(source, spec, columns)  # names the column, the count and the first value
         raise DataError(f"{source.uri}: {counts['problems']} row(s) with bad values")
+    raw_sums = sums.pop() if calibrated else None
+    if calibrated:
+        scores.pop()
     usable = counts["rows"] - counts["empty"]
     if usable == 0:
         raise DataError(f"{source.uri}: no rows to evaluate" + (f" ({counts['empty']} empty)" if counts["empty"] else ""))
@@ -178,6 +182,13 @@ def evaluate(
         f"metrics: ROC AUC {metrics['roc_auc']:.4f}, PR AUC {metrics['pr_auc']:.4f}, log loss {metrics['log_loss']:.4f}, "
         f"accuracy {metrics['accuracy']:.4f}, F1 {metrics['f1']:.4f} at P >= {threshold:g} ({usable} rows)"
     )
+    if raw_sums is not None:
+        before = threshold_metrics(raw_sums)
+        metrics.update({"calibration_brier_before": before["brier_score"], "calibration_ece_before": before["ece"],
+                        "calibration_log_loss_before": before["log_loss"]})
+        say(f"calibration: {model.predictor.calibrator.method}; on this data Brier {before['brier_score']:.4f} -> "
+            f"{metrics['brier_score']:.4f}, ECE {before['ece']:.4f} -> {metrics['ece']:.4f}, log loss "
+            f"{before['log_loss']:.4f} -> {metrics['log_loss']:.4f} (before -> after)")
     say(_decision_line(metrics, decision, usable))
     baseline_metrics = comparison = None
     if baseline is not None:
@@ -210,7 +221,7 @@ def evaluate(
         background = None
         if kind == "exact":
             background = picked["X"][picked["sample"][: cfg.evaluation.shap.background_samples]]
-        explanation = explain(model.predictor.booster, picked["X"][rows_idx], spec, kind, background)
+        explanation = model.predictor.explain(picked["X"][rows_idx], kind, background)
         timings["shap_s"] = time.perf_counter() - t0
         n_sample = len(picked["sample"])
         mean_abs = {k: float(np.abs(explanation.values[:n_sample, j]).mean()) if n_sample else 0.0
@@ -249,7 +260,8 @@ def evaluate(
         timings=timings,
     )
     t0 = time.perf_counter()
-    log_evaluation(cfg, result, run_name, ref, baseline, source, spec, sums, y, scores, explanation, picked)
+    log_evaluation(cfg, result, run_name, ref, baseline, source, spec, sums, y, scores, explanation, picked,
+                   raw_sums)
     timings["log_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
     say(f"gate: {gate.status}" + (f" ({gate.summary()})" if gate.checks else ""))

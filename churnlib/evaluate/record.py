@@ -63,8 +63,10 @@ def log_evaluation(
     scores: list[np.ndarray],
     explanation: Any,
     picked: dict[str, np.ndarray] | None,
+    raw_sums: dict[str, Any] | None = None,
 ) -> None:
-    """The evaluation run: metrics, plots, SHAP artifacts, gate tags; sets ``result.run_id``."""
+    """The evaluation run: metrics, plots, SHAP artifacts, gate tags; sets ``result.run_id``.
+    ``raw_sums``: the model's sums before calibration (a calibrated model), for the reliability diagram."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -149,6 +151,7 @@ def log_evaluation(
             "plots/pr_curve.png": plots.pr_figure({n: (*labels[n], m["pr_auc"]) for n, m in zip(names, all_metrics)}),
             "plots/calibration_curve.png": plots.calibration_figure(
                 {n: calibration_table(s) for n, s in zip(names, sums)}
+                | ({"model before calibration": calibration_table(raw_sums)} if raw_sums is not None else {})
             ),
             "plots/confusion_matrix.png": plots.confusion_figure(confusion, threshold),
             "plots/cumulative_gains.png": plots.gains_figure(labels),
@@ -159,7 +162,9 @@ def log_evaluation(
         }
         for path, fig in figures.items():
             log_figure(fig, path)
-        mlflow.log_dict({"rows": calibration_table(sums[0])}, "calibration.json")
+        mlflow.log_dict({"rows": calibration_table(sums[0]),
+                         **({"before_calibration": calibration_table(raw_sums)} if raw_sums is not None else {})},
+                        "calibration.json")
 
         if explanation is not None:
             n_sample = len(picked["sample"])

@@ -14,6 +14,7 @@ that cannot be reached is ``TrackingError``.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import tempfile
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from pathlib import Path
 from churnlib.errors import ModelNotFoundError, NoSuchAliasError, TrackingError
 from churnlib.model.files import BOOSTER_FILE, SPEC_FILE
 from churnlib.model.predictor import ChurnPredictor
+from churnlib.tags import TAG_DECISION
 
 _RUNS = re.compile(r"^runs:/(?P<run>[^/]+)/(?P<path>.+)$")
 _ALIAS = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)$")
@@ -40,6 +42,7 @@ class ModelRef:
     version: str | None = None
     alias: str | None = None
     model_id: str | None = None
+    decision: str | None = None  # a registry version's re-derived decision (TAG_DECISION), as stored
 
     def describe(self) -> str:
         if self.name and self.version:
@@ -90,10 +93,12 @@ def resolve(uri: str) -> ModelRef:
                 if getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
                     raise NoSuchAliasError(f"model {uri} does not resolve: {name!r} has no alias {alias!r}") from None
                 raise
-            return ModelRef(uri, f"models:/{name}/{mv.version}", mv.run_id, name, str(mv.version), alias, getattr(mv, "model_id", None))
+            return ModelRef(uri, f"models:/{name}/{mv.version}", mv.run_id, name, str(mv.version), alias,
+                            getattr(mv, "model_id", None), (mv.tags or {}).get(TAG_DECISION))
         if m := _VERSION.match(uri):
             mv = client.get_model_version(m["name"], m["version"])
-            return ModelRef(uri, uri, mv.run_id, mv.name, str(mv.version), None, getattr(mv, "model_id", None))
+            return ModelRef(uri, uri, mv.run_id, mv.name, str(mv.version), None, getattr(mv, "model_id", None),
+                            (mv.tags or {}).get(TAG_DECISION))
         if m := _LOGGED.match(uri):
             lm = client.get_logged_model(m["model_id"])
             return ModelRef(uri, uri, lm.source_run_id, model_id=lm.model_id)
@@ -124,7 +129,25 @@ def load(uri: str, dst: str | Path | None = None) -> LoadedModel:
         model_dir = find_model_dir(local)
         if model_dir is None:
             raise ModelNotFoundError(f"{uri} is not a churn model (no artifacts/model_dir with a booster in it)")
-        return LoadedModel(ref=ref, predictor=ChurnPredictor.from_dir(model_dir))
+        predictor = ChurnPredictor.from_dir(model_dir)
+        if ref.decision:
+            apply_registry_decision(predictor, ref.decision)
+        return LoadedModel(ref=ref, predictor=predictor)
+
+
+def apply_registry_decision(predictor: ChurnPredictor, stored: str) -> None:
+    """A version's decision re-derived for new costs (`churn models decide`, the version's
+    ``churn.decision`` tag) replaces the one it was trained with: value, cost, save rate and the
+    contact threshold chosen for them travel together."""
+    try:
+        d = json.loads(stored)
+        decision = {k: float(d[k]) for k in ("value_saved", "contact_cost", "save_rate")}
+        threshold = None if d["threshold"] is None else float(d["threshold"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelNotFoundError(f"the version's {TAG_DECISION} tag is not a decision ({exc}); set it again "
+                                 f"with churn models decide") from None
+    predictor.meta = {**predictor.meta, "decision": {**decision, "threshold": threshold,
+                                                     "threshold_source": str(d.get("threshold_source", "registry"))}}
 
 
 def find_model_dir(root: Path) -> Path | None:

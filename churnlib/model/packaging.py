@@ -71,6 +71,8 @@ def log_model(cfg: Config, spec: Any, source: Any, columns: list[str], booster: 
             "run_id": run_id,
             "data_digest": source.digest,
             # what a contact is worth, for the model's own expected_value and contact outputs
+            # how the booster's margin becomes the probability answered (churnlib.model.calibration)
+            "calibration": (contact or {}).get("calibration") or {"method": "none"},
             "decision": {**{k: getattr(cfg.decision, k) for k in ("value_saved", "contact_cost", "save_rate")},
                          **({"threshold": contact["threshold"], "threshold_source": contact["source"]}
                             if contact is not None else {})},

@@ -3,7 +3,8 @@
 ``predict(df)`` on a DataFrame with the original column names and category
 strings returns a DataFrame (same index) with
 
-- ``churn_probability``: P(churn = 1), float
+- ``churn_probability``: P(churn = 1), float, calibrated when the model carries a
+  calibrator (``churnlib.model.calibration``)
 - ``churn_label``: 1 when the probability is at or above the model's decision
   threshold, else 0
 - ``expected_value``: the expected net value of contacting the customer
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,8 @@ import pandas as pd
 
 from churnlib.data.features import FeatureSpec, to_matrix
 from churnlib.decision.value import Decision, expected_value
+from churnlib.model.calibration import Calibrator, calibrate_explanation, scores
+from churnlib.model.explain import explain
 from churnlib.model.files import (
     BOOSTER_FILE,
     DECISION_COLUMNS,
@@ -64,6 +68,7 @@ class ChurnPredictor:
         self.threshold = float(threshold)
         self.meta = meta or {}
         self.profile = profile  # the training data's profile, when the model carries one
+        self.calibrator = Calibrator.from_dict(self.meta.get("calibration"))
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> "ChurnPredictor":
@@ -99,17 +104,46 @@ class ChurnPredictor:
         return cls(booster, FeatureSpec.from_dict(payload["spec"]), payload["threshold"], payload["meta"],
                    payload.get("profile"))
 
+    def score(self, X: np.ndarray) -> np.ndarray:
+        """P(churn) of each row of a model matrix (``to_matrix``), calibrated when the model is:
+        every caller (pyfunc, batch, evaluation, Serve) scores through here."""
+        return scores(self.booster, X, self.calibrator)
+
+    def score_uncalibrated(self, X: np.ndarray) -> np.ndarray:
+        """The booster's own P(churn), before calibration (evaluation's "before")."""
+        return scores(self.booster, X, None)
+
+    def explain(self, X: np.ndarray, kind: str = "tree", background: np.ndarray | None = None,
+                nthread: int | None = None):
+        """SHAP values of rows of the model matrix, in the log-odds of the probability answered
+        (Platt-calibrated: rescaled, still additive; see ``churnlib.model.calibration``)."""
+        return calibrate_explanation(explain(self.booster, X, self.spec, kind, background, nthread), self.calibrator)
+
     def predict_proba(self, records: Any) -> np.ndarray:
-        X = to_matrix(records, self.spec)
-        if len(X) == 0:
-            return np.empty(0, dtype=np.float32)
-        return self.booster.inplace_predict(X)
+        return self.score(to_matrix(records, self.spec))
 
     @property
     def decision(self) -> Decision | None:
         """What a contact is worth, as the model was trained with it (None: an older model)."""
         d = self.meta.get("decision")
         return Decision(d["value_saved"], d["contact_cost"], d["save_rate"]) if d else None
+
+    def run_decision(self, configured: Decision) -> tuple[Decision, str | None]:
+        """The decision a scoring run applies: the model's value, cost and save rate (its contact
+        threshold was chosen for them, at training or by `churn models decide`) with the run's
+        capacity; the configured one for a model that carries none. -> (decision, a note when the
+        configured values differ from the model's, else None)."""
+        carried = self.decision
+        if carried is None:
+            return configured, None
+        decision = replace(configured, value_saved=carried.value_saved, contact_cost=carried.contact_cost,
+                           save_rate=carried.save_rate)
+        if decision == configured:
+            return decision, None
+        return decision, (f"decision: the model's contact threshold was chosen for value {carried.value_saved:g}, "
+                          f"cost {carried.contact_cost:g}, save rate {carried.save_rate:g}; the config says "
+                          f"{configured.value_saved:g}, {configured.contact_cost:g}, {configured.save_rate:g}: "
+                          f"the model's apply (churn models decide re-derives the threshold for the config's)")
 
     def contact_threshold(self, fixed: float | None = None, fallback: Decision | None = None) -> float:
         """The P(churn) from which to contact: ``fixed`` when given (``decision.threshold`` set to a

@@ -69,6 +69,7 @@ class BatchScorer:
         with_target: bool = False,
         keep_features: bool = False,
         nthread: int = 1,
+        raw_score: bool = False,
     ):
         import ray
 
@@ -80,6 +81,8 @@ class BatchScorer:
         self.columns = columns
         self.with_target = with_target
         self.keep_features = keep_features
+        # the first model's P before calibration too, as "score_raw" (evaluation's "before")
+        self.raw_score = raw_score and self.models[0].calibrator is not None
 
     def __call__(self, df: pd.DataFrame) -> dict[str, np.ndarray]:
         spec = self.spec
@@ -98,8 +101,13 @@ class BatchScorer:
             Xk = X if model.spec == spec else encode_columns(df, model.spec)[0]
             score = np.full(len(df), np.nan, dtype=np.float32)
             if ok.any():
-                score[ok] = model.booster.inplace_predict(Xk[ok])
+                score[ok] = model.score(Xk[ok])
             out["score" if k == 0 else f"score_{k}"] = score
+            if k == 0 and self.raw_score:
+                before = np.full(len(df), np.nan, dtype=np.float32)
+                if ok.any():
+                    before[ok] = model.score_uncalibrated(Xk[ok])
+                out["score_raw"] = before
         out["u"] = row_uniform(df, spec, self.columns, SAMPLE_SEED).astype(np.float32)
         if spec.id_column and spec.id_column in df.columns:
             out["row_id"] = id_text(df[spec.id_column])
@@ -141,6 +149,7 @@ def score_dataset(
     scoring_cfg: ScoringConfig,
     with_target: bool,
     keep_features: bool = False,
+    raw_score: bool = False,
 ):
     """A lazy Ray Dataset of scores over the raw table (see ``BatchScorer``)."""
     return read_raw(source, read_spec, columns).map_batches(
@@ -150,6 +159,7 @@ def score_dataset(
             "columns": columns,
             "with_target": with_target,
             "keep_features": keep_features,
+            "raw_score": raw_score,
             "nthread": max(1, int(scoring_cfg.cpus_per_actor)),
         },
         compute=actor_pool(scoring_cfg),

@@ -28,7 +28,12 @@ from churnlib.runtime import (
     release_ray,
 )
 from churnlib.tags import TAG_COMMAND, TAG_RESUMED_FROM
-from churnlib.train.decide import choose_threshold, contact_line, contact_metrics
+from churnlib.train.decide import (
+    calibration_line,
+    contact_line,
+    contact_metrics,
+    decide,
+)
 from churnlib.train.loop import check_checkpoint, xgb_log_name
 from churnlib.train.progress import ProgressRelay
 from churnlib.train.trainer import (
@@ -220,8 +225,9 @@ def train(
         mlflow.set_tags({"data.digest": source.digest, "data.source": source.uri})
 
         t0 = time.perf_counter()
-        contact = choose_threshold(cfg, prepared, out.booster)
+        contact = decide(cfg, prepared, out.booster)
         timings["decide_s"] = time.perf_counter() - t0
+        say(calibration_line(contact))
         say(contact_line(contact))
         metrics.update(contact_metrics(contact))
         mlflow.log_metrics({tracking.grouped(k): float(v) for k, v in contact_metrics(contact).items()})

@@ -54,7 +54,12 @@ from churnlib.tags import (
     TAG_SWEEP,
 )
 from churnlib.train.command import default_data_path
-from churnlib.train.decide import choose_threshold, contact_line, contact_metrics
+from churnlib.train.decide import (
+    calibration_line,
+    contact_line,
+    contact_metrics,
+    decide,
+)
 from churnlib.train.trainer import START_TIMEOUT_FLOOR_S
 from churnlib.tune.space import (
     concurrency,
@@ -344,7 +349,8 @@ def _register_best(cfg: Config, best: dict[str, Any], spec: Any, source: Any, co
     run_id = best["run_id"]
     with mlflow.start_run(run_id=run_id):
         mlflow.set_tags({"data.digest": source.digest, "data.source": source.uri})
-        contact = choose_threshold(trial_cfg, prepared, out.booster)  # on the sweep's validation rows
+        contact = decide(trial_cfg, prepared, out.booster)  # on the sweep's validation rows
+        say(calibration_line(contact))
         say(contact_line(contact))
         mlflow.log_metrics({tracking.grouped(k): v for k, v in contact_metrics(contact).items()})
         log_model(trial_cfg, spec, source, columns, out.booster, int(out.state["best_iteration"] or 0), run_id, profile,
