@@ -375,6 +375,25 @@ def test_evaluate_on_the_real_kaggle_test_file(store):
     assert res.rows["evaluated"] == 64374 and res.rows["positives"] == 30493
     assert 0.5 < res.metrics["roc_auc"] <= 1.0 and res.shap["rows"] == 2000
     assert MlflowClient(cfg.tracking_uri).get_run(res.run_id).data.tags["data.source"] == str(path)
+    # the decision's arithmetic on the real rows: gains and lift over the pyfunc's scores sorted in
+    # plain Python, and the best cut by walking them from the top (every distinct score a cut)
+    test = pd.read_csv(path).dropna(how="all")
+    p = mlflow.pyfunc.load_model(store["good"]).predict(test)["churn_probability"].astype(float).tolist()
+    y = [int(v) for v in test["Churn"]]
+    order = sorted(range(len(p)), key=lambda i: (-p[i], i))
+    m = res.metrics
+    for pct in (5, 10, 20):
+        k = -(-pct * len(p) // 100)
+        caught = sum(y[i] for i in order[:k])
+        assert m[f"gain_at_{pct}pct"] == pytest.approx(caught / sum(y), rel=1e-9)
+        assert m[f"lift_at_{pct}pct"] == pytest.approx((caught / k) / (sum(y) / len(y)), rel=1e-9)
+    best, total = (0.0, None), 0.0
+    for rank, i in enumerate(order):
+        total += y[i] * 0.25 * 500 - 25
+        if rank + 1 == len(order) or p[order[rank + 1]] < p[i]:  # the last row of a distinct score
+            best = max(best, (total, p[i]), key=lambda t: t[0])
+    assert m["value_best_total"] == pytest.approx(best[0], rel=1e-9)
+    assert m["value_best_threshold"] == pytest.approx(best[1], rel=1e-6)
 
 
 def test_metrics_need_no_raw_table_on_the_driver(store):
