@@ -1,6 +1,7 @@
 """Benchmark: our Ray Serve app vs `mlflow models serve`, the same model version, one client.
 
     python benchmarks/serve_load.py [--seconds 15] [--mlflow-workers 2] [--out benchmarks/results/serve_load.json]
+    python benchmarks/serve_load.py --log --out benchmarks/results/serve_log.json   # the prediction log's cost
 
 Trains a depth-6 model (200,000 generated rows, 100 rounds), registers it as
 the champion in a temporary MLflow store, then serves it, in turn, with
@@ -89,10 +90,11 @@ async def load(url: str, body_of, concurrency: int, seconds: float, rows_per_req
 
     latencies: list[float] = []
     errors = 0
+    answered = 0  # every 200, the warm-up's too: what the prediction log must hold
     stop_at = 0.0
 
     async def worker(session: aiohttp.ClientSession, k: int) -> None:
-        nonlocal errors
+        nonlocal errors, answered
         i = k
         while time.perf_counter() < stop_at:
             payload = body_of(i)
@@ -105,6 +107,7 @@ async def load(url: str, body_of, concurrency: int, seconds: float, rows_per_req
             except aiohttp.ClientError:
                 ok = False
             if ok:
+                answered += 1
                 latencies.append(time.perf_counter() - t0)
             else:
                 errors += 1
@@ -125,7 +128,8 @@ async def load(url: str, body_of, concurrency: int, seconds: float, rows_per_req
     def q(p: float) -> float:
         return 1000 * lat[min(len(lat) - 1, int(p * len(lat)))] if lat else float("nan")
 
-    return {"requests": len(lat), "errors": errors, "seconds": wall, "rps": len(lat) / wall,
+    return {"requests": len(lat), "answered_rows": answered * rows_per_request, "errors": errors, "seconds": wall,
+            "rps": len(lat) / wall,
             "rows_per_s": len(lat) * rows_per_request / wall, "p50_ms": q(0.50), "p99_ms": q(0.99)}
 
 
@@ -167,6 +171,9 @@ def main() -> int:
     ap.add_argument("--mlflow-workers", type=int, default=2)
     ap.add_argument("--replicas", type=int, help="our replicas (default: as many as mlflow's workers)")
     ap.add_argument("--only", choices=["ours", "mlflow"])
+    ap.add_argument("--log", action="store_true",
+                    help="ours with the prediction log off, then on (instead of ours vs mlflow): the log's cost, and "
+                         "whether every answered record is in it")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for our server (e.g. serve.batch_wait_timeout_s=0)")
     ap.add_argument("--out", default=str(HERE / "results" / "serve_load.json"))
@@ -188,6 +195,10 @@ def main() -> int:
         "mlflow": lambda port: [str(bindir / "mlflow"), "models", "serve", "-m", "models:/xgboost_churn_model@champion",
                                 "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", str(args.mlflow_workers)],
     }
+    if args.log:
+        ours = servers["ours"]
+        servers = {"log_off": lambda port: [*ours(port), "--set", "monitoring.log_serving=false"],
+                   "log_on": lambda port: [*ours(port), "--set", "monitoring.log_serving=true"]}
     for name, command in servers.items():
         if args.only and name != args.only:
             continue
@@ -196,12 +207,13 @@ def main() -> int:
         proc = subprocess.Popen(command(port), env=env, cwd=workspace, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
-            health = f"http://127.0.0.1:{port}/" + ("healthz" if name == "ours" else "health")
+            mine = name != "mlflow"
+            health = f"http://127.0.0.1:{port}/" + ("healthz" if mine else "health")
             wait_ready(health, proc)
-            time.sleep(3 if name == "ours" else 1)
-            url = f"http://127.0.0.1:{port}/" + ("predict" if name == "ours" else "invocations")
+            time.sleep(3 if mine else 1)
+            url = f"http://127.0.0.1:{port}/" + ("predict" if mine else "invocations")
             print(f"{name}: {' '.join(command(port)[:4])}… on port {port}", flush=True)
-            results[name] = run_cases(name, url, records, args.seconds, mlflow_format=name == "mlflow")
+            results[name] = run_cases(name, url, records, args.seconds, mlflow_format=not mine)
         finally:
             os.killpg(proc.pid, signal.SIGINT)
             try:
@@ -210,6 +222,23 @@ def main() -> int:
                 os.killpg(proc.pid, signal.SIGKILL)
             log.close()
 
+    if {"log_off", "log_on"} <= set(results):
+        # the server stopped gracefully (SIGINT): its writer flushed; every answered record must be there
+        import sqlalchemy as sa
+
+        engine = sa.create_engine(f"sqlite:///{workspace / 'prediction_log.db'}")
+        with engine.connect() as conn:
+            logged = conn.execute(sa.text("SELECT count(*) FROM predictions")).scalar()
+        answered = sum(r["answered_rows"] for r in results["log_on"].values())
+        print(f"\nprediction log: {logged} rows for {answered} answered records ({answered - logged} lost)")
+        print("ratio log on / log off:")
+        ratios = {}
+        for key in results["log_on"]:
+            o, m = results["log_on"][key], results["log_off"][key]
+            ratios[key] = {"rps": o["rps"] / m["rps"], "p99": o["p99_ms"] / m["p99_ms"]}
+            print(f"  {key:14s} throughput {ratios[key]['rps']:.2f}x   p99 {ratios[key]['p99']:.2f}x")
+        results["ratios_log"] = ratios
+        results["log"] = {"logged": logged, "answered": answered, "lost": answered - logged}
     if {"ours", "mlflow"} <= set(results):
         print("\nratio ours / mlflow:")
         ratios = {}

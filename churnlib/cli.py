@@ -61,6 +61,7 @@ EXAMPLES = {
     "models info": "churn models info --alias staging",
     "models decide": "churn models decide --set decision.contact_cost=100     # the champion, break-even P\n"
                      "churn models decide --version 3 --data outcomes.csv --config telco.yaml",
+    "outcomes load": "churn outcomes load --data outcomes_2026-11.csv   # CustomerID, Churn, observed_at",
     "predict": "churn predict --input s3://bucket/customers/ --output s3://bucket/scores/2026-12-01/ --explain\n"
                "churn predict --input customers.csv --output calls/ --contacts-only --explain --set decision.capacity=500",
     "drift": "churn drift --reference models:/xgboost_churn_model@champion --data this_month.csv",
@@ -188,6 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
                                       "costs, right for a calibrated model)")
     _common(p_dec)
     p_dec.set_defaults(func=cmd_models_decide)
+
+    p_out = sub.add_parser("outcomes", help="what became of the customers: load outcomes into the prediction log")
+    o_sub = p_out.add_subparsers(dest="outcomes_command", required=True, parser_class=_Parser)
+    p_oload = o_sub.add_parser("load", help="load a file of customer id, outcome and observed_at (idempotent; bad "
+                                            "rows rejected with reasons)")
+    p_oload.add_argument("--data", required=True, help="CSV or Parquet file or folder (local or s3://)")
+    _common(p_oload)
+    p_oload.set_defaults(func=cmd_outcomes_load)
 
     p_pred = sub.add_parser("predict", help="score a table with the champion (Ray Data), with rejects and a drift report")
     add_predict_arguments(p_pred)
@@ -552,6 +561,15 @@ def cmd_models_decide(args: argparse.Namespace) -> int:
 
     result = rederive(_load(args), args.version, args.data, verbose=args.verbose, say=say)
     _emit(args, result, lambda: print(f"threshold: {result['threshold'] if result['threshold'] is not None else 'none'}"))
+    return 0
+
+
+def cmd_outcomes_load(args: argparse.Namespace) -> int:
+    """`churn outcomes load`: outcomes into the prediction log, skipping those already there."""
+    from churnlib.monitor.outcomes import load_outcomes
+
+    result = load_outcomes(_load(args), args.data, say=say)
+    _emit(args, result.to_dict(), lambda: print(f"loaded: {result.loaded}\nrejected: {result.rejected}"))
     return 0
 
 

@@ -48,6 +48,7 @@ ENV_OVERRIDES = {
     "MLFLOW_S3_ENDPOINT_URL": "mlflow.s3_endpoint_url",
     "RAY_ADDRESS": "ray.address",
     "CHURN_WORKSPACE": "workspace",
+    "CHURN_LOG_URI": "monitoring.log_uri",
 }
 
 
@@ -308,6 +309,19 @@ class TuneSettings(_Section):
         return value
 
 
+class MonitoringConfig(_Section):
+    """The prediction log (where every answer and batch run is recorded) and its writer."""
+    log_uri: str | None = None
+    log_serving: bool
+    batch_rows: int = Field(ge=1)
+    flush_interval_s: float = Field(gt=0.0)
+    queue_max: int = Field(ge=1)
+    retry_s: float = Field(gt=0.0)
+    spool_dir: str | None = None
+    outcome_column: str | None = None
+    observed_at_column: str = Field(min_length=1)
+
+
 class ServeConfig(_Section):
     """`churn serve`: host, port, replicas, batching, limits, the alias it follows."""
     import_path: str = Field(pattern=r"^[\w.]+:[\w]+$")
@@ -422,6 +436,7 @@ class Config(_Section):
     decision: DecisionConfig
     tune: TuneSettings
     serve: ServeConfig
+    monitoring: MonitoringConfig
     features: FeaturesConfig
 
     @model_validator(mode="after")
@@ -441,6 +456,17 @@ class Config(_Section):
     @property
     def tracking_uri(self) -> str:
         return self.mlflow.tracking_uri or f"sqlite:///{self.workspace_path / 'mlflow.db'}"
+
+    @property
+    def log_uri(self) -> str:
+        """The prediction log's database: ``monitoring.log_uri``, else SQLite in the workspace."""
+        return self.monitoring.log_uri or f"sqlite:///{self.workspace_path / 'prediction_log.db'}"
+
+    @property
+    def spool_path(self) -> Path:
+        """Where writers spool batches while the log's database is down."""
+        return Path(self.monitoring.spool_dir).expanduser().resolve() if self.monitoring.spool_dir else (
+            self.workspace_path / "spool")
 
     @property
     def registry_uri(self) -> str:

@@ -145,3 +145,9 @@ class PromotionRefusedError(ChurnError):
 
 class ServeError(ChurnError):
     """The server cannot go on (its Ray instance died) (exit 1)."""
+
+
+class LogStoreError(ChurnError):
+    """The prediction log's database cannot be reached or migrated (exit 1)."""
+
+    exit_code = 1

@@ -46,6 +46,7 @@ builds the application (``serve deploy``'s ``import_path: serve.app:build_app``)
 # No `from __future__ import annotations` here: FastAPI reads the endpoints'
 # annotations (Request) at runtime.
 import asyncio
+import datetime
 import hashlib
 import hmac
 import json
@@ -54,6 +55,7 @@ import math
 import os
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, Optional, Union
 
@@ -68,6 +70,7 @@ from churnlib.data.features import FeatureSpec, to_matrix
 from churnlib.decision.value import Decision, expected_value
 from churnlib.errors import FeatureError, NoSuchAliasError, one_line
 from churnlib.model.explain import top_reasons
+from churnlib.predlog.writer import LogWriter
 from serve.loaders import LoadedVersion, RegistryLoader, UriLoader
 from serve.validation import Limits, RequestError, Validator
 
@@ -285,6 +288,17 @@ class ChurnService:
         self._score_one.set_max_batch_size(int(settings["max_batch_size"]))
         self._score_one.set_batch_wait_timeout_s(float(settings["batch_wait_timeout_s"]))
         _document(app, self._validator)
+        self._log: Optional[LogWriter] = None
+        log = settings.get("log")
+        if log:
+            rows = metrics.Counter(
+                "churn_prediction_log_rows", description="Prediction log rows by what became of them: queued, "
+                "written, spooled (database down), replayed (from the spool), dropped (queue full).",
+                tag_keys=("kind",),
+            )
+            self._log = LogWriter(log["uri"], log["spool_dir"], batch_rows=log["batch_rows"],
+                                  flush_interval_s=log["flush_interval_s"], queue_max=log["queue_max"],
+                                  retry_s=log["retry_s"], on_count=lambda kind, n: rows.inc(n, tags={"kind": kind}))
         self.refresh()
         self._stop = threading.Event()
         if loader.follows_alias:
@@ -485,6 +499,34 @@ class ChurnService:
         self._decide(model, answers, proba)
         return answers
 
+    def _record(self, request: Request, model: LoadedVersion, endpoint: str, records: list[dict],
+                answers: list[dict[str, Any]]) -> None:
+        """Hand the answers to the prediction log's writer (a queue put: the database is never waited on)."""
+        if self._log is None:
+            return
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        now = datetime.datetime.now(datetime.timezone.utc)
+        route = model.alias or "pinned"
+        self._log.record([
+            {"prediction_id": str(uuid.uuid4()), "ts": now, "request_id": request_id,
+             "customer_id": None if a.get("customer_id") is None else str(a["customer_id"]),
+             "model_name": model.name, "model_version": model.version, "route": route, "endpoint": endpoint,
+             "probability": a["churn_probability"], "label": a["churn_label"], "contact": a.get("contact"),
+             "expected_value": a.get("expected_value"), "features": record}
+            for record, a in zip(records, answers)
+        ])
+
+    def __del__(self):
+        """Serve calls this when the replica stops: the alias poll ends, the log's queue is flushed
+        (into the database, or the spool when it is down)."""
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
+        if getattr(self, "_log", None) is not None:
+            counts = self._log.close(timeout=max(5.0, float(self._settings.get("shutdown_grace_s") or 0)))
+            logger.info("churn: prediction log closed: %s", counts)
+            self._log = None
+
     # Endpoints ---------------------------------------------------------------------------
 
     @app.post("/predict", summary="P(churn) and label per record",
@@ -510,6 +552,7 @@ class ChurnService:
                 a["customer_id"] = parsed.ids[i]
             answers.append(a)
         self._decide(model, answers, proba)
+        self._record(request, model, "predict", parsed.records, answers)
         return _json(answers[0] if parsed.single else answers)
 
     @app.post("/explain", summary="SHAP contributions per raw feature",
@@ -524,6 +567,7 @@ class ChurnService:
             return self._error(exc)
         loop = asyncio.get_running_loop()
         answers = await loop.run_in_executor(self._explain_pool, self._explain, model, X, parsed.ids, started)
+        self._record(request, model, "explain", parsed.records, answers)
         return _json(answers[0] if parsed.single else answers)
 
     @app.get("/healthz", summary="ready / degraded / not_ready",
@@ -622,6 +666,11 @@ def settings_from_config(cfg: Config, api_key_sha256: Union[str, None] = None) -
         "docs": {"descriptions": dict(cfg.features.descriptions), "example": cfg.features.example},
         # only a hash of the key travels in the deployment's arguments
         "api_key_sha256": api_key_sha256,
+        # the prediction log: where every answer is recorded (None: not recorded)
+        "log": {"uri": cfg.log_uri, "spool_dir": str(cfg.spool_path), "batch_rows": cfg.monitoring.batch_rows,
+                "flush_interval_s": cfg.monitoring.flush_interval_s, "queue_max": cfg.monitoring.queue_max,
+                "retry_s": cfg.monitoring.retry_s} if cfg.monitoring.log_serving else None,
+        "shutdown_grace_s": s.shutdown_grace_s,
     }
 
 

@@ -31,7 +31,8 @@ SMALL = {
 }
 
 # Variables that would point the library somewhere else than the test's workspace.
-_LEAKY_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME", "RAY_ADDRESS", "CHURN_WORKSPACE")
+_LEAKY_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME", "RAY_ADDRESS", "CHURN_WORKSPACE",
+              "CHURN_LOG_URI")
 
 
 def pytest_configure(config: Any) -> None:
@@ -340,6 +341,72 @@ def mlflow_server(postgres_db, s3_endpoint, tmp_path_factory):
 
 
 # Signals: a real command in its own session, a real signal ------------------------------------------
+
+
+class Forwarder:
+    """A TCP forwarder to a server (PostgreSQL) that can be cut and restored: the server 'going
+    down' for one client only, then coming back on the same port."""
+
+    def __init__(self, target: tuple[str, int]):
+        import socket
+        import threading
+
+        self.target = target
+        self.port = 0
+        self.conns: list = []
+        self.up = False
+        self._threading, self._socket = threading, socket
+        self.restore()
+
+    def restore(self) -> None:
+        socket = self._socket
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", self.port))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.up = True
+        self._threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def _accept(self, listener) -> None:
+        while self.up:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            if not self.up:
+                client.close()
+                return
+            server = self._socket.create_connection(self.target)
+            self.conns += [client, server]
+            for a, b in ((client, server), (server, client)):
+                self._threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a, b) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def cut(self) -> None:
+        """Every open connection reset and nothing listening: the server is gone."""
+        self.up = False
+        self.listener.close()
+        for s in self.conns:
+            try:
+                s.shutdown(self._socket.SHUT_RDWR)
+                s.close()
+            except OSError:
+                pass
+        self.conns = []
 
 
 def cli_env(**extra: str) -> dict:

@@ -103,6 +103,24 @@ def test_scores_match_the_registered_model_row_for_row(store, scored):
     assert d["expected_value"] == pytest.approx(df.loc[df["contact"], "expected_value"].sum())
 
 
+def test_the_run_is_recorded_in_the_prediction_log_pointing_at_its_output(store, scored):
+    """One row per run (the scores stay in Parquet): which version, what it read, where it wrote."""
+    import sqlalchemy as sa
+
+    from churnlib.predlog.schema import prediction_runs
+    from churnlib.predlog.store import LogStore
+
+    result, df = scored
+    store_ = LogStore(store["cfg"].log_uri)
+    with store_.engine.connect() as conn:
+        row = conn.execute(sa.select(prediction_runs).where(prediction_runs.c.run_id == result.run_id)).mappings().one()
+    store_.close()
+    assert row["model_name"] == store["cfg"].model.registered_name and row["model_version"] == str(store["version"])
+    assert row["output_uri"] == str(store["ws"] / "scores") and row["input_uri"] == str(store["csv"])
+    assert row["rows_scored"] == len(df) == 2997 and row["contacts"] == int(df["contact"].sum())
+    assert row["contacts_only"] is False and row["finished"] >= row["started"]
+
+
 def test_a_capacity_keeps_exactly_that_many_of_the_highest_risks(store, scored):
     """decision.capacity below the customers above the threshold: exactly that many contacts,
     the highest P(churn); everything else in the output as without a capacity."""

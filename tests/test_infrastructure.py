@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import re
 import shutil
-import socket
 import subprocess
-import threading
 
 import mlflow
 import pytest
@@ -22,6 +20,7 @@ from churnlib.errors import TrackingError
 from tests.conftest import (
     REPO,
     S3_KEYS,
+    Forwarder,
     free_port,
     make_config,
     require_service,
@@ -67,8 +66,8 @@ def test_compose_config_parses_offline_with_an_env_file(tmp_path):
 def test_compose_services_healthchecks_volumes_and_dependencies():
     doc = _compose()
     services = doc["services"]
-    assert set(services) == {"postgres", "minio", "minio-init", "mlflow", "ray-head", "ray-worker", "prometheus",
-                             "grafana"}
+    assert set(services) == {"postgres", "minio", "minio-init", "log-db-init", "mlflow", "ray-head", "ray-worker",
+                             "prometheus", "grafana"}
     for name in ("postgres", "minio", "mlflow", "ray-head", "prometheus", "grafana"):
         assert services[name]["healthcheck"]["test"], name
     assert set(doc["volumes"]) == {"postgres-data", "minio-data", "prometheus-data", "grafana-data"}
@@ -78,6 +77,12 @@ def test_compose_services_healthchecks_volumes_and_dependencies():
     assert services["mlflow"]["depends_on"] == {"postgres": {"condition": "service_healthy"},
                                                 "minio-init": {"condition": "service_completed_successfully"}}
     assert services["ray-head"]["depends_on"]["mlflow"]["condition"] == "service_healthy"
+    # the prediction log: its own database, made idempotently before the Ray nodes start, named to them
+    assert services["ray-head"]["depends_on"]["log-db-init"]["condition"] == "service_completed_successfully"
+    assert "CREATE DATABASE" in " ".join(services["log-db-init"]["command"]) and "grep -q 1 ||" in " ".join(
+        services["log-db-init"]["command"])
+    for node in ("ray-head", "ray-worker"):
+        assert services[node]["environment"]["CHURN_LOG_URI"].endswith("@postgres:5432/${CHURN_LOG_DB:-churn_log}")
     assert services["ray-worker"]["depends_on"]["ray-head"]["condition"] == "service_healthy"
     command = " ".join(services["mlflow"]["command"])
     assert "--serve-artifacts" in command and "--artifacts-destination" in command
@@ -335,59 +340,6 @@ def test_missing_bucket_behind_the_server(postgres_db, s3_endpoint, tmp_path):
         admin.close()
 
 
-class _Forwarder:
-    """A TCP forwarder to PostgreSQL that can be cut: PostgreSQL 'going down' for one server only."""
-
-    def __init__(self, target: tuple[str, int]):
-        self.target = target
-        self.listener = socket.socket()
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(64)
-        self.port = self.listener.getsockname()[1]
-        self.conns: list[socket.socket] = []
-        self.up = True
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while self.up:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            if not self.up:
-                client.close()
-                return
-            server = socket.create_connection(self.target)
-            self.conns += [client, server]
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(a: socket.socket, b: socket.socket) -> None:
-        try:
-            while data := a.recv(65536):
-                b.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (a, b):
-                try:
-                    s.close()
-                except OSError:
-                    pass
-
-    def cut(self) -> None:
-        self.up = False
-        self.listener.close()
-        for s in self.conns:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-                s.close()
-            except OSError:
-                pass
-
-
 def test_postgresql_down(postgres_db, s3_endpoint, tmp_path):
     """PostgreSQL gone under a running server, and a database store that is down: one line each."""
     import psycopg
@@ -403,7 +355,7 @@ def test_postgresql_down(postgres_db, s3_endpoint, tmp_path):
     name = postgres_db["name"] + "_cut"
     admin = psycopg.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", autocommit=True)
     admin.cursor().execute(f'CREATE DATABASE "{name}"')
-    forwarder = _Forwarder(("127.0.0.1", 5432))
+    forwarder = Forwarder(("127.0.0.1", 5432))
     proc, uri = start_mlflow_server(f"postgresql://postgres@127.0.0.1:{forwarder.port}/{name}", "s3://churn-artifacts/cut",
                                     {"MLFLOW_S3_ENDPOINT_URL": s3_endpoint, **S3_KEYS}, tmp_path / "server.log")
     try:

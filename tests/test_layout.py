@@ -20,17 +20,17 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.unit
 
 PACKAGES = ("churnlib", "serve", "ray_jobs")
-STAGES = ("data", "decision", "model", "train", "tune", "evaluate", "registry", "batch", "serving")
+STAGES = ("data", "decision", "predlog", "monitor", "model", "train", "tune", "evaluate", "registry", "batch", "serving")
 # Lower rank = lower layer: a module imports only modules of a lower or equal rank
 # (equal: within its own stage folder, or shared modules among themselves).
 RANKS = {
     "churnlib.errors": 0, "churnlib.tags": 0, "churnlib.console": 0, "churnlib.interrupts": 0,
     "churnlib.config": 1, "churnlib.runtime": 1, "churnlib.figures": 1,
     "churnlib.tracking": 2,
-    "churnlib.data": 3, "churnlib.decision": 3,
+    "churnlib.data": 3, "churnlib.decision": 3, "churnlib.predlog": 3,
     "churnlib.model": 4,
     "churnlib.train": 5, "churnlib.evaluate": 5, "churnlib.batch": 5,
-    "churnlib.registry": 6,
+    "churnlib.registry": 6, "churnlib.monitor": 6,
     "churnlib.tune": 7, "churnlib.serving": 7,
     "churnlib.pyfunc": 8, "churnlib.quickstart": 8,
     "churnlib.cli": 9, "churnlib.__main__": 10,

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import mlflow
@@ -142,6 +143,56 @@ def test_concurrent_single_records_are_batched_and_correct(lab, pinned):
     got = {a["customer_id"]: a["churn_probability"] for a in answers}
     for rec, p in zip(records, expected["churn_probability"]):
         assert got[rec["CustomerID"]] == pytest.approx(p, rel=1e-6)
+
+
+def test_every_answer_is_recorded_in_the_prediction_log(lab, pinned):
+    """25 single records, a list of 15 and an explanation of 3: 43 rows in the log (SQLite in the
+    workspace), each with its request id, the version that answered, the route, the probability
+    and the decision answered, and the raw record."""
+    import sqlalchemy as sa
+
+    from churnlib.predlog.schema import predictions
+    from churnlib.predlog.store import LogStore
+
+    tag = uuid.uuid4().hex[:8]
+    answers: dict[str, list[dict]] = {}
+    sent: dict[str, list[dict]] = {}
+    for i in range(25):
+        rid = f"{tag}-one-{i}"
+        sent[rid] = [raw(lab, i)]
+        answers[rid] = [requests.post(f"{pinned}/predict", json=sent[rid][0], timeout=30,
+                                      headers={"X-Request-ID": rid}).json()]
+    rid = f"{tag}-list"
+    sent[rid] = [raw(lab, i) for i in range(15, 30)]
+    answers[rid] = requests.post(f"{pinned}/predict", json=sent[rid], timeout=30, headers={"X-Request-ID": rid}).json()
+    rid = f"{tag}-explain"
+    sent[rid] = [raw(lab, i) for i in range(3)]
+    answers[rid] = requests.post(f"{pinned}/explain", json=sent[rid], timeout=60, headers={"X-Request-ID": rid}).json()
+    store = LogStore(make_config(lab["ws"]).log_uri)
+
+    def logged() -> list:
+        if store.version() is None:  # the replica's writer has not migrated the log yet
+            return []
+        with store.engine.connect() as conn:
+            return conn.execute(sa.select(predictions).where(predictions.c.request_id.like(f"{tag}-%"))
+                                .order_by(predictions.c.id)).mappings().all()
+
+    _wait(lambda: len(logged()) == 43, 30)
+    rows = logged()
+    assert len(rows) == 43 and len({r["prediction_id"] for r in rows}) == 43
+    by_request: dict[str, list] = {}
+    for r in rows:
+        by_request.setdefault(r["request_id"], []).append(r)
+    assert set(by_request) == set(sent)
+    for rid, got in by_request.items():
+        for row, answer, record in zip(got, answers[rid], sent[rid]):
+            assert row["model_name"] == answer["model_name"] and row["model_version"] == answer["model_version"]
+            assert row["route"] == "pinned" and row["endpoint"] == ("explain" if rid.endswith("explain") else "predict")
+            assert row["probability"] == answer["churn_probability"] and row["label"] == answer["churn_label"]
+            assert row["contact"] == answer["contact"] and row["expected_value"] == pytest.approx(answer["expected_value"])
+            features = {k: v for k, v in record.items() if k != "CustomerID"}  # the id has its own column
+            assert row["customer_id"] == str(record["CustomerID"]) and json.loads(row["features"]) == features
+    store.close()
 
 
 def test_explain_is_additive_and_sorted(lab, pinned):
@@ -432,7 +483,8 @@ def test_prometheus_metrics_by_version_and_label(lab, pinned):
 
     def scrape() -> bool:
         text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-        for name in ("ray_churn_predictions_total", "ray_churn_model_latency_ms_count"):
+        for name in ("ray_churn_predictions_total", "ray_churn_model_latency_ms_count",
+                     "ray_churn_prediction_log_rows_total"):
             found[name] = [line for line in text.splitlines()
                            if line.startswith(name + "{") and 'application="pinned"' in line]
         found["serve"] = [line for line in text.splitlines() if line.startswith("ray_serve_num_http_requests_total{")]
@@ -442,6 +494,7 @@ def test_prometheus_metrics_by_version_and_label(lab, pinned):
     labels = " ".join(found["ray_churn_predictions_total"])
     assert 'label="1"' in labels or 'label="0"' in labels
     assert 'model_version="' in labels
+    assert any('kind="written"' in line for line in found["ray_churn_prediction_log_rows_total"])
     # the same metrics on the Serve port, where people look (issue: 404 there, a random port elsewhere)
     here = requests.get(f"{pinned}/metrics", timeout=30)
     assert here.status_code == 200 and here.headers["content-type"].startswith("text/plain")

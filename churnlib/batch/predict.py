@@ -28,6 +28,7 @@ partial file is ever left looking complete.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import math
@@ -49,10 +50,11 @@ from churnlib.data.profiles import batch_counts, compare, merge_counts, summary_
 from churnlib.data.sources import check_columns, filesystem, read_raw, resolve_source
 from churnlib.data.validation import as_data_error
 from churnlib.decision.value import Decision, expected_value
-from churnlib.errors import DataError, ResourceError
+from churnlib.errors import DataError, LogStoreError, ResourceError
 from churnlib.model import loading
 from churnlib.model.explain import top_reasons
 from churnlib.model.scoring import BatchScorer, actor_pool, put_payloads
+from churnlib.predlog.store import LogStore
 from churnlib.runtime import ensure_ray, quiet_logs
 from churnlib.tags import TAG_COMMAND, TAG_MODEL_URI, TAG_MODEL_VERSION
 
@@ -247,6 +249,7 @@ def predict(
 
     quiet_logs(verbose)
     t_start = time.perf_counter()
+    started_at = dt.datetime.now(dt.timezone.utc)
     source = resolve_source(input_path)
     rejects_path = rejects_path or f"{output_path.rstrip('/')}_rejects"
     fs, final, staging, local = _staging(output_path)
@@ -305,7 +308,30 @@ def predict(
             log_drift(drifts, cfg.drift.psi_moderate, cfg.drift.psi_major)
         elif cfg.scoring.drift and predictor.profile is None:
             say("drift: the model carries no training profile (trained before profiles were stored); no drift report")
+        _record_run(cfg, result, run.info.run_id, started_at, source.uri, model, contacts_only, say)
     return result
+
+
+def _record_run(cfg: Config, result: PredictResult, run_id: str, started_at: dt.datetime, input_uri: str,
+                model: Any, contacts_only: bool, say: Callable[[str], None]) -> None:
+    """The run in the prediction log: one row pointing at its Parquet output (``churn monitor``
+    reads the scores there; millions of rows are not copied through SQL). A log that cannot be
+    reached costs a line, not the scores."""
+    store = LogStore(cfg.log_uri)
+    try:
+        store.migrate()
+        store.record_run({
+            "run_id": run_id, "started": started_at, "finished": dt.datetime.now(dt.timezone.utc),
+            "model_name": model.ref.name or model.predictor.meta.get("model_name") or "model",
+            "model_version": str(model.ref.version or (model.ref.run_id or "")[:12]),
+            "input_uri": input_uri, "output_uri": result.output, "rows_scored": int(result.counts.get("scored", 0)),
+            "contacts": None if result.decision is None else int(result.decision["contacts"]),
+            "contacts_only": contacts_only,
+        })
+    except LogStoreError as exc:
+        say(f"prediction log: this run is not recorded ({exc}); its scores are in {result.output}")
+    finally:
+        store.close()
 
 
 def _score_to(source: Any, spec: Any, columns: list[str], predictor: Any, scoring: Any, explain_top: int,

@@ -174,6 +174,19 @@ def _delimiter_hint(source: Source, header: list[str]) -> str:
     return ""
 
 
+def require_columns(source: Source, wanted: list[str], what: str) -> None:
+    """Raise a DataError naming the first file that lacks one of ``wanted`` (``what`` says what for)."""
+    for path in source.files:
+        try:
+            header = _header(source, path)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DataError(f"{path}: cannot read it as {source.format}: {first_line(exc)}") from None
+        absent = [c for c in wanted if c not in header]
+        if absent:
+            raise DataError(f"{path}: missing column(s) {', '.join(map(repr, absent))} ({what})"
+                            f"{_delimiter_hint(source, header)}")
+
+
 def check_columns(source: Source, spec: FeatureSpec, need_target: bool = True) -> list[str]:
     """Raise a DataError naming the configured columns a file lacks; return the columns to read."""
     wanted = spec.feature_names + ([spec.target] if need_target else [])

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from churnlib import tracking
 from churnlib.errors import ConfigError, ServeError
+from churnlib.predlog.store import safe_uri
 from churnlib.runtime import check_port_free, ensure_ray, on_workspace_instance, running
 from churnlib.serving.haproxy import (
     haproxy_processes,
@@ -196,6 +197,9 @@ def run_until_interrupted(cfg: Config, builder_args: dict[str, Any], port: int, 
                 "Ctrl-C stops")
         else:
             say(f"serve: up at {url}, not ready yet: {health.get('reason')}; it picks the model up when there is one")
+        if cfg.monitoring.log_serving:
+            say(f"serve: every answer is recorded in the prediction log at {safe_uri(cfg.log_uri)} (spooled to "
+                f"{cfg.spool_path} while it is down)")
         while True:
             time.sleep(0.5)
             failure = ray_failure() if started.local else None
