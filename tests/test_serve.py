@@ -195,6 +195,39 @@ def test_every_answer_is_recorded_in_the_prediction_log(lab, pinned):
     store.close()
 
 
+def test_a_replica_that_stops_flushes_its_log_queue(lab, http):
+    """Rows still queued when the app is deleted (a 60 s flush interval holds them) reach the log as
+    the replica stops: Serve calls the deployment's __del__, which drains the writer."""
+    import sqlalchemy as sa
+    from ray import serve
+
+    from churnlib.predlog.schema import predictions
+    from churnlib.predlog.store import LogStore
+    from serve.app import UriLoader, build_app
+
+    tag = uuid.uuid4().hex[:8]
+    loader = UriLoader(f"runs:/{lab['runs']['a']}/model", lab["cfg"].tracking_uri)
+    args = {"set": overrides(lab, **{"monitoring.flush_interval_s": 60, "monitoring.batch_rows": 100000}),
+            "loader": loader}
+    serve.run(build_app(args), name="flush", route_prefix="/flush")
+    for i in range(20):
+        assert requests.post(f"{http}/flush/predict", json=raw(lab, i), timeout=30,
+                             headers={"X-Request-ID": f"{tag}-{i}"}).status_code == 200
+    store = LogStore(make_config(lab["ws"]).log_uri)
+
+    def count() -> int:
+        if store.version() is None:
+            return 0
+        with store.engine.connect() as conn:
+            return conn.execute(sa.select(sa.func.count()).select_from(predictions)
+                                .where(predictions.c.request_id.like(f"{tag}-%"))).scalar()
+
+    assert count() == 0  # still on the replica's queue
+    serve.delete("flush")
+    assert count() == 20
+    store.close()
+
+
 def test_explain_is_additive_and_sorted(lab, pinned):
     records = [raw(lab, i) for i in range(5)]
     answers = requests.post(f"{pinned}/explain", json=records, timeout=30).json()

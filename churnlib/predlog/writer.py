@@ -221,22 +221,34 @@ class LogWriter:
 
     # The writer's side ---------------------------------------------------------------------
 
+    def _get(self, timeout: float) -> list[dict[str, Any]] | None:
+        """The next queued rows, waiting at most ``timeout`` in short slices, so that a stop is
+        seen at once (then only what is already queued is taken)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                if self._stopping.is_set() or left <= 0:
+                    return self._queue.get_nowait()
+                return self._queue.get(timeout=min(left, 0.05))
+            except queue.Empty:
+                if self._stopping.is_set() or time.monotonic() >= deadline:
+                    return None
+
     def _take(self) -> list[dict[str, Any]]:
-        """Rows for one batch: up to batch_rows, waiting at most flush_interval_s after the first."""
+        """Rows for one batch: up to batch_rows, waiting at most flush_interval_s after the first
+        (on a stop, at once: what is queued)."""
         rows: list[dict[str, Any]] = []
-        try:
-            rows.extend(self._queue.get(timeout=self.flush_interval_s))
-        except queue.Empty:
+        first = self._get(self.flush_interval_s)
+        if first is None:
             return rows
+        rows.extend(first)
         deadline = time.monotonic() + self.flush_interval_s
         while len(rows) < self.batch_rows:
-            left = deadline - time.monotonic()
-            if left <= 0 and not self._stopping.is_set():
+            more = self._get(max(deadline - time.monotonic(), 0.0))
+            if more is None:
                 break
-            try:
-                rows.extend(self._queue.get(timeout=max(left, 0.0)) if left > 0 else self._queue.get_nowait())
-            except queue.Empty:
-                break
+            rows.extend(more)
         return rows
 
     def _run(self) -> None:
