@@ -26,6 +26,7 @@ from churnlib.errors import (
     ChurnError,
     ConfigError,
     GateFailedError,
+    MonitorAlert,
     RegistryError,
     last_line,
     telling_line,
@@ -62,6 +63,7 @@ EXAMPLES = {
     "models decide": "churn models decide --set decision.contact_cost=100     # the champion, break-even P\n"
                      "churn models decide --version 3 --data outcomes.csv --config telco.yaml",
     "outcomes load": "churn outcomes load --data outcomes_2026-11.csv   # CustomerID, Churn, observed_at",
+    "monitor": "churn monitor --since 2026-11-01 --window 1d\nchurn monitor --since 24h --window 1h --json",
     "predict": "churn predict --input s3://bucket/customers/ --output s3://bucket/scores/2026-12-01/ --explain\n"
                "churn predict --input customers.csv --output calls/ --contacts-only --explain --set decision.capacity=500",
     "drift": "churn drift --reference models:/xgboost_churn_model@champion --data this_month.csv",
@@ -197,6 +199,16 @@ def build_parser() -> argparse.ArgumentParser:
     p_oload.add_argument("--data", required=True, help="CSV or Parquet file or folder (local or s3://)")
     _common(p_oload)
     p_oload.set_defaults(func=cmd_outcomes_load)
+
+    p_mon = sub.add_parser("monitor", help="per version and window: volume, scores, live drift, realized and estimated "
+                                           "performance, alerts (exit 4)")
+    p_mon.add_argument("--since", help="from (ISO date or time, UTC; or a span back from now: 7d, 12h); default 7d "
+                                       "before --until")
+    p_mon.add_argument("--until", help="to (ISO date or time, UTC; or a span back from now); default now")
+    p_mon.add_argument("--window", help="window length (1d, 12h, 7d); default monitoring.window")
+    p_mon.add_argument("--no-record", action="store_true", help="print the report only (no MLflow monitoring run)")
+    _common(p_mon)
+    p_mon.set_defaults(func=cmd_monitor)
 
     p_pred = sub.add_parser("predict", help="score a table with the champion (Ray Data), with rejects and a drift report")
     add_predict_arguments(p_pred)
@@ -570,6 +582,29 @@ def cmd_outcomes_load(args: argparse.Namespace) -> int:
 
     result = load_outcomes(_load(args), args.data, say=say)
     _emit(args, result.to_dict(), lambda: print(f"loaded: {result.loaded}\nrejected: {result.rejected}"))
+    return 0
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    """`churn monitor`: the report; exit 4 when an alert fired (after printing and recording it)."""
+    from churnlib.monitor.report import lines, monitor, record
+
+    quiet_logs(args.verbose)
+    cfg = _load(args)
+    result = monitor(cfg, args.since, args.until, args.window, say=say)
+    payload = result.to_dict()
+    if not args.no_record and result.windows:
+        payload["run_id"] = record(cfg, result)
+
+    def human() -> None:
+        for line in lines(result):
+            print(line)
+        if payload.get("run_id"):
+            print(f"run_id: {payload['run_id']}")
+
+    _emit(args, payload, human)
+    if result.alerts:
+        raise MonitorAlert(f"{len(result.alerts)} alert(s); first: {result.alerts[0]}")
     return 0
 
 

@@ -309,6 +309,14 @@ class TuneSettings(_Section):
         return value
 
 
+class AlertsConfig(_Section):
+    """`churn monitor`'s alert thresholds per model version and window (null: no such alert)."""
+    drift_psi: float | None = Field(default=None, gt=0.0)  # a feature's PSI above this
+    realized_roc_auc: float | None = Field(default=None, gt=0.0, le=1.0)  # below this
+    estimated_roc_auc: float | None = Field(default=None, gt=0.0, le=1.0)  # below this
+    min_volume: int | None = Field(default=None, ge=1)  # fewer predictions than this
+
+
 class MonitoringConfig(_Section):
     """The prediction log (where every answer and batch run is recorded) and its writer."""
     log_uri: str | None = None
@@ -320,6 +328,9 @@ class MonitoringConfig(_Section):
     spool_dir: str | None = None
     outcome_column: str | None = None
     observed_at_column: str = Field(min_length=1)
+    horizon_days: float = Field(gt=0.0)
+    window: str = Field(min_length=2)
+    alerts: AlertsConfig
 
 
 class ServeConfig(_Section):

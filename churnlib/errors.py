@@ -147,6 +147,13 @@ class ServeError(ChurnError):
     """The server cannot go on (its Ray instance died) (exit 1)."""
 
 
+class MonitorAlert(ChurnError):
+    """`churn monitor` found a threshold crossed (drift, AUC, volume): the report is written,
+    exit 4, so that a scheduler or a `ray job` chain can start retraining."""
+
+    exit_code = 4
+
+
 class LogStoreError(ChurnError):
     """The prediction log's database cannot be reached or migrated (exit 1)."""
 

@@ -45,6 +45,11 @@ TAG_ROLLED_BACK = "churn.rolled_back"
 # it over the decision the model was trained with.
 TAG_DECISION = "churn.decision"
 
+# A `churn monitor` run: the range it covers and how many alerts it raised
+TAG_MONITOR_SINCE = "churn.monitor.since"
+TAG_MONITOR_UNTIL = "churn.monitor.until"
+TAG_MONITOR_ALERTS = "churn.monitor.alerts"
+
 # Tune: the sweep's parent run and its trial runs
 TAG_SWEEP = "churn.sweep"
 TAG_TRIAL = "churn.trial_id"
