@@ -330,6 +330,8 @@ class MonitoringConfig(_Section):
     observed_at_column: str = Field(min_length=1)
     horizon_days: float = Field(gt=0.0)
     window: str = Field(min_length=2)
+    live_window_rows: int = Field(ge=100)
+    live_interval_s: float = Field(gt=0.0)
     alerts: AlertsConfig
 
 

@@ -70,6 +70,7 @@ from churnlib.data.features import FeatureSpec, to_matrix
 from churnlib.decision.value import Decision, expected_value
 from churnlib.errors import FeatureError, NoSuchAliasError, one_line
 from churnlib.model.explain import top_reasons
+from churnlib.monitor.live import LiveWindow, measure
 from churnlib.predlog.writer import LogWriter
 from serve.loaders import LoadedVersion, RegistryLoader, UriLoader
 from serve.validation import Limits, RequestError, Validator
@@ -299,10 +300,20 @@ class ChurnService:
             self._log = LogWriter(log["uri"], log["spool_dir"], batch_rows=log["batch_rows"],
                                   flush_interval_s=log["flush_interval_s"], queue_max=log["queue_max"],
                                   retry_s=log["retry_s"], on_count=lambda kind, n: rows.inc(n, tags={"kind": kind}))
+        self._live: Optional[LiveWindow] = None
+        self._live_version: Optional[str] = None
+        self._live_psi = metrics.Gauge(
+            "churn_live_psi", description="PSI of each feature over the replica's last monitoring.live_window_rows "
+            "records against the training profile.", tag_keys=("model_version", "feature"))
+        self._live_scores = metrics.Gauge(
+            "churn_live_score_share", description="Share of the replica's last records per tenth of P(churn).",
+            tag_keys=("model_version", "bin"))
         self.refresh()
         self._stop = threading.Event()
         if loader.follows_alias:
             threading.Thread(target=self._follow, name="churn-follow-alias", daemon=True).start()
+        if settings.get("live"):
+            threading.Thread(target=self._measure_live, name="churn-live-drift", daemon=True).start()
 
     # Following the alias -----------------------------------------------------------
 
@@ -499,6 +510,32 @@ class ChurnService:
         self._decide(model, answers, proba)
         return answers
 
+    def _observe(self, model: LoadedVersion, X: np.ndarray, proba: np.ndarray) -> None:
+        """The scored rows into the live window (a copy; measured on the live-drift thread)."""
+        live = self._settings.get("live")
+        if not live:
+            return
+        if self._live is None or self._live_version != model.version:  # a new version: a new window
+            self._live, self._live_version = LiveWindow(X.shape[1], int(live["rows"])), model.version
+        self._live.add(X, np.asarray(proba, dtype=np.float32))
+
+    def _measure_live(self) -> None:
+        live = self._settings["live"]
+        while not self._stop.wait(float(live["interval_s"])):
+            try:
+                model, window = self._model, self._live
+                if model is None or window is None or self._live_version != model.version:
+                    continue
+                found = measure(window, model.predictor.profile, model.predictor.spec, live["psi_moderate"],
+                                live["psi_major"])
+                for feature, value in found["psi"].items():
+                    self._live_psi.set(value, tags={"model_version": model.version, "feature": feature})
+                for i, share in enumerate(found["score_shares"]):
+                    self._live_scores.set(share, tags={"model_version": model.version,
+                                                       "bin": f"{i / 10:.1f}-{(i + 1) / 10:.1f}"})
+            except Exception:  # noqa: BLE001 - the thread must never die
+                logger.exception("churn: live drift failed")
+
     def _record(self, request: Request, model: LoadedVersion, endpoint: str, records: list[dict],
                 answers: list[dict[str, Any]]) -> None:
         """Hand the answers to the prediction log's writer (a queue put: the database is never waited on)."""
@@ -552,6 +589,7 @@ class ChurnService:
                 a["customer_id"] = parsed.ids[i]
             answers.append(a)
         self._decide(model, answers, proba)
+        self._observe(model, X, proba)
         self._record(request, model, "predict", parsed.records, answers)
         return _json(answers[0] if parsed.single else answers)
 
@@ -671,6 +709,9 @@ def settings_from_config(cfg: Config, api_key_sha256: Union[str, None] = None) -
                 "flush_interval_s": cfg.monitoring.flush_interval_s, "queue_max": cfg.monitoring.queue_max,
                 "retry_s": cfg.monitoring.retry_s} if cfg.monitoring.log_serving else None,
         "shutdown_grace_s": s.shutdown_grace_s,
+        # live drift on /metrics: the replica's last rows against the training profile
+        "live": {"rows": cfg.monitoring.live_window_rows, "interval_s": cfg.monitoring.live_interval_s,
+                 "psi_moderate": cfg.drift.psi_moderate, "psi_major": cfg.drift.psi_major},
     }
 
 

@@ -536,6 +536,36 @@ def test_prometheus_metrics_by_version_and_label(lab, pinned):
     assert "ray_serve_num_http_requests_total{" in here.text
 
 
+def test_live_drift_of_the_last_records_is_on_metrics(lab, deploy):
+    """Traffic whose customers are 25 years older than the training table's: the replica's live
+    PSI for Age crosses the major threshold on /metrics, a feature left alone stays low, and the
+    score histogram of the window is there."""
+    from serve.app import UriLoader
+
+    loader = UriLoader(f"runs:/{lab['runs']['a']}/model", lab["cfg"].tracking_uri)
+    url = deploy("live", {"set": overrides(lab, **{"monitoring.live_interval_s": 0.5,
+                                                   "monitoring.live_window_rows": 300,
+                                                   "monitoring.log_serving": False}), "loader": loader})
+    traffic = next(iter_chunks(300, seed=23, chunk_rows=300)).drop(columns=["Churn"])
+    traffic["Age"] = traffic["Age"] + 25
+    records = [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in traffic.to_dict("records")]
+    for i in range(0, 300, 50):
+        assert requests.post(f"{url}/predict", json=records[i:i + 50], timeout=30).status_code == 200
+    found: dict[str, float] = {}
+
+    def scrape() -> bool:
+        for line in requests.get(f"{url}/metrics", timeout=10).text.splitlines():
+            if line.startswith(("ray_churn_live_psi{", "ray_churn_live_score_share{")) and 'application="live"' in line:
+                name = re.search(r'(?:feature|bin)="([^"]+)"', line).group(1)
+                found[name] = float(line.rsplit(" ", 1)[1])
+        return "Age" in found and "Tenure" in found and "0.9-1.0" in found
+
+    _wait(scrape, 60)
+    assert found["Age"] > 0.25 and found["Tenure"] < 0.1
+    shares = [found[f"{i / 10:.1f}-{(i + 1) / 10:.1f}"] for i in range(10)]
+    assert sum(shares) == pytest.approx(1.0, abs=1e-6)
+
+
 def test_serve_config_yaml_is_valid_for_serve_deploy(lab, monkeypatch):
     from ray.serve.schema import ServeDeploySchema
 
