@@ -49,6 +49,7 @@ import asyncio
 import datetime
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import math
@@ -71,7 +72,7 @@ from churnlib.decision.value import Decision, expected_value
 from churnlib.errors import FeatureError, NoSuchAliasError, one_line
 from churnlib.model.explain import top_reasons
 from churnlib.monitor.live import LiveWindow, measure
-from churnlib.predlog.writer import LogWriter
+from churnlib.predlog.writer import Answered, LogWriter
 from serve.loaders import LoadedVersion, RegistryLoader, UriLoader
 from serve.validation import Limits, RequestError, Validator
 
@@ -290,6 +291,8 @@ class ChurnService:
         self._score_one.set_batch_wait_timeout_s(float(settings["batch_wait_timeout_s"]))
         _document(app, self._validator)
         self._log: Optional[LogWriter] = None
+        # request ids for the log when the client sends none: this replica's prefix and a counter
+        self._request_prefix, self._request_seq = f"{uuid.uuid4().hex[:12]}-", itertools.count()
         log = settings.get("log")
         if log:
             rows = metrics.Counter(
@@ -459,16 +462,19 @@ class ChurnService:
         fixed = (self._settings.get("decision") or {}).get("threshold")
         return model.predictor.contact_threshold(fixed, self._decision(model))
 
-    def _decide(self, model: LoadedVersion, answers: list[dict[str, Any]], proba: np.ndarray) -> None:
+    def _decide(self, model: LoadedVersion, answers: list[dict[str, Any]],
+                proba: np.ndarray) -> Optional[tuple[np.ndarray, np.ndarray]]:
         """Add to each answer the expected value of contacting the customer, and whether to
-        (the settings and the threshold looked up once per request)."""
+        (the settings and the threshold looked up once per request) -> (values, contact), or None
+        for a model without a decision."""
         decision = self._decision(model)
         if decision is None:
-            return
+            return None
         values = expected_value(proba, decision)
         contact = np.asarray(proba, dtype=np.float64) >= self._contact_threshold(model)
         for a, v, c in zip(answers, values.tolist(), contact.tolist()):
             a["expected_value"], a["contact"] = v, c
+        return values, contact
 
     def _labels(self, model: LoadedVersion, proba: np.ndarray, endpoint: str, started: float) -> np.ndarray:
         """Labels at the threshold; records the latency and the prediction counters."""
@@ -483,8 +489,9 @@ class ChurnService:
             self._predictions.inc(len(labels) - n_pos, tags={"model_version": model.version, "label": "0"})
         return labels
 
-    def _explain(self, model: LoadedVersion, X: np.ndarray, ids: list, started: float) -> list[dict[str, Any]]:
-        """SHAP answers for a validated matrix (on the explain thread)."""
+    def _explain(self, model: LoadedVersion, X: np.ndarray, ids: list, started: float,
+                 request: Request) -> list[dict[str, Any]]:
+        """SHAP answers for a validated matrix (on the explain thread), recorded in the log."""
         spec_m = model.predictor.spec
         expl = model.predictor.explain(X, "tree", nthread=1)
         proba = model.predictor.score(X)  # as /predict answers it (isotonic: not the margin's sigmoid)
@@ -507,7 +514,8 @@ class ChurnService:
             if ids[i] is not None:
                 a["customer_id"] = ids[i]
             answers.append(a)
-        self._decide(model, answers, proba)
+        decided = self._decide(model, answers, proba)
+        self._record(request, model, "explain", ids, X, proba, labels, decided)
         return answers
 
     def _observe(self, model: LoadedVersion, X: np.ndarray, proba: np.ndarray) -> None:
@@ -536,22 +544,20 @@ class ChurnService:
             except Exception:  # noqa: BLE001 - the thread must never die
                 logger.exception("churn: live drift failed")
 
-    def _record(self, request: Request, model: LoadedVersion, endpoint: str, records: list[dict],
-                answers: list[dict[str, Any]]) -> None:
-        """Hand the answers to the prediction log's writer (a queue put: the database is never waited on)."""
+    def _record(self, request: Request, model: LoadedVersion, endpoint: str, ids: list, X: np.ndarray,
+                proba: np.ndarray, labels: np.ndarray, decided: Optional[tuple[np.ndarray, np.ndarray]]) -> None:
+        """Hand the request's answers to the prediction log's writer: one queue item, the arrays as
+        they are (the rows are made on the writer's thread; the database is never waited on)."""
         if self._log is None:
             return
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        now = datetime.datetime.now(datetime.timezone.utc)
-        route = model.alias or "pinned"
-        self._log.record([
-            {"prediction_id": str(uuid.uuid4()), "ts": now, "request_id": request_id,
-             "customer_id": None if a.get("customer_id") is None else str(a["customer_id"]),
-             "model_name": model.name, "model_version": model.version, "route": route, "endpoint": endpoint,
-             "probability": a["churn_probability"], "label": a["churn_label"], "contact": a.get("contact"),
-             "expected_value": a.get("expected_value"), "features": record}
-            for record, a in zip(records, answers)
-        ])
+        self._log.record(Answered(
+            ts=datetime.datetime.now(datetime.timezone.utc),
+            request_id=request.headers.get("x-request-id") or f"{self._request_prefix}{next(self._request_seq):x}",
+            model_name=model.name,
+            model_version=model.version, route=model.alias or "pinned", endpoint=endpoint, customer_ids=ids,
+            probability=np.asarray(proba, dtype=np.float64), label=np.asarray(labels),
+            contact=None if decided is None else decided[1], expected_value=None if decided is None else decided[0],
+            X=X))
 
     def __del__(self):
         """Serve calls this when the replica stops: the alias poll ends, the log's queue is flushed
@@ -588,9 +594,9 @@ class ChurnService:
             if parsed.ids[i] is not None:
                 a["customer_id"] = parsed.ids[i]
             answers.append(a)
-        self._decide(model, answers, proba)
+        decided = self._decide(model, answers, proba)
         self._observe(model, X, proba)
-        self._record(request, model, "predict", parsed.records, answers)
+        self._record(request, model, "predict", parsed.ids, X, proba, labels, decided)
         return _json(answers[0] if parsed.single else answers)
 
     @app.post("/explain", summary="SHAP contributions per raw feature",
@@ -604,8 +610,8 @@ class ChurnService:
         except RequestError as exc:
             return self._error(exc)
         loop = asyncio.get_running_loop()
-        answers = await loop.run_in_executor(self._explain_pool, self._explain, model, X, parsed.ids, started)
-        self._record(request, model, "explain", parsed.records, answers)
+        answers = await loop.run_in_executor(self._explain_pool, self._explain, model, X, parsed.ids, started,
+                                             request)
         return _json(answers[0] if parsed.single else answers)
 
     @app.get("/healthz", summary="ready / degraded / not_ready",

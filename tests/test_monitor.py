@@ -14,8 +14,10 @@ import pytest
 from mlflow import MlflowClient
 from sklearn.metrics import roc_auc_score
 
+from churnlib.data.features import to_matrix
 from churnlib.data.generation import generate, iter_chunks
 from churnlib.monitor.estimate import expected_accuracy, expected_roc_auc
+from churnlib.predlog.schema import encode_features
 from churnlib.predlog.store import LogStore
 from tests.conftest import log_local_model, make_config, run_cli
 
@@ -57,12 +59,12 @@ def live(tmp_path_factory):
     p = predictor.predict(traffic)
     day = np.repeat([0, 1, 2], 1000)
     ts = [D0 + dt.timedelta(days=int(d), seconds=int(30 * (i % 1000))) for i, d in enumerate(day)]
-    features = traffic[spec.input_columns].drop(columns=[spec.id_column], errors="ignore")
+    X = to_matrix(traffic, spec)  # what Serve records: the model-matrix row of each record
     rows = [{"prediction_id": str(uuid.uuid4()), "ts": ts[i], "request_id": f"r{i}", "customer_id": str(cid),
              "model_name": cfg.model.registered_name, "model_version": version.version, "route": "champion",
              "endpoint": "predict", "probability": float(p["churn_probability"][i]), "label": int(p["churn_label"][i]),
              "contact": bool(p["contact"][i]), "expected_value": float(p["expected_value"][i]),
-             "features": json.dumps({k: (v.item() if hasattr(v, "item") else v) for k, v in features.iloc[i].items()})}
+             "features": encode_features(X[i])}
             for i, cid in enumerate(traffic["CustomerID"])]
     store = LogStore(cfg.log_uri)
     store.migrate()

@@ -12,20 +12,32 @@ import threading
 import time
 import uuid
 
+import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from churnlib.predlog.schema import metadata
+from churnlib.predlog.schema import decode_features, encode_features, metadata
 from churnlib.predlog.store import LogStore
-from churnlib.predlog.writer import LogWriter
+from churnlib.predlog.writer import Answered, LogWriter
 from tests.conftest import REPO, Forwarder, free_port
 
 
 def _row(i: int) -> dict:
+    """A prediction row as a dict (the store's general insert)."""
     return {"prediction_id": str(uuid.uuid4()), "ts": dt.datetime.now(dt.timezone.utc), "request_id": f"r{i}",
             "customer_id": str(i), "model_name": "m", "model_version": "1", "route": "champion",
             "endpoint": "predict", "probability": (i % 100) / 100, "label": int(i % 100 >= 50), "contact": i % 3 == 0,
-            "expected_value": 1.5, "features": json.dumps({"Age": i})}
+            "expected_value": 1.5, "features": encode_features(np.array([i, 1.0], dtype=np.float32))}
+
+
+def _answered(first: int, n: int = 10, request_id: str | None = None) -> Answered:
+    """One request's answers as Serve hands them to the writer: records first .. first + n - 1,
+    request ids r<first> ... (one per record here, to check the order record by record)."""
+    i = np.arange(first, first + n)
+    return Answered(ts=dt.datetime.now(dt.timezone.utc), request_id=request_id or f"r{first}", model_name="m",
+                    model_version="1", route="champion", endpoint="predict", customer_ids=[str(k) for k in i],
+                    probability=(i % 100) / 100, label=(i % 100 >= 50).astype(int), contact=i % 3 == 0,
+                    expected_value=np.full(n, 1.5), X=np.stack([i, np.ones(n)], axis=1).astype(np.float32))
 
 
 @pytest.fixture
@@ -89,13 +101,19 @@ def test_an_unreachable_database_is_one_line_without_the_password():
 def test_the_writer_batches_rows_into_sqlite_and_flushes_on_close(tmp_path):
     writer = LogWriter(f"sqlite:///{tmp_path / 'log.db'}", tmp_path / "spool", batch_rows=100, flush_interval_s=0.05)
     for k in range(30):
-        writer.record([_row(10 * k + j) for j in range(10)])
+        writer.record(_answered(10 * k))
     counts = writer.close()
-    assert counts == {"queued": 300, "written": 300, "spooled": 0, "replayed": 0, "dropped": 0}
+    assert counts == {"queued": 300, "written": 300, "spooled": 0, "replayed": 0, "dropped": 0, "rejected": 0}
     store = LogStore(f"sqlite:///{tmp_path / 'log.db'}")
+    t = metadata.tables["predictions"]
     with store.engine.connect() as conn:
-        ids = [r[0] for r in conn.execute(sa.text("SELECT request_id FROM predictions ORDER BY id"))]
-    assert ids == [f"r{i}" for i in range(300)]
+        got = conn.execute(sa.select(t).order_by(t.c.id)).mappings().all()
+    assert [r["customer_id"] for r in got] == [str(i) for i in range(300)]
+    assert [r["request_id"] for r in got] == [f"r{10 * (i // 10)}" for i in range(300)]
+    first = got[17]
+    assert first["probability"] == 0.17 and first["label"] == 0 and first["contact"] is False
+    assert first["ts"] is not None and first["endpoint"] == "predict" and first["expected_value"] == 1.5
+    np.testing.assert_array_equal(decode_features([r["features"] for r in got[:3]], 2), [[0, 1], [1, 1], [2, 1]])
     assert not (tmp_path / "spool").exists() or list((tmp_path / "spool").iterdir()) == []
 
 
@@ -112,12 +130,12 @@ def test_a_database_outage_under_load_loses_nothing_and_keeps_the_order(pg_log, 
 
     def client(c: int) -> None:
         for k in range(50):
-            rows = [_row(c * 10_000 + 10 * k + j) for j in range(10)]
+            item = _answered(c * 10_000 + 10 * k)
             with lock:  # the order the rows were handed over
                 started = time.perf_counter()
-                writer.record(rows)
+                writer.record(item)
                 slowest[0] = max(slowest[0], time.perf_counter() - started)
-                order.extend(r["prediction_id"] for r in rows)
+                order.extend(item.customer_ids)
             time.sleep(0.02)
 
     threads = [threading.Thread(target=client, args=(c,)) for c in range(4)]
@@ -140,9 +158,9 @@ def test_a_database_outage_under_load_loses_nothing_and_keeps_the_order(pg_log, 
     assert slowest[0] < 0.05  # a queue put, not a database round trip
     store = LogStore(f"postgresql://postgres@127.0.0.1:5432/{pg_log}")
     with store.engine.connect() as conn:
-        logged = [r[0] for r in conn.execute(sa.text("SELECT prediction_id FROM predictions ORDER BY id"))]
-    assert len(logged) == len(set(logged)) == 2000
-    assert logged == order
+        logged = conn.execute(sa.text("SELECT prediction_id, customer_id FROM predictions ORDER BY id")).all()
+    assert len(logged) == len({pid for pid, _ in logged}) == 2000
+    assert [cid for _, cid in logged] == order
     store.close()
 
 
@@ -153,10 +171,11 @@ def test_a_dead_writers_spool_is_replayed_by_the_next(tmp_path, pg_log):
     code = f"""
 import json, sys, time, os
 sys.path.insert(0, {str(REPO)!r})
-from tests.test_predlog import _row
+from tests.test_predlog import _answered
 from churnlib.predlog.writer import LogWriter
 w = LogWriter({dead_uri!r}, {str(tmp_path / 'spool')!r}, batch_rows=20, flush_interval_s=0.05, retry_s=60)
-w.record([_row(i) for i in range(60)])
+for k in range(6):
+    w.record(_answered(10 * k))
 w.flush(30)
 print(w.counts["spooled"], flush=True)
 os._exit(0)
@@ -164,14 +183,14 @@ os._exit(0)
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "60", res.stderr
     writer = LogWriter(f"postgresql://postgres@127.0.0.1:5432/{pg_log}", tmp_path / "spool", flush_interval_s=0.05)
-    writer.record([_row(1000)])
+    writer.record(_answered(1000, n=1))
     assert writer.flush(60)
     counts = writer.close()
     assert counts["replayed"] == 60 and counts["written"] == 1
     store = LogStore(f"postgresql://postgres@127.0.0.1:5432/{pg_log}")
     with store.engine.connect() as conn:
-        ids = [r[0] for r in conn.execute(sa.text("SELECT request_id FROM predictions ORDER BY id"))]
-    assert ids == [f"r{i}" for i in range(60)] + ["r1000"]
+        ids = [r[0] for r in conn.execute(sa.text("SELECT customer_id FROM predictions ORDER BY id"))]
+    assert ids == [str(i) for i in range(60)] + ["1000"]
     assert list((tmp_path / "spool").iterdir()) == []
     store.close()
 
@@ -179,8 +198,8 @@ os._exit(0)
 def test_a_full_queue_drops_and_counts(tmp_path):
     dead_uri = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"
     writer = LogWriter(dead_uri, tmp_path / "spool", queue_max=10, flush_interval_s=5, retry_s=60)
-    writer.record([_row(i) for i in range(10)])
-    writer.record([_row(11)])
+    writer.record(_answered(0))
+    writer.record(_answered(11, n=1))
     assert writer.counts["dropped"] == 1 and writer.counts["queued"] == 10
     counts = writer.close()
     assert counts["spooled"] == 10  # the database is unreachable: the queue goes to disk on close
@@ -235,3 +254,22 @@ def test_outcomes_bad_input_is_one_line_and_writes_nothing(tmp_path):
     res = run_cli("outcomes", "load", "--data", str(tmp_path / "nope.csv"), *common, cwd=tmp_path)
     assert res.returncode == 2 and res.stderr.strip() == f"error: data path not found: {tmp_path / 'nope.csv'}"
     assert not (tmp_path / ".churn" / "prediction_log.db").exists()
+
+
+def test_a_process_that_exits_without_closing_its_writer_loses_nothing(tmp_path):
+    """Rows still queued (a 60 s flush interval holds them) when the process ends without close,
+    as a Ray worker told to stop does: the writer's exit hook writes them."""
+    uri = f"sqlite:///{tmp_path / 'log.db'}"
+    code = f"""
+import sys
+sys.path.insert(0, {str(REPO)!r})
+from tests.test_predlog import _answered
+from churnlib.predlog.writer import LogWriter
+w = LogWriter({uri!r}, {str(tmp_path / 'spool')!r}, flush_interval_s=60, batch_rows=100000)
+for k in range(3):
+    w.record(_answered(10 * k))
+print(w.counts["written"], flush=True)
+"""
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "0", res.stderr  # nothing written before the exit
+    assert LogStore(uri).count("predictions") == 30

@@ -27,7 +27,6 @@ exits 4 when an alert fired.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
@@ -38,14 +37,18 @@ import sqlalchemy as sa
 
 from churnlib import tracking
 from churnlib.console import say as default_say
-from churnlib.data.features import to_matrix
 from churnlib.data.profiles import batch_counts, compare
 from churnlib.data.sources import filesystem
 from churnlib.decision.value import Decision
 from churnlib.errors import ChurnError, DataError
 from churnlib.model import loading
 from churnlib.monitor.estimate import estimated, realized
-from churnlib.predlog.schema import outcomes, prediction_runs, predictions
+from churnlib.predlog.schema import (
+    decode_features,
+    outcomes,
+    prediction_runs,
+    predictions,
+)
 from churnlib.predlog.store import LogStore
 from churnlib.tags import (
     TAG_COMMAND,
@@ -201,10 +204,10 @@ class _Models:
 
 
 def _drift(rows: pd.DataFrame, predictor: Any, cfg: Config) -> list[dict[str, Any]]:
-    records = [json.loads(f) for f in rows["features"].dropna()]
-    if not records or predictor is None or predictor.profile is None:
+    blobs = rows["features"].dropna().tolist()
+    if not blobs or predictor is None or predictor.profile is None:
         return []
-    X = to_matrix(pd.DataFrame.from_records(records), predictor.spec)
+    X = decode_features(blobs, len(predictor.spec.feature_names))
     drifts = compare(predictor.profile, batch_counts(X, predictor.profile, predictor.spec), cfg.drift.psi_moderate,
                      cfg.drift.psi_major)
     return [d.to_dict() for d in drifts]

@@ -17,6 +17,7 @@ password hidden.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import fcntl
 import zlib
 from pathlib import Path
@@ -28,6 +29,9 @@ from churnlib.errors import LogStoreError, first_line
 from churnlib.predlog.schema import metadata, outcomes, prediction_runs, predictions
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+# the writer's row tuples, in this order
+PREDICTION_COLUMNS = ("prediction_id", "ts", "request_id", "customer_id", "model_name", "model_version", "route",
+                      "endpoint", "probability", "label", "contact", "expected_value", "features")
 HEAD = "0001"
 _LOCK_KEY = zlib.crc32(b"churn prediction log migrations")  # the advisory lock's number
 
@@ -82,15 +86,15 @@ class LogStore:
     # Schema --------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _migration_lock(self, conn: sa.Connection) -> Iterator[None]:
-        if self.dialect == "postgresql":
-            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_KEY})
+    def _file_lock(self) -> Iterator[None]:
+        """SQLite: a lock file beside the database, taken before any transaction starts (a
+        transaction opened first could read the schema as it was before another process's
+        migration committed)."""
+        if self._path is None:
             yield
-        elif self._path is not None:
-            with open(self._path.with_name(self._path.name + ".migrate.lock"), "w") as fh:
-                fcntl.flock(fh, fcntl.LOCK_EX)
-                yield
-        else:
+            return
+        with open(self._path.with_name(self._path.name + ".migrate.lock"), "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
             yield
 
     def migrate(self) -> str:
@@ -101,7 +105,9 @@ class LogStore:
         cfg = AlembicConfig()
         cfg.set_main_option("script_location", str(MIGRATIONS))
         try:
-            with self.engine.begin() as conn, self._migration_lock(conn):
+            with self._file_lock(), self.engine.begin() as conn:
+                if self.dialect == "postgresql":  # held to the end of the migration's transaction
+                    conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_KEY})
                 cfg.attributes["connection"] = conn
                 command.upgrade(cfg, "head")
         except sa.exc.OperationalError as exc:
@@ -136,7 +142,21 @@ class LogStore:
             return len(conn.execute(stmt, rows).all())
 
     def insert_predictions(self, rows: list[dict[str, Any]]) -> int:
+        """Prediction rows as dicts (tools, tests) -> how many were new."""
         return self._insert(predictions, rows, ["prediction_id"])
+
+    def insert_prediction_rows(self, rows: list[tuple]) -> None:
+        """The writer's fast path: tuples in ``PREDICTION_COLUMNS`` order, one driver-level
+        executemany (no per-row statement building), ids already present skipped."""
+        if not rows:
+            return
+        mark = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
+        sql = (f"INSERT INTO predictions ({', '.join(PREDICTION_COLUMNS)}) VALUES "
+               f"({', '.join([mark] * len(PREDICTION_COLUMNS))}) ON CONFLICT (prediction_id) DO NOTHING")
+        if self.dialect == "sqlite":  # SQLAlchemy's own text form of a DateTime there: naive UTC
+            rows = [(r[0], r[1].astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f"), *r[2:]) for r in rows]
+        with self.engine.begin() as conn:
+            conn.exec_driver_sql(sql, rows)
 
     def insert_outcomes(self, rows: list[dict[str, Any]]) -> int:
         return self._insert(outcomes, rows, ["customer_id", "observed_at"])

@@ -32,7 +32,7 @@ def upgrade() -> None:
         sa.Column("label", sa.SmallInteger, nullable=False),
         sa.Column("contact", sa.Boolean),
         sa.Column("expected_value", sa.Float),
-        sa.Column("features", sa.Text, nullable=False),
+        sa.Column("features", sa.LargeBinary, nullable=False),
     )
     op.create_index("ix_predictions_customer_ts", "predictions", ["customer_id", "ts"])
     op.create_index("ix_predictions_version_ts", "predictions", ["model_name", "model_version", "ts"])
