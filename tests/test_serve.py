@@ -232,6 +232,66 @@ def test_a_replica_that_stops_flushes_its_log_queue(lab, http):
     store.close()
 
 
+def test_a_database_outage_under_load_fails_no_request_and_loses_no_record(lab, http, postgres_db):
+    """The prediction log on PostgreSQL, cut for 5 s (a TCP forwarder dropped and restored) while
+    8 clients send 50-record requests: every request is answered, the records answered during
+    the outage are spooled and replayed, and the log holds every record answered, once."""
+    import psycopg
+    import sqlalchemy as sa
+    from ray import serve
+
+    from churnlib.predlog.schema import predictions
+    from churnlib.predlog.store import LogStore
+    from serve.app import UriLoader, build_app
+    from tests.conftest import Forwarder
+
+    name = f"serve_log_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    forwarder = Forwarder(("127.0.0.1", 5432))
+    tag = uuid.uuid4().hex[:8]
+    loader = UriLoader(f"runs:/{lab['runs']['a']}/model", lab["cfg"].tracking_uri)
+    args = {"set": overrides(lab, **{"monitoring.log_uri": f"postgresql://postgres@127.0.0.1:{forwarder.port}/{name}",
+                                     "monitoring.retry_s": 0.5, "monitoring.flush_interval_s": 0.2}),
+            "loader": loader}
+    serve.run(build_app(args), name="pglog", route_prefix="/pglog")
+    try:
+        load = Load(f"{http}/pglog", [raw(lab, i % 40) for i in range(50)], clients=8,
+                    headers={"X-Request-ID": tag}).start()
+        forwarder.cut()
+        time.sleep(5)
+        forwarder.restore()
+        time.sleep(2)
+        load.stop()
+        assert load.dropped == [] and load.ok > 20
+        store = LogStore(f"postgresql://postgres@127.0.0.1:5432/{name}")
+
+        def logged() -> list:
+            with store.engine.connect() as conn:
+                return conn.execute(sa.select(predictions.c.prediction_id)
+                                    .where(predictions.c.request_id == tag)).scalars().all()
+
+        _wait(lambda: len(logged()) >= 50 * load.ok, 60)
+        ids = logged()
+        assert len(ids) == len(set(ids)) == 50 * load.ok
+        store.close()
+
+        def counted(kind: str) -> float:  # the writer's own counts, on /metrics
+            text = requests.get(f"{http}/pglog/metrics", timeout=10).text
+            return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                       if line.startswith("ray_churn_prediction_log_rows_total{") and f'kind="{kind}"' in line
+                       and 'application="pglog"' in line)
+
+        _wait(lambda: counted("replayed") > 0, 30)  # the outage did spool, and the spool was replayed
+        assert counted("spooled") > 0 and counted("dropped") == 0
+    finally:
+        serve.delete("pglog")
+        forwarder.cut()
+        with psycopg.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres",
+                             autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
 def test_explain_is_additive_and_sorted(lab, pinned):
     records = [raw(lab, i) for i in range(5)]
     answers = requests.post(f"{pinned}/explain", json=records, timeout=30).json()
