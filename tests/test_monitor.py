@@ -130,6 +130,8 @@ def test_realized_metrics_equal_scikit_learn_and_the_estimate_is_close(live):
                                                                          f"v{live['version']}/realized_roc_auc")
     assert [(h.step, round(h.value, 9)) for h in history] == [(0, round(day1["realized_roc_auc"], 9)),
                                                                (1, round(day2["realized_roc_auc"], 9))]
+    artifacts = {a.path for a in MlflowClient(live["cfg"].tracking_uri).list_artifacts(report["run_id"], "monitor")}
+    assert artifacts == {"monitor/report.json", f"monitor/xgboost_churn_model_v{live['version']}.png"}
 
 
 def test_drifted_traffic_is_an_alert_and_exits_4(live):

@@ -41,6 +41,7 @@ from churnlib.data.profiles import batch_counts, compare
 from churnlib.data.sources import filesystem
 from churnlib.decision.value import Decision
 from churnlib.errors import ChurnError, DataError
+from churnlib.figures import log_figure, pyplot
 from churnlib.model import loading
 from churnlib.monitor.estimate import estimated, realized
 from churnlib.predlog.schema import (
@@ -332,6 +333,28 @@ def lines(result: MonitorResult) -> list[str]:
     return out
 
 
+def over_time_figure(windows: list[WindowReport]):
+    """One version's windows: ROC AUC realized and estimated, the volume, the largest PSI."""
+    plt = pyplot()
+    starts = [w.start for w in windows]
+    fig, (auc, vol, psi) = plt.subplots(3, 1, figsize=(7.5, 8), sharex=True)
+    for key, label, style in (("realized_roc_auc", "realized (outcomes in)", "o-"),
+                              ("estimated_roc_auc", "estimated (calibrated P)", "s--")):
+        auc.plot(starts, [w.metrics.get(key, float("nan")) for w in windows], style, label=label)
+    auc.set(ylabel="ROC AUC", title=f"{windows[0].model_name} v{windows[0].model_version} over time")
+    auc.legend(loc="best")
+    vol.bar(starts, [w.metrics["volume"] for w in windows], width=0.8 * (windows[0].end - windows[0].start),
+            align="edge", color="#4477aa")
+    vol.set(ylabel="predictions")
+    psi.plot(starts, [max((d["psi"] for d in w.drift), default=float("nan")) for w in windows], "o-", color="#aa3377")
+    psi.axhline(0.25, ls="--", color="grey", lw=1, label="major drift (0.25)")
+    psi.set(ylabel="largest feature PSI", xlabel="window start (UTC)")
+    psi.legend(loc="upper left")
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    return fig
+
+
 def record(cfg: Config, result: MonitorResult, run_name: str | None = None) -> str:
     """The MLflow monitoring run: per version, each metric with the window as step; the report JSON."""
     import mlflow
@@ -352,4 +375,9 @@ def record(cfg: Config, result: MonitorResult, run_name: str | None = None) -> s
             values.update({f"v{w.model_version}/psi_{d['feature']}".replace(" ", "_"): float(d["psi"]) for d in w.drift})
             mlflow.log_metrics(values, step=step, timestamp=stamp)
         mlflow.log_dict(result.to_dict(), "monitor/report.json")
+        by_version: dict[tuple[str, str], list[WindowReport]] = {}
+        for w in result.windows:
+            by_version.setdefault((w.model_name, w.model_version), []).append(w)
+        for (name, version), windows in by_version.items():
+            log_figure(over_time_figure(windows), f"monitor/{name}_v{version}.png")
         return run.info.run_id
