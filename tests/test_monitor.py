@@ -154,3 +154,45 @@ def test_monitor_bad_input_is_one_line(live):
     assert res.stderr.strip() == "error: not a date, time or span: 'last week' (2026-11-01, 2026-11-01T12:00, 7d, 12h)"
     res = _monitor(live, "--since", "2026-11-05", "--until", "2026-11-02")
     assert res.returncode == 2 and "is not before --until" in res.stderr
+
+
+def test_the_real_kaggle_test_file_drifts_live_as_it_does_in_batch(ray_session, tmp_path):
+    """A model trained on the real Kaggle training slice; the Kaggle test file's first 20,000
+    customers as live traffic in the log (their model-matrix rows, as Serve records them):
+    `churn monitor` finds each feature's PSI and verdict exactly as `churn drift` finds them on the
+    same rows read as a file."""
+    from churnlib.batch.drift import drift_report
+    from churnlib.model.loading import load
+    from churnlib.registry.registry import Registry
+    from tests.conftest import KAGGLE_TEST, KAGGLE_TRAIN_PARTIAL, require_shared
+
+    cfg = make_config(tmp_path)
+    run = log_local_model(cfg, require_shared(KAGGLE_TRAIN_PARTIAL), rounds=30, run_name="kaggle", calibrate=True,
+                          max_depth=4)
+    version, _ = Registry(cfg, say=lambda m: None).register(run)
+    predictor = load(f"models:/{cfg.model.registered_name}/{version.version}").predictor
+    test = pd.read_csv(require_shared(KAGGLE_TEST), nrows=20_000)
+    test.to_csv(tmp_path / "traffic.csv", index=False)
+    batch = {d.feature: d for d in drift_report(cfg, f"models:/{cfg.model.registered_name}/{version.version}",
+                                                str(tmp_path / "traffic.csv"), say=lambda m: None)}
+    X = to_matrix(test, predictor.spec)
+    p = predictor.predict(test)["churn_probability"].to_numpy()
+    store = LogStore(cfg.log_uri)
+    store.migrate()
+    store.insert_predictions([
+        {"prediction_id": str(uuid.uuid4()), "ts": D0 + dt.timedelta(seconds=i), "request_id": "kaggle",
+         "customer_id": str(cid), "model_name": cfg.model.registered_name, "model_version": version.version,
+         "route": "champion", "endpoint": "predict", "probability": float(p[i]), "label": int(p[i] >= 0.5),
+         "contact": None, "expected_value": None, "features": encode_features(X[i])}
+        for i, cid in enumerate(test["CustomerID"])])
+    store.close()
+    res = run_cli("monitor", "--since", "2026-11-02", "--until", "2026-11-03", "--window", "1d", "--json",
+                  "--no-record", "--set", f"workspace={tmp_path / '.churn'}", cwd=tmp_path)
+    report = json.loads(res.stdout)
+    live = {d["feature"]: d for d in report["windows"][0]["drift"]}
+    assert set(live) == set(batch) == set(predictor.spec.feature_names)
+    for name, d in batch.items():
+        assert live[name]["psi"] == pytest.approx(d.psi, abs=1e-9) and live[name]["verdict"] == d.verdict, name
+    flagged = sorted(n for n, d in batch.items() if d.verdict != "stable")
+    assert flagged, "the Kaggle test file differs from the training slice"
+    assert (res.returncode == 4) == any(live[n]["psi"] > 0.25 for n in live)
