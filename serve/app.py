@@ -297,7 +297,8 @@ class ChurnService:
         if log:
             rows = metrics.Counter(
                 "churn_prediction_log_rows", description="Prediction log rows by what became of them: queued, "
-                "written, spooled (database down), replayed (from the spool), dropped (queue full).",
+                "written, spooled (database down), replayed (from the spool), dropped (queue full), rejected (refused "
+                "by the database for their content, kept aside).",
                 tag_keys=("kind",),
             )
             self._log = LogWriter(log["uri"], log["spool_dir"], batch_rows=log["batch_rows"],
