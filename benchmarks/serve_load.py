@@ -168,6 +168,16 @@ def run_cases(name: str, predict_url: str, records: list[dict], seconds: float, 
     return out
 
 
+def print_ratios(title: str, a: dict, b: dict) -> dict:
+    """Throughput and p99 of ``a`` over ``b``, case by case, printed -> the ratios."""
+    print(title)
+    ratios = {}
+    for key in a:
+        ratios[key] = {"rps": a[key]["rps"] / b[key]["rps"], "p99": a[key]["p99_ms"] / b[key]["p99_ms"]}
+        print(f"  {key:14s} throughput {ratios[key]['rps']:.2f}x   p99 {ratios[key]['p99']:.2f}x")
+    return ratios
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=15.0)
@@ -247,22 +257,10 @@ def main() -> int:
             logged = conn.execute(sa.text("SELECT count(*) FROM predictions")).scalar()
         answered = sum(r["answered_rows"] for r in results["log_on"].values())
         print(f"\nprediction log: {logged} rows for {answered} answered records ({answered - logged} lost)")
-        print("ratio log on / log off:")
-        ratios = {}
-        for key in results["log_on"]:
-            o, m = results["log_on"][key], results["log_off"][key]
-            ratios[key] = {"rps": o["rps"] / m["rps"], "p99": o["p99_ms"] / m["p99_ms"]}
-            print(f"  {key:14s} throughput {ratios[key]['rps']:.2f}x   p99 {ratios[key]['p99']:.2f}x")
-        results["ratios_log"] = ratios
+        results["ratios_log"] = print_ratios("ratio log on / log off:", results["log_on"], results["log_off"])
         results["log"] = {"logged": logged, "answered": answered, "lost": answered - logged}
     if {"ours", "mlflow"} <= set(results):
-        print("\nratio ours / mlflow:")
-        ratios = {}
-        for key in results["ours"]:
-            o, m = results["ours"][key], results["mlflow"][key]
-            ratios[key] = {"rps": o["rps"] / m["rps"], "p99": o["p99_ms"] / m["p99_ms"]}
-            print(f"  {key:14s} throughput {ratios[key]['rps']:.2f}x   p99 {ratios[key]['p99']:.2f}x")
-        results["ratios"] = ratios
+        results["ratios"] = print_ratios("\nratio ours / mlflow:", results["ours"], results["mlflow"])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"cpus": os.cpu_count(), "seconds": args.seconds, "mlflow_workers": args.mlflow_workers,

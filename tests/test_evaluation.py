@@ -86,19 +86,26 @@ def test_every_metric_matches_scikit_learn(store, good_eval):
     assert m["ece"] == pytest.approx(ece, rel=1e-5)
 
 
+def _assert_gains_and_lift(m: dict, p, y: list[int]) -> list[int]:
+    """Gains and lift at 5/10/20 % equal a plain-Python count over the scores sorted (ties in row
+    order) -> that order."""
+    order = sorted(range(len(p)), key=lambda i: (-p[i], i))
+    for pct in (5, 10, 20):
+        k = -(-pct * len(p) // 100)
+        caught = sum(y[i] for i in order[:k])
+        assert m[f"gain_at_{pct}pct"] == pytest.approx(caught / sum(y), rel=1e-9)
+        assert m[f"lift_at_{pct}pct"] == pytest.approx((caught / k) / (sum(y) / len(y)), rel=1e-9)
+    return order
+
+
 def test_decision_metrics_equal_a_brute_force_on_the_same_scores(store, good_eval):
     """Lift, gains and the value of the cuts from `churn evaluate` are what plain Python finds
     on the pyfunc's scores of the same rows (decision: 500 kept, 25 a contact, 25 % saved)."""
     test = pd.concat([pd.read_parquet(p) for p in sorted(store["test"].glob("*.parquet"))])
     p = mlflow.pyfunc.load_model(store["good"]).predict(test)["churn_probability"].to_numpy().astype(np.float64)
     y = [int(v) for v in test["Churn"]]
-    order = sorted(range(len(p)), key=lambda i: (-p[i], i))
     m = good_eval.metrics
-    for pct in (5, 10, 20):
-        k = -(-pct * len(p) // 100)
-        caught = sum(y[i] for i in order[:k])
-        assert m[f"gain_at_{pct}pct"] == pytest.approx(caught / sum(y), rel=1e-9)
-        assert m[f"lift_at_{pct}pct"] == pytest.approx((caught / k) / (sum(y) / len(y)), rel=1e-9)
+    _assert_gains_and_lift(m, p, y)
     worth = [v * 0.25 * 500 - 25 for v in y]
 
     def value(t):
@@ -380,13 +387,8 @@ def test_evaluate_on_the_real_kaggle_test_file(store):
     test = pd.read_csv(path).dropna(how="all")
     p = mlflow.pyfunc.load_model(store["good"]).predict(test)["churn_probability"].astype(float).tolist()
     y = [int(v) for v in test["Churn"]]
-    order = sorted(range(len(p)), key=lambda i: (-p[i], i))
     m = res.metrics
-    for pct in (5, 10, 20):
-        k = -(-pct * len(p) // 100)
-        caught = sum(y[i] for i in order[:k])
-        assert m[f"gain_at_{pct}pct"] == pytest.approx(caught / sum(y), rel=1e-9)
-        assert m[f"lift_at_{pct}pct"] == pytest.approx((caught / k) / (sum(y) / len(y)), rel=1e-9)
+    order = _assert_gains_and_lift(m, p, y)
     best, total = (0.0, None), 0.0
     for rank, i in enumerate(order):
         total += y[i] * 0.25 * 500 - 25
