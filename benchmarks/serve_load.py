@@ -2,6 +2,7 @@
 
     python benchmarks/serve_load.py [--seconds 15] [--mlflow-workers 2] [--out benchmarks/results/serve_load.json]
     python benchmarks/serve_load.py --log --out benchmarks/results/serve_log.json   # the prediction log's cost
+    python benchmarks/serve_load.py --outage 30 --out benchmarks/results/serve_log_outage.json  # PostgreSQL cut
 
 Trains a depth-6 model (200,000 generated rows, 100 rounds), registers it as
 the champion in a temporary MLflow store, then serves it, in turn, with
@@ -178,6 +179,76 @@ def print_ratios(title: str, a: dict, b: dict) -> dict:
     return ratios
 
 
+def log_rows(uri: str) -> int:
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(uri)
+    with engine.connect() as conn:
+        n = conn.execute(sa.text("SELECT count(*) FROM predictions")).scalar()
+    engine.dispose()
+    return n
+
+
+def drain(uri: str, spool: Path) -> dict:
+    """After a server with the log stopped: the rows in the log, then what its replicas left in
+    the spool (a backlog the database had not taken yet, or the outage's) loaded as `churn monitor`
+    would, timed; so that the next server does not pay for this one's backlog."""
+    from churnlib.predlog.writer import replay_orphans
+
+    at_stop = log_rows(uri)
+    t0 = time.perf_counter()
+    left = replay_orphans(uri, spool)
+    took = time.perf_counter() - t0
+    print(f"  log: {at_stop} rows at the stop; {left} left in the spool, loaded after it in {took:.1f} s", flush=True)
+    return {"at_stop": at_stop, "left_in_spool": left, "load_s": took}
+
+
+def count_log(uri: str, answered: int, drains: list[dict]) -> dict:
+    logged = log_rows(uri)
+    print(f"\nprediction log: {logged} rows for {answered} answered records ({answered - logged} lost)")
+    return {"logged": logged, "answered": answered, "lost": answered - logged, "drains": drains}
+
+
+class Outage:
+    """A fresh PostgreSQL database for the log, reached through a TCP forwarder that is cut for
+    ``seconds`` (``start`` after ``after`` seconds) and restored on the same port."""
+
+    def __init__(self, seconds: float):
+        import uuid
+
+        import psycopg
+
+        from tests.conftest import Forwarder
+
+        self.seconds = seconds
+        self.db = f"churn_bench_{uuid.uuid4().hex[:8]}"
+        self.admin = psycopg.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", autocommit=True)
+        self.admin.execute(f"CREATE DATABASE {self.db}")
+        self.forwarder = Forwarder(("127.0.0.1", 5432))
+        self.uri = f"postgresql://postgres@127.0.0.1:{self.forwarder.port}/{self.db}"
+        self.direct_uri = f"postgresql://postgres@127.0.0.1:5432/{self.db}"
+        self.cut_at = self.restored_at = None
+
+    def start(self, after: float) -> None:
+        import threading
+
+        def cut() -> None:
+            time.sleep(after)
+            self.forwarder.cut()
+            self.cut_at = time.time()
+            print(f"  PostgreSQL cut for {self.seconds:.0f} s", flush=True)
+            time.sleep(self.seconds)
+            self.forwarder.restore()
+            self.restored_at = time.time()
+            print("  PostgreSQL back", flush=True)
+
+        threading.Thread(target=cut, daemon=True).start()
+
+    def close(self) -> None:
+        self.admin.execute(f"DROP DATABASE IF EXISTS {self.db} WITH (FORCE)")
+        self.admin.close()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=15.0)
@@ -189,6 +260,9 @@ def main() -> int:
     ap.add_argument("--log", action="store_true",
                     help="ours with the prediction log off, then on (instead of ours vs mlflow): the log's cost, and "
                          "whether every answered record is in it")
+    ap.add_argument("--outage", type=float, metavar="SECONDS",
+                    help="ours with the log on PostgreSQL (127.0.0.1:5432, user postgres) through a TCP forwarder "
+                         "cut for SECONDS under single-record load at concurrency 8: failed requests, records lost")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for our server (e.g. serve.batch_wait_timeout_s=0)")
     ap.add_argument("--out", default=str(HERE / "results" / "serve_load.json"))
@@ -218,7 +292,19 @@ def main() -> int:
         servers = {"log_off": lambda port: [*ours(port), "--set", "monitoring.log_serving=false"],
                    "log_on": lambda port: [*ours(port), "--set", "monitoring.log_serving=true"]}
         order = ["log_off", "log_on", "log_on", "log_off"]
+    outage = outage_uri = None
+    if args.outage:
+        outage = Outage(args.outage)
+        outage_uri = outage.direct_uri
+        ours = servers["ours"]
+        servers = {"outage": lambda port: [*ours(port), "--set", "monitoring.log_serving=true",
+                                           "--set", f"monitoring.log_uri={outage.uri}"]}
+        order = ["outage"]
+        args.cases = ["single_c8"]
+        warmup = min(3.0, (args.outage + 20) / 3)
+        args.seconds = args.outage + 20  # 5 s before the cut, 15 s after it
     runs: dict[str, list[dict]] = {}
+    drains: list[dict] = []
     for name in order:
         command = servers[name]
         if args.only and name != args.only:
@@ -234,6 +320,8 @@ def main() -> int:
             time.sleep(3 if mine else 1)
             url = f"http://127.0.0.1:{port}/" + ("predict" if mine else "invocations")
             print(f"{name}: {' '.join(command(port)[:4])}… on port {port}", flush=True)
+            if outage is not None:
+                outage.start(after=warmup + 5)
             runs.setdefault(name, []).append(
                 run_cases(name, url, records, args.seconds, mlflow_format=not mine, only=args.cases))
         finally:
@@ -243,24 +331,28 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
             log.close()
+        if name in ("log_on", "outage"):
+            drains.append(drain(outage_uri or f"sqlite:///{workspace / 'prediction_log.db'}", workspace / "spool"))
     for name, done in runs.items():  # each case: the mean of the runs (requests summed for the log count)
         results[name] = {key: {**{m: sum(r[key][m] for r in done) / len(done) for m in done[0][key]},
                                "answered_rows": sum(r[key]["answered_rows"] for r in done)}
                          for key in done[0]}
 
     if {"log_off", "log_on"} <= set(results):
-        # the server stopped gracefully (SIGINT): its writer flushed; every answered record must be there
-        import sqlalchemy as sa
-
-        engine = sa.create_engine(f"sqlite:///{workspace / 'prediction_log.db'}")
-        with engine.connect() as conn:
-            logged = conn.execute(sa.text("SELECT count(*) FROM predictions")).scalar()
+        # the server stopped gracefully (SIGINT): its writers loaded what they could in the grace
+        # time and left the rest in the spool, which the next reader (churn monitor) loads
         answered = sum(r["answered_rows"] for r in results["log_on"].values())
-        print(f"\nprediction log: {logged} rows for {answered} answered records ({answered - logged} lost)")
+        results["log"] = count_log(f"sqlite:///{workspace / 'prediction_log.db'}", answered, drains)
         results["ratios_log"] = print_ratios("ratio log on / log off:", results["log_on"], results["log_off"])
-        results["log"] = {"logged": logged, "answered": answered, "lost": answered - logged}
+    if "outage" in results:
+        results["outage"]["log"] = count_log(outage_uri, results["outage"]["single_c8"]["answered_rows"], drains)
     if {"ours", "mlflow"} <= set(results):
         results["ratios"] = print_ratios("\nratio ours / mlflow:", results["ours"], results["mlflow"])
+    if outage is not None:
+        res = results["outage"]
+        print(f"outage {args.outage:.0f} s: {res['single_c8']['errors']} failed requests, {res['log']['lost']} "
+              f"records lost of {res['log']['answered']}")
+        outage.close()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"cpus": os.cpu_count(), "seconds": args.seconds, "mlflow_workers": args.mlflow_workers,

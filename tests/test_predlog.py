@@ -18,7 +18,7 @@ import sqlalchemy as sa
 
 from churnlib.predlog.schema import decode_features, encode_features, metadata
 from churnlib.predlog.store import LogStore
-from churnlib.predlog.writer import Answered, LogWriter
+from churnlib.predlog.writer import Answered, LogWriter, replay_orphans
 from tests.conftest import REPO, Forwarder, free_port
 
 
@@ -59,7 +59,7 @@ def test_migrations_make_the_schema_the_code_describes_once(backend, tmp_path, r
            else f"postgresql://postgres@127.0.0.1:5432/{request.getfixturevalue('pg_log')}")
     store = LogStore(uri)
     assert store.version() is None
-    assert store.migrate() == "0001" and store.migrate() == "0001"  # twice: nothing more
+    assert store.migrate() == "0002" and store.migrate() == "0002"  # twice: nothing more
     inspector = sa.inspect(store.engine)
     for table in metadata.sorted_tables:
         found = {c["name"]: c for c in inspector.get_columns(table.name)}
@@ -76,6 +76,31 @@ def test_migrations_make_the_schema_the_code_describes_once(backend, tmp_path, r
     store.close()
 
 
+def test_a_log_made_by_the_first_schema_is_upgraded_keeping_its_rows(tmp_path):
+    """0001 -> 0002 (the latency column, the request index) on a log with rows in it."""
+    from alembic import command
+    from alembic.config import Config as AlembicConfig
+
+    from churnlib.predlog.store import MIGRATIONS
+
+    store = LogStore(f"sqlite:///{tmp_path / 'log.db'}")
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with store.engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+        conn.execute(sa.text(
+            "INSERT INTO predictions (prediction_id, ts, model_name, model_version, route, endpoint, probability, "
+            "label, features) VALUES ('p1', '2026-11-30 10:00:00.000000', 'm', '1', 'champion', 'predict', 0.3, 0, "
+            "x'00')"))
+    assert store.version() == "0001"
+    assert store.migrate() == "0002"
+    with store.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT prediction_id, latency_ms FROM predictions")).all() == [("p1", None)]
+    assert "ix_predictions_request" in {i["name"] for i in sa.inspect(store.engine).get_indexes("predictions")}
+    store.close()
+
+
 def test_migrating_from_many_processes_at_once_migrates_once(tmp_path):
     """Replicas starting together: the lock lets one migrate; the others find the schema there."""
     uri = f"sqlite:///{tmp_path / 'log.db'}"
@@ -84,7 +109,7 @@ def test_migrating_from_many_processes_at_once_migrates_once(tmp_path):
                               stderr=subprocess.PIPE, text=True) for _ in range(4)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, [e for _, e in outs]
-    assert [o.strip() for o, _ in outs] == ["0001"] * 4
+    assert [o.strip() for o, _ in outs] == ["0002"] * 4
 
 
 def test_an_unreachable_database_is_one_line_without_the_password():
@@ -103,7 +128,9 @@ def test_the_writer_batches_rows_into_sqlite_and_flushes_on_close(tmp_path):
     for k in range(30):
         writer.record(_answered(10 * k))
     counts = writer.close()
-    assert counts == {"queued": 300, "written": 300, "spooled": 0, "replayed": 0, "dropped": 0, "rejected": 0}
+    # what close found buffered went to disk first (durable at once), then into the database
+    assert counts["queued"] == 300 and counts["written"] + counts["replayed"] == 300
+    assert counts["spooled"] >= counts["replayed"] and counts["dropped"] == counts["rejected"] == 0
     store = LogStore(f"sqlite:///{tmp_path / 'log.db'}")
     t = metadata.tables["predictions"]
     with store.engine.connect() as conn:
@@ -195,15 +222,66 @@ os._exit(0)
     store.close()
 
 
-def test_a_full_queue_drops_and_counts(tmp_path):
+def test_a_full_buffer_goes_to_disk_and_nothing_is_dropped(tmp_path):
+    """The database unreachable (or slower than the traffic): a buffer of queue_max rows goes to the
+    spool at once, nothing is dropped, memory stays bounded; what is left goes to disk on close."""
     dead_uri = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"
     writer = LogWriter(dead_uri, tmp_path / "spool", queue_max=10, flush_interval_s=5, retry_s=60)
-    writer.record(_answered(0))
+    writer.record(_answered(0))  # 10 rows: the buffer is full, the spiller takes it
+    deadline = time.monotonic() + 10
+    while writer.counts["spooled"] < 10 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert writer.counts["spooled"] == 10 and writer._buffered == 0
     writer.record(_answered(11, n=1))
-    assert writer.counts["dropped"] == 1 and writer.counts["queued"] == 10
     counts = writer.close()
-    assert counts["spooled"] == 10  # the database is unreachable: the queue goes to disk on close
-    assert writer.spool.rows() == 10  # left on disk for the next writer
+    assert counts["spooled"] == 11 and counts["dropped"] == 0 and counts["queued"] == 11
+    assert writer.spool.rows() == 11  # left on disk for the next writer
+    # which replays it, in order, once the database is there
+    uri = f"sqlite:///{tmp_path / 'log.db'}"
+    assert replay_orphans(uri, tmp_path / "spool") == 11 and replay_orphans(uri, tmp_path / "spool") == 0
+    with LogStore(uri).engine.connect() as conn:
+        assert [r[0] for r in conn.execute(sa.text("SELECT customer_id FROM predictions ORDER BY id"))] == [
+            str(i) for i in [*range(10), 11]]
+
+
+def test_a_batch_still_inserting_at_close_goes_to_disk_and_lands_once(tmp_path):
+    """The database holds the loader's insert (another connection keeps SQLite's write lock) when
+    the process stops: close spools the batch in flight; replayed later, every row is there once."""
+    import sqlite3
+
+    uri = f"sqlite:///{tmp_path / 'log.db'}"
+    LogStore(uri).migrate()
+    blocker = sqlite3.connect(tmp_path / "log.db", timeout=1)
+    blocker.execute("BEGIN IMMEDIATE")  # the write lock: the loader's insert waits (busy timeout)
+    writer = LogWriter(uri, tmp_path / "spool", flush_interval_s=0.05)
+    writer.record(_answered(0, n=50))
+    deadline = time.monotonic() + 10
+    while writer._inflight is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert writer._inflight is not None  # taken, its insert waiting on the lock
+    counts = writer.close(timeout=0.5)
+    assert counts["spooled"] == 50 and counts["dropped"] == 0 and counts["written"] == 0
+    blocker.rollback()
+    blocker.close()
+    time.sleep(0.5)  # the stuck insert may land now, or not: either way the replay adds the rest once
+    assert replay_orphans(uri, tmp_path / "spool") == 50
+    with LogStore(uri).engine.connect() as conn:
+        got = [r[0] for r in conn.execute(sa.text("SELECT customer_id FROM predictions ORDER BY id"))]
+    assert got == [str(i) for i in range(50)]
+
+
+def test_rows_are_dropped_only_when_the_disk_fails_too_and_counted(tmp_path):
+    dead_uri = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"
+    writer = LogWriter(dead_uri, tmp_path / "spool", flush_interval_s=0.05, retry_s=60)
+    spool_dir = writer.spool.dir
+    for f in spool_dir.iterdir():
+        f.unlink()
+    spool_dir.rmdir()
+    spool_dir.write_text("not a folder")  # the spool cannot be written
+    writer.record(_answered(0))
+    assert writer.flush(30)
+    counts = writer.close()
+    assert counts["dropped"] == 10 and counts["spooled"] == 0
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])

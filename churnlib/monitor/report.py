@@ -51,6 +51,7 @@ from churnlib.predlog.schema import (
     predictions,
 )
 from churnlib.predlog.store import LogStore
+from churnlib.predlog.writer import replay_orphans
 from churnlib.tags import (
     TAG_COMMAND,
     TAG_MONITOR_ALERTS,
@@ -125,7 +126,8 @@ def _utc(values: pd.Series) -> pd.Series:
 def _served(store: LogStore, since: dt.datetime, until: dt.datetime) -> pd.DataFrame:
     t = predictions
     stmt = sa.select(t.c.ts, t.c.customer_id, t.c.model_name, t.c.model_version, t.c.probability, t.c.label,
-                     t.c.contact, t.c.expected_value, t.c.features).where(t.c.ts >= since, t.c.ts < until)
+                     t.c.contact, t.c.expected_value, t.c.features).where(
+        t.c.ts >= since, t.c.ts < until, t.c.route != "shadow")  # a shadow's scores were never answered
     with store.engine.connect() as conn:
         df = pd.DataFrame(conn.execute(stmt).mappings().all(), columns=[c.name for c in stmt.selected_columns])
     df["source"] = "serve"
@@ -245,6 +247,11 @@ def monitor(cfg: Config, since: str | None = None, until: str | None = None, win
     start = parse_time(since, end - dt.timedelta(days=7))
     if start >= end:
         raise DataError(f"--since ({start:%Y-%m-%d %H:%M}) is not before --until ({end:%Y-%m-%d %H:%M})")
+    # what stopped replicas on this machine left in the spool (the database down, or their grace
+    # time up) is part of the log: loaded first, in order, once
+    replayed = replay_orphans(cfg.log_uri, cfg.spool_path)
+    if replayed:
+        say(f"loaded {replayed} records a stopped writer left in {cfg.spool_path}")
     store = LogStore(cfg.log_uri)
     try:
         store.migrate()

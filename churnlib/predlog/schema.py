@@ -44,8 +44,10 @@ predictions = sa.Table(
     sa.Column("contact", sa.Boolean),
     sa.Column("expected_value", sa.Float),
     sa.Column("features", sa.LargeBinary, nullable=False),  # the model-matrix row, float32
+    sa.Column("latency_ms", sa.Float),  # the request's model time (0002), for rollouts
     sa.Index("ix_predictions_customer_ts", "customer_id", "ts"),
     sa.Index("ix_predictions_version_ts", "model_name", "model_version", "ts"),
+    sa.Index("ix_predictions_request", "request_id"),
 )
 
 prediction_runs = sa.Table(

@@ -157,15 +157,25 @@ def end_replicas(timeout_s: float) -> int:
     hooks: the prediction log's writer writes what it still holds) before the Ray instance goes.
     In high-throughput mode Serve's own graceful stop would hold each replica 30 s for external
     load balancers; the connections are already drained here. -> how many replicas were asked."""
+    import psutil
     import ray
 
+    deadline = time.monotonic() + max(1.0, timeout_s)
+    # the replicas' processes (this instance is this process's own): the actor is reported dead
+    # as its exit begins, while its exit hooks (the log writer's) still run; wait for the process
+    replicas = []
+    for proc in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if f"ServeReplica:{APP_NAME}:" in " ".join(proc.cmdline()):
+                replicas.append(proc)
     refs = []
     for actor in ray.util.list_named_actors(all_namespaces=True):
         if actor.get("namespace") == "serve" and actor["name"].startswith(f"SERVE_REPLICA::{APP_NAME}#"):
             with contextlib.suppress(Exception):
                 refs.append(ray.get_actor(actor["name"], namespace="serve").__ray_terminate__.remote())
     if refs:
-        ray.wait(refs, num_returns=len(refs), timeout=max(1.0, timeout_s))
+        ray.wait(refs, num_returns=len(refs), timeout=max(0.1, deadline - time.monotonic()))
+    psutil.wait_procs(replicas, timeout=max(0.1, deadline - time.monotonic()))
     return len(refs)
 
 
