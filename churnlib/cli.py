@@ -64,6 +64,11 @@ EXAMPLES = {
                      "churn models decide --version 3 --data outcomes.csv --config telco.yaml",
     "outcomes load": "churn outcomes load --data outcomes_2026-11.csv   # CustomerID, Churn, observed_at",
     "monitor": "churn monitor --since 2026-11-01 --window 1d\nchurn monitor --since 24h --window 1h --json",
+    "rollout start": "churn rollout start --mode shadow --version 4      # scores beside the champion, answers nothing\n"
+                     "churn rollout start --mode canary --share 0.1     # answers 10 % of the customers",
+    "rollout status": "churn rollout status\nchurn rollout status --json",
+    "rollout promote": "churn rollout promote           # champion -> the challenger, if the live criteria hold",
+    "rollout abort": "churn rollout abort",
     "predict": "churn predict --input s3://bucket/customers/ --output s3://bucket/scores/2026-12-01/ --explain\n"
                "churn predict --input customers.csv --output calls/ --contacts-only --explain --set decision.capacity=500",
     "drift": "churn drift --reference models:/xgboost_churn_model@champion --data this_month.csv",
@@ -209,6 +214,30 @@ def build_parser() -> argparse.ArgumentParser:
     p_mon.add_argument("--no-record", action="store_true", help="print the report only (no MLflow monitoring run)")
     _common(p_mon)
     p_mon.set_defaults(func=cmd_monitor)
+
+    p_roll = sub.add_parser("rollout", help="champion and challenger on live traffic: shadow, canary, a promotion "
+                                            "decided by live evidence")
+    r_sub = p_roll.add_subparsers(dest="rollout_command", required=True, parser_class=_Parser)
+    p_rstart = r_sub.add_parser("start", help="a challenger beside the champion in Serve (or change the running "
+                                              "rollout's mode or share)")
+    p_rstart.add_argument("--mode", choices=["shadow", "canary"], help="default: rollout.mode")
+    p_rstart.add_argument("--share", type=float, help="canary: the share of customers it answers (default: "
+                                                      "rollout.share)")
+    p_rstart.add_argument("--version", help="the challenger (default: the running rollout's, else staging)")
+    p_rstart.add_argument("--force", action="store_true", help="a canary of a version whose evaluation failed its gates")
+    _common(p_rstart)
+    p_rstart.set_defaults(func=cmd_rollout_start)
+    p_rstat = r_sub.add_parser("status", help="the two compared from the prediction log, and the criteria's verdict")
+    p_rstat.add_argument("--no-record", action="store_true", help="print only (no metrics in the rollout's MLflow run)")
+    _common(p_rstat)
+    p_rstat.set_defaults(func=cmd_rollout_status)
+    p_rpro = r_sub.add_parser("promote", help="champion -> the challenger when the live criteria hold (else exit 3)")
+    p_rpro.add_argument("--force", action="store_true", help="promote although the criteria do not hold (recorded)")
+    _common(p_rpro)
+    p_rpro.set_defaults(func=cmd_rollout_promote)
+    p_rab = r_sub.add_parser("abort", help="end the rollout: Serve drops the challenger within one poll")
+    _common(p_rab)
+    p_rab.set_defaults(func=cmd_rollout_abort)
 
     p_pred = sub.add_parser("predict", help="score a table with the champion (Ray Data), with rejects and a drift report")
     add_predict_arguments(p_pred)
@@ -605,6 +634,47 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     _emit(args, payload, human)
     if result.alerts:
         raise MonitorAlert(f"{len(result.alerts)} alert(s); first: {result.alerts[0]}")
+    return 0
+
+
+def cmd_rollout_start(args: argparse.Namespace) -> int:
+    """`churn rollout start`: the challenger alias and the rollout tag; Serve follows."""
+    from churnlib.rollout.commands import start
+
+    if args.share is not None and not 0.0 < args.share < 1.0:
+        raise ConfigError(f"--share must be between 0 and 1 (exclusive), got {args.share:g}")
+    rollout = start(_load(args), args.mode, args.share, args.version, force=args.force, say=say)
+    _emit(args, dict(rollout.__dict__), lambda: print(f"challenger: {rollout.version} ({rollout.mode})"))
+    return 0
+
+
+def cmd_rollout_status(args: argparse.Namespace) -> int:
+    """`churn rollout status`: the comparison from the log (recorded in the rollout's run)."""
+    from churnlib.rollout.commands import status
+    from churnlib.rollout.status import lines
+
+    quiet_logs(args.verbose)
+    found = status(_load(args), record=not args.no_record, say=say)
+    _emit(args, found, lambda: print("\n".join(lines(found))))
+    return 0
+
+
+def cmd_rollout_promote(args: argparse.Namespace) -> int:
+    """`churn rollout promote`: champion -> challenger when the live criteria hold; else exit 3."""
+    from churnlib.rollout.commands import promote
+
+    quiet_logs(args.verbose)
+    result = promote(_load(args), force=args.force, say=say)
+    _emit(args, result, lambda: print(f"champion: {result['version']}"))
+    return 0
+
+
+def cmd_rollout_abort(args: argparse.Namespace) -> int:
+    """`churn rollout abort`: the rollout ends; Serve drops the challenger."""
+    from churnlib.rollout.commands import abort
+
+    rollout = abort(_load(args), say=say)
+    _emit(args, {"aborted": rollout.version, "mode": rollout.mode}, lambda: None)
     return 0
 
 

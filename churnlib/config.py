@@ -335,6 +335,26 @@ class MonitoringConfig(_Section):
     alerts: AlertsConfig
 
 
+class RolloutCriteriaConfig(_Section):
+    """What `churn rollout promote` requires of the live evidence."""
+    min_volume: int = Field(ge=0)
+    min_outcomes: int = Field(ge=1)
+    require_outcomes: bool
+    metric: Literal["roc_auc", "top_decile_lift", "value_per_customer"]
+    margin: float = Field(ge=0.0)
+    bootstrap: int = Field(ge=100)
+
+
+class RolloutConfig(_Section):
+    """Champion and challenger on live traffic: the defaults of `churn rollout start`, Serve's shadow
+    queue, the promotion criteria."""
+    mode: Literal["shadow", "canary"]
+    share: float = Field(gt=0.0, lt=1.0)
+    shadow_queue: int = Field(ge=1)
+    criteria: RolloutCriteriaConfig
+    seed: int
+
+
 class ServeConfig(_Section):
     """`churn serve`: host, port, replicas, batching, limits, the alias it follows."""
     import_path: str = Field(pattern=r"^[\w.]+:[\w]+$")
@@ -450,6 +470,7 @@ class Config(_Section):
     tune: TuneSettings
     serve: ServeConfig
     monitoring: MonitoringConfig
+    rollout: RolloutConfig
     features: FeaturesConfig
 
     @model_validator(mode="after")

@@ -44,6 +44,14 @@ TAG_ROLLED_BACK = "churn.rolled_back"
 # tag: value_saved, contact_cost, save_rate, threshold, threshold_source, ... The loaders apply
 # it over the decision the model was trained with.
 TAG_DECISION = "churn.decision"
+# A live rollout on a registered model (churnlib.rollout.state): mode, share, challenger version
+TAG_ROLLOUT = "churn.rollout"
+TAG_PROMOTED_LIVE = "churn.promotion.live"
+# A rollout's MLflow run
+TAG_ROLLOUT_MODE = "churn.rollout.mode"
+TAG_ROLLOUT_OUTCOME = "churn.rollout.outcome"  # promoted, aborted, replaced
+TAG_ROLLOUT_CHALLENGER = "churn.rollout.challenger"
+TAG_ROLLOUT_CHAMPION = "churn.rollout.champion"  # on a version promoted by a rollout: its live evidence
 
 # A `churn monitor` run: the range it covers and how many alerts it raised
 TAG_MONITOR_SINCE = "churn.monitor.since"

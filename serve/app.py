@@ -73,6 +73,7 @@ from churnlib.errors import FeatureError, NoSuchAliasError, one_line
 from churnlib.model.explain import top_reasons
 from churnlib.monitor.live import LiveWindow, measure
 from churnlib.predlog.writer import Answered, LogWriter
+from churnlib.rollout.state import Rollout
 from serve.loaders import LoadedVersion, RegistryLoader, UriLoader
 from serve.validation import Limits, RequestError, Validator
 
@@ -274,6 +275,13 @@ class ChurnService:
         self._load_error: Optional[str] = None
         self._reason: Optional[str] = "starting"
         self._failed: set[str] = set()
+        # a rollout: (its state, the challenger loaded beside the champion), swapped as one reference
+        self._route: Optional[tuple[Rollout, LoadedVersion]] = None
+        self._challenger_key: Optional[str] = None
+        self._rollout_error: Optional[str] = None
+        self._shadow_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="churn-shadow")
+        self._shadow_lock = threading.Lock()
+        self._shadow_waiting = 0
         self._lock = threading.Lock()  # one refresh at a time (poll thread vs a manual one)
         # SHAP on one thread of its own: explanations queue among themselves, /predict stays on the loop
         self._explain_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="churn-explain")
@@ -285,6 +293,11 @@ class ChurnService:
             "churn_model_latency_ms", description="Feature encoding + model time per request, ms.",
             boundaries=[0.1, 0.25, 0.5, 1, 2, 5, 10, 25, 50, 100, 250, 1000], tag_keys=("model_version", "endpoint"),
         )
+        self._challenger_requests = metrics.Counter(
+            "churn_challenger_requests", description="A rollout's challenger, requests by mode and outcome: shadow "
+            "scored, skipped (the shadow queue full: rollout.shadow_queue) or failed (the challenger raised); canary "
+            "answered, or fell_back (the challenger raised: the champion answered those records).",
+            tag_keys=("model_version", "mode", "outcome"))
         self._api_key_hash = settings.get("api_key_sha256")
         self._metrics_url: Optional[str] = None
         self._score_one.set_max_batch_size(int(settings["max_batch_size"]))
@@ -329,45 +342,87 @@ class ChurnService:
                 logger.exception("churn: refresh failed")
 
     def refresh(self) -> None:
-        """Check the alias; load a new version beside the current one, then swap."""
+        """Check the alias (and the rollout); load a new version beside the current one, then swap."""
         with self._lock:
-            try:
-                key = self._loader.current()
-            except NoSuchAliasError as exc:
-                self._registry_error = None
-                if self._model is None:
-                    self._reason = f"no model yet: {exc}"
-                return
-            except Exception as exc:  # noqa: BLE001 - registry down: keep what we have
-                message = f"registry unreachable: {one_line(exc)}"
-                if message != self._registry_error:
-                    logger.warning("churn: %s; serving %s", message, self._model.version if self._model else "nothing")
-                self._registry_error = message
-                if self._model is None:
-                    self._reason = message
-                return
+            self._refresh_champion()
+            if hasattr(self._loader, "rollout"):
+                self._refresh_rollout()
+
+    def _refresh_champion(self) -> None:
+        try:
+            key = self._loader.current()
+        except NoSuchAliasError as exc:
             self._registry_error = None
-            current = self._model
-            if current is not None and key == self._loaded_key:
-                self._load_error = None  # the alias is (back) on what we serve
+            if self._model is None:
+                self._reason = f"no model yet: {exc}"
+            return
+        except Exception as exc:  # noqa: BLE001 - registry down: keep what we have
+            message = f"registry unreachable: {one_line(exc)}"
+            if message != self._registry_error:
+                logger.warning("churn: %s; serving %s", message, self._model.version if self._model else "nothing")
+            self._registry_error = message
+            if self._model is None:
+                self._reason = message
+            return
+        self._registry_error = None
+        current = self._model
+        if current is not None and key == self._loaded_key:
+            self._load_error = None  # the alias is (back) on what we serve
+            return
+        try:
+            new = self._loader.load(key)
+            if self._settings.get("gpus", 0) > 0:
+                new.predictor.booster.set_param({"device": "cuda"})
+        except Exception as exc:  # noqa: BLE001 - a bad version must not take the good one down
+            self._load_error = f"version {key} failed to load: {one_line(exc)}"
+            if key not in self._failed:
+                self._failed.add(key)
+                logger.error("churn: %s; still serving %s", self._load_error,
+                             current.version if current else "nothing")
+            if current is None:
+                self._reason = self._load_error
+            return
+        self._model, self._loaded_key = new, key  # the swap: requests in flight keep theirs
+        self._load_error = None
+        self._reason = None
+        logger.info("churn: now serving %s version %s", new.name, new.version)
+
+    def _refresh_rollout(self) -> None:
+        """Follow the registry's rollout: load its challenger beside the champion (as a new champion
+        is loaded), drop it when the rollout ends. A challenger that cannot be loaded leaves the
+        champion answering alone (said on /healthz); a registry that cannot be read keeps what is."""
+        try:
+            rollout = self._loader.rollout()
+        except Exception as exc:  # noqa: BLE001 - registry down or an unreadable tag: keep the route
+            self._rollout_error = f"rollout unreadable: {one_line(exc)}"
+            return
+        champion = self._model
+        if rollout is None or champion is None or rollout.version == champion.version:
+            if self._route is not None:
+                logger.info("churn: rollout over; champion %s answers alone", champion.version if champion else "-")
+            self._route, self._challenger_key, self._rollout_error = None, None, None
+            return
+        key = None
+        try:
+            key = self._loader.key_of(rollout.version)
+            if key in self._failed:  # said once; tried again only for a new key (a re-derived decision)
+                self._route, self._challenger_key = None, None
                 return
-            try:
-                new = self._loader.load(key)
+            challenger = self._route[1] if self._route is not None and key == self._challenger_key else None
+            if challenger is None:
+                challenger = self._loader.load(key, alias="challenger")
                 if self._settings.get("gpus", 0) > 0:
-                    new.predictor.booster.set_param({"device": "cuda"})
-            except Exception as exc:  # noqa: BLE001 - a bad version must not take the good one down
-                self._load_error = f"version {key} failed to load: {one_line(exc)}"
-                if key not in self._failed:
-                    self._failed.add(key)
-                    logger.error("churn: %s; still serving %s", self._load_error,
-                                 current.version if current else "nothing")
-                if current is None:
-                    self._reason = self._load_error
-                return
-            self._model, self._loaded_key = new, key  # the swap: requests in flight keep theirs
-            self._load_error = None
-            self._reason = None
-            logger.info("churn: now serving %s version %s", new.name, new.version)
+                    challenger.predictor.booster.set_param({"device": "cuda"})
+                logger.info("churn: challenger version %s loaded (%s)", challenger.version, rollout.mode)
+        except Exception as exc:  # noqa: BLE001 - a bad challenger never touches the champion's answers
+            message = f"challenger version {rollout.version} failed to load: {one_line(exc)}"
+            if message != self._rollout_error:
+                logger.error("churn: %s; champion %s answers alone", message, champion.version)
+            if key is not None:
+                self._failed.add(key)
+            self._route, self._challenger_key, self._rollout_error = None, None, message
+            return
+        self._route, self._challenger_key, self._rollout_error = (rollout, challenger), key, None
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Runtime tuning from ``user_config``: poll interval, batching, threshold."""
@@ -516,7 +571,8 @@ class ChurnService:
                 a["customer_id"] = ids[i]
             answers.append(a)
         decided = self._decide(model, answers, proba)
-        self._record(request, model, "explain", ids, X, proba, labels, decided)
+        self._record(self._request_id(request), model, "explain", ids, X, proba, labels, decided,
+                     (time.perf_counter() - started) * 1000.0)
         return answers
 
     def _observe(self, model: LoadedVersion, X: np.ndarray, proba: np.ndarray) -> None:
@@ -545,20 +601,22 @@ class ChurnService:
             except Exception:  # noqa: BLE001 - the thread must never die
                 logger.exception("churn: live drift failed")
 
-    def _record(self, request: Request, model: LoadedVersion, endpoint: str, ids: list, X: np.ndarray,
-                proba: np.ndarray, labels: np.ndarray, decided: Optional[tuple[np.ndarray, np.ndarray]]) -> None:
-        """Hand the request's answers to the prediction log's writer: one queue item, the arrays as
-        they are (the rows are made on the writer's thread; the database is never waited on)."""
+    def _request_id(self, request: Request) -> str:
+        return request.headers.get("x-request-id") or f"{self._request_prefix}{next(self._request_seq):x}"
+
+    def _record(self, request_id: str, model: LoadedVersion, endpoint: str, ids: list, X: np.ndarray,
+                proba: np.ndarray, labels: np.ndarray, decided: Optional[tuple[np.ndarray, np.ndarray]],
+                latency_ms: Optional[float] = None, route: Optional[str] = None) -> None:
+        """Hand the request's answers to the prediction log's writer: one item, the arrays as they
+        are (made into rows on the writer's thread; the database is never waited on)."""
         if self._log is None:
             return
         self._log.record(Answered(
-            ts=datetime.datetime.now(datetime.timezone.utc),
-            request_id=request.headers.get("x-request-id") or f"{self._request_prefix}{next(self._request_seq):x}",
-            model_name=model.name,
-            model_version=model.version, route=model.alias or "pinned", endpoint=endpoint, customer_ids=ids,
-            probability=np.asarray(proba, dtype=np.float64), label=np.asarray(labels),
+            ts=datetime.datetime.now(datetime.timezone.utc), request_id=request_id, model_name=model.name,
+            model_version=model.version, route=route or model.alias or "pinned", endpoint=endpoint,
+            customer_ids=ids, probability=np.asarray(proba, dtype=np.float64), label=np.asarray(labels),
             contact=None if decided is None else decided[1], expected_value=None if decided is None else decided[0],
-            X=X))
+            X=X, latency_ms=latency_ms))
 
     def __del__(self):
         """Serve calls this when the replica stops: the alias poll ends, the log's queue is flushed
@@ -579,26 +637,122 @@ class ChurnService:
         try:
             parsed = await self._records(request)
             model = self._ready_model()
-            started = time.perf_counter()
-            X = self._matrix(model, parsed.records)
-            if parsed.single:
-                proba = np.array([await self._score_one((model, X))], dtype=np.float32)
-            else:
-                proba = model.predictor.score(X)
+            route = self._route  # one read: the rollout and its challenger as they are now
+            request_id = self._request_id(request)
+            groups = [(model, None)]
+            if route is not None and route[0].mode == "canary":
+                groups = self._canary(route, model, parsed.ids, request_id)
+            done = []
+            for m, idx in groups:
+                if m is model:
+                    done.append(await self._answer(m, parsed, idx, request_id))
+                else:
+                    done.append(await self._answer_canary(route, model, parsed, idx, request_id))
         except RequestError as exc:
             return self._error(exc)
+        if len(done) == 1:
+            answers = done[0]
+        else:  # canary: each record's answer in its place
+            answers = [None] * len(parsed.records)
+            for (_, idx), part in zip(groups, done):
+                for i, a in zip(idx, part):
+                    answers[i] = a
+        if route is not None and route[0].mode == "shadow":
+            self._shadow(route[1], parsed.records, parsed.ids, request_id)
+        return _json(answers[0] if parsed.single else answers)
+
+    @staticmethod
+    def _canary(route: tuple[Rollout, LoadedVersion], champion: LoadedVersion, ids: list,
+                request_id: str) -> list[tuple[LoadedVersion, Optional[list[int]]]]:
+        """Who answers which records: the challenger those whose customer id (else the request id)
+        hashes below the share; -> (model, record indices; None: all) per model that answers."""
+        rollout, challenger = route
+        mine = [rollout.challenger_answers(request_id if cid is None else cid) for cid in ids]
+        if not any(mine):
+            return [(champion, None)]
+        if all(mine):
+            return [(challenger, None)]
+        return [(champion, [i for i, m in enumerate(mine) if not m]), (challenger, [i for i, m in enumerate(mine) if m])]
+
+    async def _answer(self, model: LoadedVersion, parsed: Any, idx: Optional[list[int]],
+                      request_id: str) -> list[dict[str, Any]]:
+        """Score the records ``idx`` (None: all) with ``model``; record them -> their answers."""
+        records = parsed.records if idx is None else [parsed.records[i] for i in idx]
+        ids = parsed.ids if idx is None else [parsed.ids[i] for i in idx]
+        started = time.perf_counter()
+        X = self._matrix(model, records)
+        if len(records) == 1:
+            proba = np.array([await self._score_one((model, X))], dtype=np.float32)
+        else:
+            proba = model.predictor.score(X)
+        latency_ms = (time.perf_counter() - started) * 1000.0
         labels = self._labels(model, proba, "predict", started)
         answers = []
         for i, p in enumerate(proba):
             a = {"churn_probability": float(p), "churn_label": int(labels[i]),
                  "model_name": model.name, "model_version": model.version}
-            if parsed.ids[i] is not None:
-                a["customer_id"] = parsed.ids[i]
+            if ids[i] is not None:
+                a["customer_id"] = ids[i]
             answers.append(a)
         decided = self._decide(model, answers, proba)
         self._observe(model, X, proba)
-        self._record(request, model, "predict", parsed.ids, X, proba, labels, decided)
-        return _json(answers[0] if parsed.single else answers)
+        self._record(request_id, model, "predict", ids, X, proba, labels, decided, latency_ms)
+        return answers
+
+    async def _answer_canary(self, route: tuple[Rollout, LoadedVersion], champion: LoadedVersion, parsed: Any,
+                             idx: Optional[list[int]], request_id: str) -> list[dict[str, Any]]:
+        """The challenger answers its share; when it raises (whatever the reason), the champion
+        answers those records instead: a customer never gets an error from a canary."""
+        challenger = route[1]
+        try:
+            answers = await self._answer(challenger, parsed, idx, request_id)
+        except Exception as exc:  # noqa: BLE001 - counted and said once; the champion answers
+            message = f"canary: challenger version {challenger.version} failed: {one_line(exc)}"
+            if message != self._rollout_error:
+                logger.error("churn: %s; the champion answered", message)
+            self._rollout_error = message
+            self._challenger_requests.inc(1, tags={"model_version": challenger.version, "mode": "canary",
+                                                   "outcome": "fell_back"})
+            return await self._answer(champion, parsed, idx, request_id)
+        self._challenger_requests.inc(1, tags={"model_version": challenger.version, "mode": "canary",
+                                               "outcome": "answered"})
+        return answers
+
+    def _shadow(self, challenger: LoadedVersion, records: list[dict], ids: list, request_id: str) -> None:
+        """Shadow mode: the challenger scores the same records on a thread of its own, after the
+        answer is made; at most ``rollout.shadow_queue`` requests wait for it (more: skipped and
+        counted), so a slow or failing challenger never holds an answer or memory."""
+        with self._shadow_lock:
+            full = self._shadow_waiting >= int(self._settings.get("shadow_queue") or 256)
+            if not full:
+                self._shadow_waiting += 1
+        if full:
+            self._challenger_requests.inc(1, tags={"model_version": challenger.version, "mode": "shadow",
+                                                  "outcome": "skipped"})
+            return
+        self._shadow_pool.submit(self._shadow_score, challenger, records, ids, request_id)
+
+    def _shadow_score(self, challenger: LoadedVersion, records: list[dict], ids: list, request_id: str) -> None:
+        try:
+            started = time.perf_counter()
+            X = to_matrix(records, challenger.predictor.spec)
+            proba = challenger.predictor.score(X)
+            latency_ms = (time.perf_counter() - started) * 1000.0
+            labels = (proba >= self._threshold(challenger)).astype(int)
+            decided = self._decide(challenger, [{} for _ in records], proba)
+            self._record(request_id, challenger, "predict", ids, X, proba, labels, decided, latency_ms, "shadow")
+            outcome = "scored"
+        except Exception as exc:  # noqa: BLE001 - the challenger's failure is counted, never answered
+            outcome = "failed"
+            message = f"shadow: challenger version {challenger.version} failed: {one_line(exc)}"
+            if message != self._rollout_error:
+                logger.error("churn: %s", message)
+            self._rollout_error = message
+        finally:
+            with self._shadow_lock:
+                self._shadow_waiting -= 1
+        self._challenger_requests.inc(1, tags={"model_version": challenger.version, "mode": "shadow",
+                                               "outcome": outcome})
 
     @app.post("/explain", summary="SHAP contributions per raw feature",
               responses=_answers(ExplainAnswer, "P(churn) with its SHAP contributions and top reasons"))
@@ -614,6 +768,16 @@ class ChurnService:
         answers = await loop.run_in_executor(self._explain_pool, self._explain, model, X, parsed.ids, started,
                                              request)
         return _json(answers[0] if parsed.single else answers)
+
+    def _describe_rollout(self) -> Optional[dict[str, Any]]:
+        """The rollout this replica follows: mode, share, the challenger; or its last error."""
+        route = self._route
+        if route is None:
+            return {"error": self._rollout_error} if self._rollout_error else None
+        rollout, challenger = route
+        return {"mode": rollout.mode, "share": rollout.share if rollout.mode == "canary" else None,
+                "challenger_version": challenger.version, "started_at": rollout.started_at,
+                "error": self._rollout_error}
 
     @app.get("/healthz", summary="ready / degraded / not_ready",
              responses={200: {"model": Health, "description": "a model is loaded (ready, or degraded: still serving)"},
@@ -632,6 +796,7 @@ class ChurnService:
             "model": {"name": model.name, "version": model.version} if model else None,
             "registry": self._registry_error or "ok",
             "last_load_error": self._load_error,
+            "rollout": self._describe_rollout(),
         }
         if model is None:
             body["reason"] = self._reason
@@ -653,7 +818,7 @@ class ChurnService:
                     "threshold_source": ("fixed" if (self._settings.get("decision") or {}).get("threshold") is not None
                                          else (model.predictor.meta.get("decision") or {}).get("threshold_source"))},
                 "calibration": cal.describe() if (cal := model.predictor.calibrator) is not None else "none",
-                "source": self._loader.describe()}
+                "source": self._loader.describe(), "rollout": self._describe_rollout()}
 
     @app.get("/metrics", summary="Prometheus metrics of this node (text format)",
              responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format: churn_* "
@@ -716,6 +881,8 @@ def settings_from_config(cfg: Config, api_key_sha256: Union[str, None] = None) -
                 "flush_interval_s": cfg.monitoring.flush_interval_s, "queue_max": cfg.monitoring.queue_max,
                 "retry_s": cfg.monitoring.retry_s} if cfg.monitoring.log_serving else None,
         "shutdown_grace_s": s.shutdown_grace_s,
+        # a rollout's shadow scoring: requests waiting for the challenger at most
+        "shadow_queue": cfg.rollout.shadow_queue,
         # live drift on /metrics: the replica's last rows against the training profile
         "live": {"rows": cfg.monitoring.live_window_rows, "interval_s": cfg.monitoring.live_interval_s,
                  "psi_moderate": cfg.drift.psi_moderate, "psi_major": cfg.drift.psi_major},

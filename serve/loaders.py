@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from churnlib.model import loading
+from churnlib.rollout import state
 from churnlib.tags import TAG_EVAL_PREFIX, TAG_EVAL_RUN, TAG_TRAIN_PREFIX
 
 if TYPE_CHECKING:
@@ -87,7 +88,22 @@ class RegistryLoader:
             return f"{ref.version}:{hashlib.sha256(ref.decision.encode()).hexdigest()[:12]}"
         return str(ref.version)
 
-    def load(self, key: str) -> LoadedVersion:
+    def rollout(self) -> Any:
+        """The rollout on the registered model (``churnlib.rollout.state.Rollout``), or None."""
+        from mlflow import MlflowClient
+
+        _configure_mlflow(self.tracking_uri, self.registry_uri)
+        return state.read(MlflowClient(), self.name)
+
+    def key_of(self, version: str) -> str:
+        """``current()``'s key for a given version (a challenger's): its decision's digest included."""
+        _configure_mlflow(self.tracking_uri, self.registry_uri)
+        ref = loading.resolve(f"models:/{self.name}/{version}")
+        if ref.decision:
+            return f"{ref.version}:{hashlib.sha256(ref.decision.encode()).hexdigest()[:12]}"
+        return str(ref.version)
+
+    def load(self, key: str, alias: str | None = None) -> LoadedVersion:
         from mlflow import MlflowClient
 
         version = key.split(":")[0]
@@ -101,7 +117,8 @@ class RegistryLoader:
                     metrics[key] = float(value)
                 except ValueError:
                     pass
-        return LoadedVersion(loaded.predictor, self.name, str(version), self.alias, loaded.ref.run_id, metrics)
+        return LoadedVersion(loaded.predictor, self.name, str(version), alias or self.alias, loaded.ref.run_id,
+                             metrics)
 
 
 class UriLoader:

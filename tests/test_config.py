@@ -217,7 +217,7 @@ def test_every_command_has_a_description_an_example_and_help_for_every_flag():
 
     walk(build_parser(), "")
     assert sorted(seen) == sorted(k for k in EXAMPLES if k)
-    assert len(seen) == 23  # up, down and status included; models decide, outcomes load, monitor
+    assert len(seen) == 27  # up, down and status included; models decide, outcomes load, monitor, rollout *
 
 
 def test_version_flag(tmp_path):

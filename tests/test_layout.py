@@ -20,7 +20,8 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.unit
 
 PACKAGES = ("churnlib", "serve", "ray_jobs")
-STAGES = ("data", "decision", "predlog", "monitor", "model", "train", "tune", "evaluate", "registry", "batch", "serving")
+STAGES = ("data", "decision", "predlog", "monitor", "model", "train", "tune", "evaluate", "registry", "batch", "serving",
+          "rollout")
 # Lower rank = lower layer: a module imports only modules of a lower or equal rank
 # (equal: within its own stage folder, or shared modules among themselves).
 RANKS = {
@@ -31,7 +32,7 @@ RANKS = {
     "churnlib.model": 4,
     "churnlib.train": 5, "churnlib.evaluate": 5, "churnlib.batch": 5,
     "churnlib.registry": 6, "churnlib.monitor": 6,
-    "churnlib.tune": 7, "churnlib.serving": 7,
+    "churnlib.tune": 7, "churnlib.serving": 7, "churnlib.rollout": 7,
     "churnlib.pyfunc": 8, "churnlib.quickstart": 8,
     "churnlib.cli": 9, "churnlib.__main__": 10,
     "serve": 9, "ray_jobs": 11,

@@ -945,3 +945,227 @@ def test_high_throughput_mode_selection(lab, monkeypatch):
     assert not use_high_throughput(cfg("auto"))
     with pytest.raises(ConfigError, match="no HAProxy binary"):
         use_high_throughput(cfg("on"))
+
+
+# Rollouts: champion and challenger on live traffic ------------------------------------------
+
+
+def _rollout_lab(lab, name: str, **extra):
+    """Two registered versions that disagree on many records: b (shallow, 8 rounds) the champion,
+    a (calibrated, 30 rounds) the challenger. -> (registry, config, version a, version b)."""
+    cfg = make_config(lab["ws"], **{"model.registered_name": name, **extra})
+    reg = Registry(cfg, **QUIET)
+    va, _ = reg.register(lab["runs"]["a"])
+    vb, _ = reg.register(lab["runs"]["b"])
+    reg.promote(vb.version, force=True)
+    return reg, cfg, va.version, vb.version
+
+
+def _customers(n: int, seed: int, tag: str) -> list[dict]:
+    rows = next(iter_chunks(n, seed=seed, chunk_rows=n)).drop(columns=["Churn"])
+    out = []
+    for i, r in enumerate(rows.to_dict("records")):
+        rec = {k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()}
+        rec["CustomerID"] = f"{tag}-{i}"
+        out.append(rec)
+    return out
+
+
+def _rollout_on(url: str, mode: str | None) -> bool:
+    found = requests.get(f"{url}/model", timeout=30).json().get("rollout")
+    return (found is None or found.get("mode") is None) if mode is None else bool(found) and found.get("mode") == mode
+
+
+def test_a_rollout_shadow_then_canary_then_abort_under_a_stream_of_requests(lab, deploy):
+    """No request fails while a rollout starts in shadow, switches to canary and is aborted. Shadow:
+    only the champion answers, and the log holds both scores under each request id (the shadow's
+    the challenger's own score of the record). Canary: each customer meets the version its hash
+    chooses (50 % here), every time. Abort: the champion alone again."""
+    import sqlalchemy as sa
+
+    from churnlib.predlog.schema import predictions
+    from churnlib.predlog.store import LogStore
+    from churnlib.rollout import commands
+    from churnlib.rollout.state import bucket
+
+    name = "serve_rollout"
+    reg, cfg, va, vb = _rollout_lab(lab, name)
+    url = deploy("rollout", {"set": overrides(lab, **{"model.registered_name": name})})
+    tag = uuid.uuid4().hex[:8]
+    customers = _customers(120, 31, tag)
+    seen: list[tuple[float, float, int, str, str, str]] = []  # sent, answered, status, customer, version, rid
+    stop = threading.Event()
+
+    def stream(k: int) -> None:
+        i = k
+        while not stop.is_set():
+            rec, rid = customers[i % len(customers)], f"{tag}-r{k}-{i}"
+            i += 4
+            sent = time.monotonic()
+            r = requests.post(f"{url}/predict", json=rec, timeout=30, headers={"X-Request-ID": rid})
+            body = r.json() if r.status_code == 200 else {}
+            seen.append((sent, time.monotonic(), r.status_code, rec["CustomerID"], body.get("model_version"), rid))
+
+    threads = [threading.Thread(target=stream, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    marks = {}
+    try:
+        time.sleep(1)
+        marks["shadow_asked"] = time.monotonic()
+        commands.start(cfg, "shadow", version=va, **QUIET)
+        _wait(lambda: _rollout_on(url, "shadow"), 20)
+        marks["shadow"] = time.monotonic()
+        time.sleep(2)
+        marks["canary_asked"] = time.monotonic()
+        commands.start(cfg, "canary", share=0.5, **QUIET)
+        _wait(lambda: _rollout_on(url, "canary"), 20)
+        marks["canary"] = time.monotonic()
+        time.sleep(3)
+        marks["abort_asked"] = time.monotonic()
+        commands.abort(cfg, **QUIET)
+        _wait(lambda: _rollout_on(url, None), 20)
+        marks["abort"] = time.monotonic()
+        time.sleep(1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert seen and all(s[2] == 200 for s in seen), {s[2] for s in seen}
+    before_canary = [s for s in seen if s[1] < marks["canary_asked"]]
+    assert {s[4] for s in before_canary} == {vb}  # shadow answers nothing
+    canary = [s for s in seen if marks["canary"] < s[0] and s[1] < marks["abort_asked"]]
+    assert len(canary) > 50
+    for _, _, _, cid, version, _ in canary:  # sticky, and the hash's choice
+        assert version == (va if bucket(cid) < 0.5 else vb), cid
+    assert {s[4] for s in canary} == {va, vb}
+    assert {s[4] for s in seen if s[0] > marks["abort"]} == {vb}
+    assert reg.aliases().get("challenger") is None
+
+    # the log: every shadow-window request has the champion's row and the shadow's, one request id
+    shadowed = {s[5]: s[3] for s in seen if marks["shadow"] < s[0] and s[1] < marks["canary_asked"]}
+    assert len(shadowed) > 20
+    store = LogStore(cfg.log_uri)
+
+    def rows() -> list:
+        with store.engine.connect() as conn:
+            return conn.execute(sa.select(predictions).where(predictions.c.request_id.in_(list(shadowed)))
+                                ).mappings().all()
+
+    _wait(lambda: len(rows()) == 2 * len(shadowed), 30)
+    got = rows()
+    store.close()
+    by_route = {(r["request_id"], r["route"]): r for r in got}
+    a = load(f"models:/{name}/{va}").predictor
+    by_id = {c["CustomerID"]: c for c in customers}
+    for rid, cid in shadowed.items():
+        champ, shadow = by_route[(rid, "champion")], by_route[(rid, "shadow")]
+        assert champ["model_version"] == vb and shadow["model_version"] == va
+        assert shadow["customer_id"] == champ["customer_id"] == cid
+        from churnlib.data.features import to_matrix
+
+        expected = float(a.score(to_matrix([by_id[cid]], a.spec))[0])
+        assert shadow["probability"] == pytest.approx(expected, abs=1e-6)
+        assert shadow["latency_ms"] is not None and champ["latency_ms"] is not None
+
+
+def test_rollout_promote_waits_for_live_evidence_then_moves_the_aliases(lab, deploy):
+    """A shadow rollout of the stronger version: `churn rollout promote` is refused (exit 3, no
+    alias moves) while no outcome is in; with the outcomes of the customers it scored, it promotes:
+    champion -> challenger, previous -> the old champion, the rollout over, Serve follows."""
+    import pandas as pd
+
+    from churnlib.rollout import commands
+
+    name = "serve_rollout_promote"
+    criteria = {"rollout.criteria.min_volume": 150, "rollout.criteria.min_outcomes": 150,
+                "rollout.criteria.bootstrap": 300}
+    reg, cfg, va, vb = _rollout_lab(lab, name, **criteria)
+    url = deploy("rollout_promote", {"set": overrides(lab, **{"model.registered_name": name})})
+    commands.start(cfg, "shadow", version=va, **QUIET)
+    _wait(lambda: _rollout_on(url, "shadow"), 20)
+    tag = uuid.uuid4().hex[:8]
+    customers = _customers(400, 41, tag)
+    for k in range(0, 400, 50):  # lists of 50: each record one champion row and one shadow row
+        r = requests.post(f"{url}/predict", json=customers[k: k + 50], timeout=30)
+        assert r.status_code == 200 and {a["model_version"] for a in r.json()} == {vb}
+    sets = [a for kv in criteria.items() for a in ("--set", f"{kv[0]}={kv[1]}")]
+    args = ["--set", f"workspace={lab['ws'] / '.churn'}", "--set", f"model.registered_name={name}", *sets]
+    time.sleep(2)  # the writer's flush
+    refused = run_cli("rollout", "promote", *args, cwd=lab["ws"])
+    assert refused.returncode == 3, refused.stderr
+    assert "refused: outcomes joined: champion 0, challenger 0" in refused.stderr
+    assert reg.aliases()["champion"] == vb and reg.aliases()["challenger"] == va
+    # the outcomes come in (the generated table's own labels, observed a week later)
+    labels = next(iter_chunks(400, seed=41, chunk_rows=400))["Churn"].to_numpy()
+    when = (pd.Timestamp.now(tz="UTC") + pd.Timedelta(days=7)).isoformat()
+    out = lab["ws"] / f"outcomes-{tag}.csv"
+    pd.DataFrame({"CustomerID": [c["CustomerID"] for c in customers], "Churn": labels,
+                  "observed_at": when}).to_csv(out, index=False)
+    loaded = run_cli("outcomes", "load", "--data", str(out), *args, cwd=lab["ws"])
+    assert loaded.returncode == 0, loaded.stderr
+    status = json.loads(run_cli("rollout", "status", "--json", *args, cwd=lab["ws"]).stdout)
+    assert status["pairs"] == 400 and status["challenger"]["outcomes"] == 400
+    assert status["challenger"]["roc_auc"] > status["champion"]["roc_auc"]
+    assert status["verdict"]["promote"], status["verdict"]
+    done = run_cli("rollout", "promote", "--json", *args, cwd=lab["ws"])
+    assert done.returncode == 0, done.stderr
+    aliases = reg.aliases()
+    assert aliases["champion"] == va and aliases["previous"] == vb and "challenger" not in aliases
+    live = json.loads(reg.version(va).tags["churn.promotion.live"])
+    assert live["verdict"]["promote"] and live["records"]["challenger"] == 400
+    _wait(lambda: requests.get(f"{url}/model", timeout=30).json()["version"] == va and _rollout_on(url, None), 20)
+    gone = run_cli("rollout", "status", *args, cwd=lab["ws"])
+    assert gone.returncode == 2 and f"{name} has no rollout" in gone.stderr
+
+
+def test_a_failing_challenger_never_fails_a_request(lab, deploy, tmp_path):
+    """A challenger that cannot be loaded (not a churn model), then one that raises on every record
+    (trained with a column the requests do not carry): in shadow and in canary, every request is
+    answered, by the champion; /healthz says what went wrong."""
+    import pandas as pd
+
+    from churnlib.rollout import commands
+
+    name = "serve_rollout_failing"
+    reg, cfg, va, vb = _rollout_lab(lab, name)
+    broken, _ = reg.register(lab["runs"]["broken"])
+    data = pd.read_parquet(lab["ws"] / "train.parquet").assign(Extra=1.0)
+    data.to_parquet(tmp_path / "extra.parquet")
+    numeric = [*lab["cfg"].features.numeric, "Extra"]
+    extra_run = log_local_model(make_config(lab["ws"], **{"features.numeric": numeric}), tmp_path / "extra.parquet",
+                                rounds=5, run_name="extra")
+    extra, _ = reg.register(extra_run)
+    url = deploy("rollout_failing", {"set": overrides(lab, **{"model.registered_name": name})})
+    customers = _customers(30, 51, uuid.uuid4().hex[:8])
+    codes: list[int] = []
+    versions: set = set()
+
+    def burst() -> None:
+        for c in customers:
+            r = requests.post(f"{url}/predict", json=c, timeout=30)
+            codes.append(r.status_code)
+            versions.add(r.json().get("model_version"))
+        r = requests.post(f"{url}/predict", json=customers, timeout=30)
+        codes.append(r.status_code)
+        versions.update(a.get("model_version") for a in r.json())
+
+    commands.start(cfg, "shadow", version=broken.version, **QUIET)
+    _wait(lambda: "failed to load" in (requests.get(f"{url}/healthz", timeout=30).json()["rollout"] or {}).get(
+        "error", ""), 20)
+    burst()
+    commands.start(cfg, "canary", share=0.9, version=broken.version, force=True, **QUIET)
+    time.sleep(1.5)
+    burst()
+    commands.start(cfg, "canary", share=0.9, version=extra.version, force=True, **QUIET)
+    _wait(lambda: _rollout_on(url, "canary") and requests.get(f"{url}/model", timeout=30).json()["rollout"][
+        "challenger_version"] == extra.version, 20)
+    burst()
+    health = requests.get(f"{url}/healthz", timeout=30).json()
+    assert "canary: challenger version" in health["rollout"]["error"] and "missing column" in health["rollout"]["error"]
+    commands.start(cfg, "shadow", version=extra.version, **QUIET)
+    _wait(lambda: _rollout_on(url, "shadow"), 20)
+    burst()
+    assert codes and set(codes) == {200}
+    assert versions == {vb}  # the champion answered everything
+    commands.abort(cfg, **QUIET)

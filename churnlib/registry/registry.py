@@ -53,6 +53,7 @@ from churnlib.tags import (
     TAG_PROMOTED_AT,
     TAG_PROMOTED_BY,
     TAG_PROMOTED_FROM,
+    TAG_PROMOTED_LIVE,
     TAG_REGISTERED_AT,
     TAG_REGISTERED_BY,
     TAG_ROLLED_BACK,
@@ -305,7 +306,11 @@ class Registry:
 
     # Promotion ----------------------------------------------------------------------------
 
-    def promote(self, version: str | int | None = None, force: bool = False) -> dict[str, Any]:
+    def promote(self, version: str | int | None = None, force: bool = False, live: str | None = None,
+                forced: list[str] | None = None) -> dict[str, Any]:
+        """``live``: the evidence of a rollout (`churn rollout promote`, which checked its own
+        criteria, ``forced`` its refusals overridden): it stands in for the offline check and is
+        recorded on the version."""
         with self._lock():
             if version is None:
                 staged = self.alias(STAGING)
@@ -321,7 +326,10 @@ class Registry:
                     self.say(f"promote: warning: its latest evaluation failed its gates "
                              f"({champion.tags.get(TAG_GATE_SOURCE, 'source unknown')})")
                 return {"version": target.version, "previous": None, "changed": False}
-            evidence, refusals = self._check_promotion(target, champion)
+            if live is None:
+                evidence, refusals = self._check_promotion(target, champion)
+            else:
+                evidence, refusals = None, list(forced or [])
             if refusals and not force:
                 raise PromotionRefusedError(f"refused: {refusals[0]}")
             if refusals:
@@ -341,6 +349,8 @@ class Registry:
                 if refusals:
                     stamp[TAG_FORCED] = (f"forced by {stamp[TAG_PROMOTED_BY]} at {stamp[TAG_PROMOTED_AT]}: "
                                          f"{'; '.join(refusals)}")[:5000]
+                if live is not None:
+                    stamp[TAG_PROMOTED_LIVE] = live
                 for key, value in stamp.items():
                     self.client.set_model_version_tag(self.name, target.version, key, value)
         after = self.alias(CHAMPION)
