@@ -3,6 +3,7 @@
     python benchmarks/serve_load.py [--seconds 15] [--mlflow-workers 2] [--out benchmarks/results/serve_load.json]
     python benchmarks/serve_load.py --log --out benchmarks/results/serve_log.json   # the prediction log's cost
     python benchmarks/serve_load.py --outage 30 --out benchmarks/results/serve_log_outage.json  # PostgreSQL cut
+    python benchmarks/serve_load.py --rollout --cases single_c8 single_c32 --out benchmarks/results/serve_shadow.json
 
 Trains a depth-6 model (200,000 generated rows, 100 rounds), registers it as
 the champion in a temporary MLflow store, then serves it, in turn, with
@@ -49,9 +50,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def prepare(workspace: Path) -> tuple[str, list[dict]]:
-    """Train, log, register and promote one model; -> (tracking URI, raw records for requests)."""
+def prepare(workspace: Path, challenger: bool = False) -> tuple[str, list[dict]]:
+    """Train, log, register and promote one model (and, with ``challenger``, register a second one
+    of the same size trained on half the rows: version 2); -> (tracking URI, raw records)."""
     import mlflow
+    import numpy as np
     import xgboost as xgb
 
     from churnlib import tracking
@@ -80,6 +83,14 @@ def prepare(workspace: Path) -> tuple[str, list[dict]]:
     reg = Registry(cfg, say=lambda m: None)
     version, _ = reg.register(run.info.run_id)
     reg.promote(version.version, force=True)
+    if challenger:  # a retrain of the same size on another sample: what a challenger usually is
+        half = np.random.default_rng(2).random(len(enc["y"])) < 0.5
+        d2 = xgb.DMatrix(enc["X"][half], label=enc["y"][half], feature_names=spec.feature_names,
+                         feature_types=spec.feature_types, enable_categorical=True)
+        other = xgb.train({**cfg.xgb_params(), "nthread": os.cpu_count(), "max_depth": 6, "seed": 2}, d2, 100)
+        with tracking.tracked_run(cfg, "serve-benchmark-challenger", {"data.digest": source.digest}) as run:
+            log_model(cfg, spec, source, columns, other, 99, run.info.run_id)
+        reg.register(run.info.run_id)
     mlflow.set_tracking_uri(cfg.tracking_uri)
     raw = next(iter_chunks(2000, seed=5, chunk_rows=2000)).drop(columns=["Churn"])
     records = [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in raw.to_dict("records")]
@@ -150,8 +161,30 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
     raise RuntimeError(f"{url} not ready after {timeout} s")
 
 
+def tree_cpu_s(pid: int | None) -> float:
+    """CPU seconds (user + system) of a server and every process under it (Ray's, HAProxy)."""
+    import psutil
+
+    if pid is None:
+        return float("nan")
+    total = 0.0
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return float("nan")
+    for proc in procs:
+        try:
+            t = proc.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
 def run_cases(name: str, predict_url: str, records: list[dict], seconds: float, mlflow_format: bool,
-              only: list[str] | None = None) -> dict:
+              only: list[str] | None = None, server_pid: int | None = None) -> dict:
+    """Each case -> its numbers; with ``server_pid``, the server's CPU time per request too (the
+    whole process tree, warm-up included: CPU seconds over every request answered)."""
     out = {}
     for kind, conc, rows in CASES:
         if only and f"{kind}_c{conc}" not in only:
@@ -161,11 +194,14 @@ def run_cases(name: str, predict_url: str, records: list[dict], seconds: float, 
         else:
             chunks = [records[i: i + rows] for i in range(0, len(records) - rows + 1, rows)]
             bodies = [json.dumps({"dataframe_records": c} if mlflow_format else c).encode() for c in chunks]
+        cpu0 = tree_cpu_s(server_pid)
         res = asyncio.run(load(predict_url, lambda i, b=bodies: b[i % len(b)], conc, seconds, rows))
+        res["cpu_ms_per_request"] = 1000 * (tree_cpu_s(server_pid) - cpu0) / max(res["answered_rows"] / rows, 1)
         key = f"{kind}_c{conc}"
         out[key] = res
         print(f"  {name:7s} {key:14s} {res['rps']:8.1f} req/s {res['rows_per_s']:10.0f} rows/s  "
-              f"p50 {res['p50_ms']:7.1f} ms  p99 {res['p99_ms']:7.1f} ms  errors {res['errors']}", flush=True)
+              f"p50 {res['p50_ms']:7.1f} ms  p99 {res['p99_ms']:7.1f} ms  errors {res['errors']}  "
+              f"server CPU {res['cpu_ms_per_request']:.3f} ms/request", flush=True)
     return out
 
 
@@ -174,8 +210,11 @@ def print_ratios(title: str, a: dict, b: dict) -> dict:
     print(title)
     ratios = {}
     for key in a:
-        ratios[key] = {"rps": a[key]["rps"] / b[key]["rps"], "p99": a[key]["p99_ms"] / b[key]["p99_ms"]}
-        print(f"  {key:14s} throughput {ratios[key]['rps']:.2f}x   p99 {ratios[key]['p99']:.2f}x")
+        ratios[key] = {"rps": a[key]["rps"] / b[key]["rps"], "p99": a[key]["p99_ms"] / b[key]["p99_ms"],
+                       "cpu_per_request": a[key].get("cpu_ms_per_request", float("nan"))
+                       / b[key].get("cpu_ms_per_request", float("nan"))}
+        print(f"  {key:14s} throughput {ratios[key]['rps']:.2f}x   p99 {ratios[key]['p99']:.2f}x   "
+              f"server CPU per request {ratios[key]['cpu_per_request']:.2f}x")
     return ratios
 
 
@@ -260,6 +299,12 @@ def main() -> int:
     ap.add_argument("--log", action="store_true",
                     help="ours with the prediction log off, then on (instead of ours vs mlflow): the log's cost, and "
                          "whether every answered record is in it")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="--log/--rollout: the off, on, on, off sequence this many times (more alternations: less "
+                         "of the machine's drift in the ratios)")
+    ap.add_argument("--rollout", action="store_true",
+                    help="ours with no rollout, then with a shadow challenger (a second, deeper model scoring every "
+                         "record off the response path): what the shadow costs in latency and throughput")
     ap.add_argument("--outage", type=float, metavar="SECONDS",
                     help="ours with the log on PostgreSQL (127.0.0.1:5432, user postgres) through a TCP forwarder "
                          "cut for SECONDS under single-record load at concurrency 8: failed requests, records lost")
@@ -270,7 +315,7 @@ def main() -> int:
 
     workspace = Path(tempfile.mkdtemp(prefix="churn-serve-bench-"))
     print(f"preparing a model in {workspace}", flush=True)
-    tracking_uri, records = prepare(workspace)
+    tracking_uri, records = prepare(workspace, challenger=args.rollout)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
     env["MLFLOW_TRACKING_URI"] = tracking_uri
     env["PYTHONPATH"] = str(REPO)
@@ -291,8 +336,16 @@ def main() -> int:
         ours = servers["ours"]
         servers = {"log_off": lambda port: [*ours(port), "--set", "monitoring.log_serving=false"],
                    "log_on": lambda port: [*ours(port), "--set", "monitoring.log_serving=true"]}
-        order = ["log_off", "log_on", "log_on", "log_off"]
+        order = ["log_off", "log_on", "log_on", "log_off"] * args.repeat
     outage = outage_uri = None
+    rollout_cfg = None
+    if args.rollout:
+        from churnlib.config import load_config
+
+        rollout_cfg = load_config(overrides={"workspace": str(workspace)}, env={})
+        ours = servers["ours"]
+        servers = {"off": ours, "shadow": ours}  # the same server; the registry's rollout differs
+        order = ["off", "shadow", "shadow", "off"] * args.repeat
     if args.outage:
         outage = Outage(args.outage)
         outage_uri = outage.direct_uri
@@ -309,12 +362,22 @@ def main() -> int:
         command = servers[name]
         if args.only and name != args.only:
             continue
+        if rollout_cfg is not None:  # the rollout is the registry's: set before the server starts
+            from churnlib.registry.registry import Registry
+            from churnlib.rollout import commands
+
+            if name == "shadow":
+                commands.start(rollout_cfg, "shadow", version="2", say=lambda m: None)
+            elif commands.current(Registry(rollout_cfg, say=lambda m: None)) is not None:
+                commands.abort(rollout_cfg, say=lambda m: None)
         port = free_port()
         log = open(workspace / f"{name}.log", "w")
         proc = subprocess.Popen(command(port), env=env, cwd=workspace, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
             mine = name != "mlflow"
+            if rollout_cfg is not None and name == "shadow":  # the replicas load the challenger
+                time.sleep(2)
             health = f"http://127.0.0.1:{port}/" + ("healthz" if mine else "health")
             wait_ready(health, proc)
             time.sleep(3 if mine else 1)
@@ -323,7 +386,8 @@ def main() -> int:
             if outage is not None:
                 outage.start(after=warmup + 5)
             runs.setdefault(name, []).append(
-                run_cases(name, url, records, args.seconds, mlflow_format=not mine, only=args.cases))
+                run_cases(name, url, records, args.seconds, mlflow_format=not mine, only=args.cases,
+                          server_pid=proc.pid))
         finally:
             os.killpg(proc.pid, signal.SIGINT)
             try:
@@ -344,6 +408,8 @@ def main() -> int:
         answered = sum(r["answered_rows"] for r in results["log_on"].values())
         results["log"] = count_log(f"sqlite:///{workspace / 'prediction_log.db'}", answered, drains)
         results["ratios_log"] = print_ratios("ratio log on / log off:", results["log_on"], results["log_off"])
+    if {"off", "shadow"} <= set(results):
+        results["ratios_shadow"] = print_ratios("ratio shadow / off:", results["shadow"], results["off"])
     if "outage" in results:
         results["outage"]["log"] = count_log(outage_uri, results["outage"]["single_c8"]["answered_rows"], drains)
     if {"ours", "mlflow"} <= set(results):

@@ -250,6 +250,11 @@ def _asset(name: str) -> Response:
     return Response(body, media_type=DOCS_ASSETS[name], headers={"Cache-Control": "public, max-age=86400"})
 
 
+# Shadow scoring waits this long after the first queued request, so that one matrix and one
+# predict call serve many requests (a predict call's fixed cost is most of a single record's)
+_SHADOW_GATHER_S = 0.02
+
+
 # The deployment: defined at import (Serve serialises it here), so everything it uses is above.
 app = FastAPI(title="Churn prediction", version="1", docs_url=None, redoc_url=None,
               description="P(churn) and SHAP explanations from the registered champion model. "
@@ -279,9 +284,11 @@ class ChurnService:
         self._route: Optional[tuple[Rollout, LoadedVersion]] = None
         self._challenger_key: Optional[str] = None
         self._rollout_error: Optional[str] = None
-        self._shadow_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="churn-shadow")
+        # shadow scoring: requests queued here, scored together on a thread of its own
+        self._shadow_jobs: list[tuple[LoadedVersion, list[dict], list, str]] = []
         self._shadow_lock = threading.Lock()
-        self._shadow_waiting = 0
+        self._shadow_ready = threading.Event()
+        threading.Thread(target=self._shadow_loop, name="churn-shadow", daemon=True).start()
         self._lock = threading.Lock()  # one refresh at a time (poll thread vs a manual one)
         # SHAP on one thread of its own: explanations queue among themselves, /predict stays on the loop
         self._explain_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="churn-explain")
@@ -310,8 +317,9 @@ class ChurnService:
         if log:
             rows = metrics.Counter(
                 "churn_prediction_log_rows", description="Prediction log rows by what became of them: queued, "
-                "written, spooled (database down), replayed (from the spool), dropped (queue full), rejected (refused "
-                "by the database for their content, kept aside).",
+                "written (loaded at the first try), spooled (waiting on disk: the database was down), replayed "
+                "(loaded after that), dropped (the spool could not be written), rejected (refused by the database "
+                "for their content, kept aside).",
                 tag_keys=("kind",),
             )
             self._log = LogWriter(log["uri"], log["spool_dir"], batch_rows=log["batch_rows"],
@@ -345,7 +353,8 @@ class ChurnService:
         """Check the alias (and the rollout); load a new version beside the current one, then swap."""
         with self._lock:
             self._refresh_champion()
-            if hasattr(self._loader, "rollout"):
+            # a rollout challenges the champion: only an app that follows `champion` takes part
+            if hasattr(self._loader, "rollout") and getattr(self._loader, "alias", None) == "champion":
                 self._refresh_rollout()
 
     def _refresh_champion(self) -> None:
@@ -719,28 +728,55 @@ class ChurnService:
         return answers
 
     def _shadow(self, challenger: LoadedVersion, records: list[dict], ids: list, request_id: str) -> None:
-        """Shadow mode: the challenger scores the same records on a thread of its own, after the
-        answer is made; at most ``rollout.shadow_queue`` requests wait for it (more: skipped and
-        counted), so a slow or failing challenger never holds an answer or memory."""
+        """Shadow mode: queue the request for the challenger, which scores it after the answer is
+        made, on a thread of its own; at most ``rollout.shadow_queue`` requests wait (more: skipped
+        and counted), so a slow or failing challenger never holds an answer or memory."""
         with self._shadow_lock:
-            full = self._shadow_waiting >= int(self._settings.get("shadow_queue") or 256)
+            waiting = len(self._shadow_jobs)
+            full = waiting >= int(self._settings.get("shadow_queue") or 256)
             if not full:
-                self._shadow_waiting += 1
+                self._shadow_jobs.append((challenger, records, ids, request_id))
         if full:
             self._challenger_requests.inc(1, tags={"model_version": challenger.version, "mode": "shadow",
                                                   "outcome": "skipped"})
-            return
-        self._shadow_pool.submit(self._shadow_score, challenger, records, ids, request_id)
+        elif waiting == 0:  # the thread is woken once per batch, not per request
+            self._shadow_ready.set()
 
-    def _shadow_score(self, challenger: LoadedVersion, records: list[dict], ids: list, request_id: str) -> None:
+    def _shadow_loop(self) -> None:
+        """Take every queued request, score them together (one matrix, one predict call per
+        challenger) and record each under its own request id, route ``shadow``."""
+        while True:
+            self._shadow_ready.wait(1.0)
+            self._shadow_ready.clear()
+            time.sleep(_SHADOW_GATHER_S)  # let requests gather: one predict call for many of them
+            with self._shadow_lock:
+                jobs, self._shadow_jobs = self._shadow_jobs, []
+            if not jobs:
+                continue
+            groups: dict[int, list] = {}
+            for job in jobs:
+                groups.setdefault(id(job[0]), []).append(job)
+            for group in groups.values():
+                try:
+                    self._shadow_score(group)
+                except Exception:  # noqa: BLE001 - the thread must never die
+                    logger.exception("churn: shadow scoring failed")
+
+    def _shadow_score(self, jobs: list[tuple[LoadedVersion, list[dict], list, str]]) -> None:
+        challenger = jobs[0][0]
         try:
             started = time.perf_counter()
-            X = to_matrix(records, challenger.predictor.spec)
+            X = to_matrix([r for job in jobs for r in job[1]], challenger.predictor.spec)
             proba = challenger.predictor.score(X)
-            latency_ms = (time.perf_counter() - started) * 1000.0
+            latency_ms = (time.perf_counter() - started) * 1000.0  # the model time of the batch it was in
             labels = (proba >= self._threshold(challenger)).astype(int)
-            decided = self._decide(challenger, [{} for _ in records], proba)
-            self._record(request_id, challenger, "predict", ids, X, proba, labels, decided, latency_ms, "shadow")
+            decided = self._decide(challenger, [{} for _ in range(len(proba))], proba)
+            at = 0
+            for _, records, ids, request_id in jobs:
+                part = slice(at, at + len(records))
+                at += len(records)
+                self._record(request_id, challenger, "predict", ids, X[part], proba[part], labels[part],
+                             None if decided is None else (decided[0][part], decided[1][part]), latency_ms, "shadow")
             outcome = "scored"
         except Exception as exc:  # noqa: BLE001 - the challenger's failure is counted, never answered
             outcome = "failed"
@@ -748,11 +784,8 @@ class ChurnService:
             if message != self._rollout_error:
                 logger.error("churn: %s", message)
             self._rollout_error = message
-        finally:
-            with self._shadow_lock:
-                self._shadow_waiting -= 1
-        self._challenger_requests.inc(1, tags={"model_version": challenger.version, "mode": "shadow",
-                                               "outcome": outcome})
+        self._challenger_requests.inc(len(jobs), tags={"model_version": challenger.version, "mode": "shadow",
+                                                       "outcome": outcome})
 
     @app.post("/explain", summary="SHAP contributions per raw feature",
               responses=_answers(ExplainAnswer, "P(churn) with its SHAP contributions and top reasons"))

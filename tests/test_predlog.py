@@ -40,6 +40,23 @@ def _answered(first: int, n: int = 10, request_id: str | None = None) -> Answere
                     expected_value=np.full(n, 1.5), X=np.stack([i, np.ones(n)], axis=1).astype(np.float32))
 
 
+def _wait_unlocked(root, timeout: float = 20.0) -> None:
+    """Until every writer folder under ``root`` has a free lock (its writer and loader gone)."""
+    import fcntl
+
+    deadline = time.monotonic() + timeout
+    for lock in root.glob("*/lock"):
+        with open(lock, "a") as fh:
+            while True:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(fh, fcntl.LOCK_UN)
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, f"{lock} still locked"
+                    time.sleep(0.05)
+
+
 @pytest.fixture
 def pg_log(postgres_db):
     """A fresh PostgreSQL database for one test's prediction log."""
@@ -209,6 +226,7 @@ os._exit(0)
 """
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "60", res.stderr
+    _wait_unlocked(tmp_path / "spool")  # its loader (which shares the folder's lock) exits too
     writer = LogWriter(f"postgresql://postgres@127.0.0.1:5432/{pg_log}", tmp_path / "spool", flush_interval_s=0.05)
     writer.record(_answered(1000, n=1))
     assert writer.flush(60)
@@ -244,9 +262,10 @@ def test_a_full_buffer_goes_to_disk_and_nothing_is_dropped(tmp_path):
             str(i) for i in [*range(10), 11]]
 
 
-def test_a_batch_still_inserting_at_close_goes_to_disk_and_lands_once(tmp_path):
+def test_a_batch_still_loading_at_close_stays_on_disk_and_lands_once(tmp_path):
     """The database holds the loader's insert (another connection keeps SQLite's write lock) when
-    the process stops: close spools the batch in flight; replayed later, every row is there once."""
+    the writer closes: the loader is stopped, its file stays in the spool; loaded later, every row
+    is there once."""
     import sqlite3
 
     uri = f"sqlite:///{tmp_path / 'log.db'}"
@@ -255,19 +274,36 @@ def test_a_batch_still_inserting_at_close_goes_to_disk_and_lands_once(tmp_path):
     blocker.execute("BEGIN IMMEDIATE")  # the write lock: the loader's insert waits (busy timeout)
     writer = LogWriter(uri, tmp_path / "spool", flush_interval_s=0.05)
     writer.record(_answered(0, n=50))
-    deadline = time.monotonic() + 10
-    while writer._inflight is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert writer._inflight is not None  # taken, its insert waiting on the lock
+    assert writer.flush(10, loaded=False)  # on disk
+    time.sleep(1.0)  # the loader has taken the file and waits on the lock
     counts = writer.close(timeout=0.5)
-    assert counts["spooled"] == 50 and counts["dropped"] == 0 and counts["written"] == 0
+    assert counts["queued"] == 50 and counts["written"] == 0 and counts["dropped"] == 0
+    assert writer.spool.rows() == 50
     blocker.rollback()
     blocker.close()
-    time.sleep(0.5)  # the stuck insert may land now, or not: either way the replay adds the rest once
     assert replay_orphans(uri, tmp_path / "spool") == 50
     with LogStore(uri).engine.connect() as conn:
         got = [r[0] for r in conn.execute(sa.text("SELECT customer_id FROM predictions ORDER BY id"))]
     assert got == [str(i) for i in range(50)]
+
+
+def test_the_loader_is_a_process_of_its_own_and_a_dead_one_is_replaced(tmp_path):
+    """The replica's process only writes the spool; loading runs in a child process, restarted when
+    it dies (the rows wait on disk meanwhile)."""
+    import os
+    import signal
+
+    uri = f"sqlite:///{tmp_path / 'log.db'}"
+    writer = LogWriter(uri, tmp_path / "spool", flush_interval_s=0.05)
+    first = writer._loader
+    assert first.pid != os.getpid() and first.poll() is None
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait(10)
+    writer.record(_answered(0, n=20))
+    assert writer.flush(30)
+    assert writer._loader.pid != first.pid and writer._loader.poll() is None
+    counts = writer.close()
+    assert counts["written"] == 20 and LogStore(uri).count("predictions") == 20
 
 
 def test_rows_are_dropped_only_when_the_disk_fails_too_and_counted(tmp_path):

@@ -976,11 +976,12 @@ def _rollout_on(url: str, mode: str | None) -> bool:
     return (found is None or found.get("mode") is None) if mode is None else bool(found) and found.get("mode") == mode
 
 
-def test_a_rollout_shadow_then_canary_then_abort_under_a_stream_of_requests(lab, deploy):
-    """No request fails while a rollout starts in shadow, switches to canary and is aborted. Shadow:
-    only the champion answers, and the log holds both scores under each request id (the shadow's
-    the challenger's own score of the record). Canary: each customer meets the version its hash
-    chooses (50 % here), every time. Abort: the champion alone again."""
+def test_a_rollout_shadow_canary_promote_abort_under_a_stream_of_requests(lab, deploy):
+    """No request fails while a rollout starts in shadow, switches to canary, is promoted (forced),
+    a new one starts and is aborted. Shadow: only the champion answers, and the log holds both
+    scores under each request id (the shadow's the challenger's own score of the record). Canary:
+    each customer meets the version its hash chooses (50 % here), every time. Promote: the
+    challenger answers alone. Abort: the champion alone again."""
     import sqlalchemy as sa
 
     from churnlib.predlog.schema import predictions
@@ -1022,6 +1023,14 @@ def test_a_rollout_shadow_then_canary_then_abort_under_a_stream_of_requests(lab,
         _wait(lambda: _rollout_on(url, "canary"), 20)
         marks["canary"] = time.monotonic()
         time.sleep(3)
+        marks["promote_asked"] = time.monotonic()
+        commands.promote(cfg, force=True, **QUIET)  # no outcomes yet: forced, and recorded so
+        _wait(lambda: requests.get(f"{url}/model", timeout=30).json()["version"] == va and _rollout_on(url, None), 20)
+        marks["promoted"] = time.monotonic()
+        time.sleep(1)
+        commands.start(cfg, "shadow", version=vb, **QUIET)  # the old champion challenges back
+        _wait(lambda: _rollout_on(url, "shadow"), 20)
+        time.sleep(1)
         marks["abort_asked"] = time.monotonic()
         commands.abort(cfg, **QUIET)
         _wait(lambda: _rollout_on(url, None), 20)
@@ -1034,12 +1043,14 @@ def test_a_rollout_shadow_then_canary_then_abort_under_a_stream_of_requests(lab,
     assert seen and all(s[2] == 200 for s in seen), {s[2] for s in seen}
     before_canary = [s for s in seen if s[1] < marks["canary_asked"]]
     assert {s[4] for s in before_canary} == {vb}  # shadow answers nothing
-    canary = [s for s in seen if marks["canary"] < s[0] and s[1] < marks["abort_asked"]]
+    canary = [s for s in seen if marks["canary"] < s[0] and s[1] < marks["promote_asked"]]
     assert len(canary) > 50
     for _, _, _, cid, version, _ in canary:  # sticky, and the hash's choice
         assert version == (va if bucket(cid) < 0.5 else vb), cid
     assert {s[4] for s in canary} == {va, vb}
-    assert {s[4] for s in seen if s[0] > marks["abort"]} == {vb}
+    assert {s[4] for s in seen if s[0] > marks["promoted"]} == {va}  # the new champion, alone or shadowed
+    assert reg.aliases()["champion"] == va and reg.aliases()["previous"] == vb
+    assert "forced by" in reg.version(va).tags["churn.promotion.forced"]
     assert reg.aliases().get("challenger") is None
 
     # the log: every shadow-window request has the champion's row and the shadow's, one request id
@@ -1102,14 +1113,15 @@ def test_rollout_promote_waits_for_live_evidence_then_moves_the_aliases(lab, dep
     out = lab["ws"] / f"outcomes-{tag}.csv"
     pd.DataFrame({"CustomerID": [c["CustomerID"] for c in customers], "Churn": labels,
                   "observed_at": when}).to_csv(out, index=False)
-    loaded = run_cli("outcomes", "load", "--data", str(out), *args, cwd=lab["ws"])
-    assert loaded.returncode == 0, loaded.stderr
-    status = json.loads(run_cli("rollout", "status", "--json", *args, cwd=lab["ws"]).stdout)
+    from churnlib.monitor.outcomes import load_outcomes
+
+    assert load_outcomes(cfg, str(out), **QUIET).loaded == 400
+    status = commands.status(cfg, **QUIET)
     assert status["pairs"] == 400 and status["challenger"]["outcomes"] == 400
     assert status["challenger"]["roc_auc"] > status["champion"]["roc_auc"]
     assert status["verdict"]["promote"], status["verdict"]
-    done = run_cli("rollout", "promote", "--json", *args, cwd=lab["ws"])
-    assert done.returncode == 0, done.stderr
+    done = commands.promote(cfg, **QUIET)
+    assert done["version"] == va and done["previous"] == vb
     aliases = reg.aliases()
     assert aliases["champion"] == va and aliases["previous"] == vb and "challenger" not in aliases
     live = json.loads(reg.version(va).tags["churn.promotion.live"])

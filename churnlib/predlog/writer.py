@@ -1,4 +1,4 @@
-"""Recording predictions without making anyone wait: a buffer, a loader thread, a disk spool.
+"""Recording predictions without making anyone wait: a buffer, a spool on disk, a loader process.
 
 A Serve replica hands each request's answers to ``LogWriter.record`` as one
 ``Answered`` item (the arrays it already has: probabilities, labels, the
@@ -6,36 +6,37 @@ decision, the model matrix). ``record`` appends it to an in-memory buffer
 under a lock and returns: no thread is woken per request, no row is made on
 the request path.
 
-The loader thread takes the whole buffer every ``flush_interval_s`` (at once
-when it holds ``batch_rows``), makes it one columnar ``Batch`` (ids assigned,
-one array per column; the matrix rows become bytes by a view, not a loop) and
-inserts it with one driver-level ``executemany`` per transaction. A backlog
-makes the batches larger, which is what lets the loader catch up.
+A thread takes the whole buffer every ``flush_interval_s`` (at once when it
+holds ``batch_rows``, or ``queue_max``) and writes it to the spool as one
+columnar ``Batch`` (ids assigned, one array per column, the matrix rows as one
+float32 array): one fsynced ``.npz`` file, named by its sequence number,
+about 0.26 µs a row. That is all the replica does.
 
-The spool (a folder of this process's batches on disk, one fsynced ``.npz``
-file per batch, columnar, named by the batch's sequence number) takes what
-the database cannot take now: batches that failed (the database down or
-unreachable), and, from a second thread, the buffer whenever it holds
-``queue_max`` rows (the database slower than the traffic, or an insert
-hanging). While the spool holds anything, the loader replays it, oldest file
-first, before it takes new rows, deleting each file after its rows are
-committed: rows reach the database in the order they were answered, and
-memory stays bounded however long the database is away. Rows carry their
-``prediction_id`` (made once, when the batch is made) and inserts skip ids
-already present, so a batch whose commit was cut after the database took it
-is not inserted twice. A batch the database refuses for what it holds (not for
-being down) is kept aside in ``spool_dir/rejected`` and counted.
+A loader process of its own (``churnlib.predlog.loader``, one per writer,
+started with it) loads the spool into the database in multi-row INSERTs,
+oldest file first, deleting each file after its rows are committed: the rows
+reach the database in the order they were answered, whatever happens to it.
+While the database is down (or slower than the traffic) the files wait on
+disk and memory stays bounded; rows carry their ``prediction_id`` (made once,
+with the batch) and inserts skip ids already present, so a file whose commit
+was cut after the database took it is not inserted twice. A batch the
+database refuses for what it holds (not for being down) is moved to
+``spool_dir/rejected`` and counted. Loading in the replica's own thread cost
+the service about three times the loading's CPU (the two threads trading the
+GIL); in a process of its own it costs its CPU only.
 
 A process that dies leaves its spool folder behind; the next writer on that
-machine takes it over (its lock is free) and replays it first
+machine takes it over (its lock is free) and its loader loads it first
 (``replay_orphans`` does the same for a reader, e.g. ``churn monitor``).
-``close`` (a replica stopping gracefully) loads the buffer into the database,
-or into the spool when the database is down or the time is up.
+``close`` (a replica stopping) writes the buffer to the spool first, then lets
+the loader load for as long as it may.
 
 Counts (``queued``, ``written``, ``spooled``, ``replayed``, ``dropped``,
 ``rejected``) are kept and handed to ``on_count`` (Serve exports them as
-Prometheus counters). A row is dropped only when it can go neither to the
-database nor to the disk (the spool cannot be written): counted, never silent.
+Prometheus counters): written = loaded at the first try, spooled = waiting on
+disk because the database was down when their turn came, replayed = loaded
+after that. A row is dropped only when it cannot be written to the disk:
+counted, never silent.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ import json
 import logging
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -243,6 +246,12 @@ class Spool:
         return sorted(self.dir.glob("*.npz"))
 
     @property
+    def lock_fd(self) -> int:
+        """The descriptor holding the folder's lock (a loader process inherits it: the folder
+        stays locked while either works on it)."""
+        return self._lock.fileno()
+
+    @property
     def rejected(self) -> Path:
         return self.root / "rejected"
 
@@ -280,14 +289,14 @@ class Spool:
 
 
 class LogWriter:
-    """Rows in, batches out to the prediction log, the spool in between when the database fails
-    or falls behind."""
+    """Rows in, columnar batches out to the spool; a loader process of its own takes them into the
+    database (``churnlib.predlog.loader``)."""
 
     def __init__(self, uri: str, spool_dir: str | os.PathLike, batch_rows: int = 500, flush_interval_s: float = 0.5,
                  queue_max: int = 100_000, retry_s: float = 2.0,
                  on_count: Callable[[str, int], None] | None = None):
-        self.store = LogStore(uri, connect_timeout_s=3)
-        self._sqlite = self.store.dialect == "sqlite"
+        LogStore(uri)  # a URI that is not one: one line now, not in the loader later
+        self.uri = uri
         self.spool = Spool(spool_dir)
         self.batch_rows = batch_rows
         self.flush_interval_s = flush_interval_s
@@ -295,30 +304,25 @@ class LogWriter:
         self.retry_s = retry_s
         self.on_count = on_count
         self.counts = dict.fromkeys(COUNTS, 0)
+        self.down: str | None = None  # why the database is unavailable, as the loader last said
         self._count_lock = threading.Lock()
         self._buffer: list[Answered] = []
         self._buffered = 0  # rows in the buffer
-        self._busy = 0  # rows taken by the loader, not yet in the database or the spool
+        self._busy = 0  # rows taken from the buffer, not yet in the spool
         self._buffer_lock = threading.Lock()
-        # held while the buffer is taken, and by the spill until its file is in place: the loader
-        # never inserts a batch while an older one is still on its way to the spool
-        self._take_lock = threading.Lock()
+        self._take_lock = threading.Lock()  # one batch made and written at a time: files in answer order
         self._ids = _Ids()
         self._seq = 0
-        self._inflight: Batch | None = None  # the batch the loader is inserting
-        self._migrated = False
-        self._down_until = 0.0
         self._stopping = threading.Event()
-        self._wake = threading.Event()  # the loader: a batch is ready, or stop
-        self._spill = threading.Event()  # the spiller: the buffer is full, or stop
+        self._wake = threading.Event()
         self._closed = False
-        self._released = False
+        self._loader: subprocess.Popen | None = None
+        self._loader_lock = threading.Lock()
+        self._start_loader()
         self._thread = threading.Thread(target=self._run, name="churn-prediction-log", daemon=True)
-        self._spiller = threading.Thread(target=self._run_spill, name="churn-prediction-log-spill", daemon=True)
         self._thread.start()
-        self._spiller.start()
         # A process that exits without close (a Ray worker told to stop by its node, SIGTERM, the
-        # interpreter ending) spools what is still buffered: the next writer replays it.
+        # interpreter ending) writes what is still buffered to the spool.
         atexit.register(self._at_exit)
 
     def _at_exit(self) -> None:
@@ -335,6 +339,53 @@ class LogWriter:
                 self.on_count(kind, n)
             except Exception:  # noqa: BLE001 - a metric must never stop the writer
                 logger.exception("churn: prediction log counter failed")
+
+    # The loader process ----------------------------------------------------------------------
+
+    def _start_loader(self) -> None:
+        env = {**os.environ, "CHURN_LOADER_URI": self.uri}
+        root = str(Path(__file__).resolve().parents[2])  # churnlib importable in the child as here
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        self._loader = subprocess.Popen(
+            [sys.executable, "-m", "churnlib.predlog.loader", "--dir", str(self.spool.dir),
+             "--retry-s", str(self.retry_s), "--poll-s", str(min(self.flush_interval_s, 0.2))],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True, bufsize=1,
+            pass_fds=(self.spool.lock_fd,), start_new_session=True)  # the folder stays locked while it works
+        self._reader = threading.Thread(target=self._read_loader, args=(self._loader,),
+                                        name="churn-prediction-log-counts", daemon=True)
+        self._reader.start()
+
+    def _read_loader(self, proc: subprocess.Popen) -> None:
+        """The loader's events -> the counters."""
+        for line in proc.stdout:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if "down" in event:
+                self.down = event["down"]
+                logger.warning("churn: prediction log unavailable (%s); records wait in %s", event["down"],
+                               self.spool.dir)
+            for kind in ("written", "spooled", "replayed", "rejected"):
+                if kind in event:
+                    if kind in ("written", "replayed"):
+                        self.down = None
+                    if kind == "rejected":
+                        logger.error("churn: the prediction log refused a batch (%s); kept in %s",
+                                     event.get("reason") or event.get("unreadable"), self.spool.rejected)
+                    self._count(kind, int(event[kind]))
+
+    def _check_loader(self, closing: bool = False) -> None:
+        """A loader that died (killed, out of memory; Ray kills a stopping worker's children) is
+        started again: the spool waits for it."""
+        with self._loader_lock:
+            if self._loader is not None and self._loader.poll() is not None and (
+                    closing or not self._stopping.is_set()):
+                code = self._loader.returncode
+                # -9 when a stopping Ray worker's children are killed: expected then, started again
+                (logger.info if code == -9 else logger.error)(
+                    "churn: the prediction log's loader exited (%s); starting another", code)
+                self._start_loader()
 
     # The caller's side ---------------------------------------------------------------------
 
@@ -355,201 +406,92 @@ class LogWriter:
         if closed:  # after close: nowhere to go (counted)
             self._count("dropped", n)
             return
-        if before < self.batch_rows <= before + n:
+        if before < min(self.batch_rows, self.queue_max) <= before + n:
             self._wake.set()
-        if before < self.queue_max <= before + n:
-            self._spill.set()
 
-    def flush(self, timeout: float = 30.0) -> bool:
-        """Wait until every buffered row is in the database or the spool -> whether that happened
-        in time."""
+    def flush(self, timeout: float = 30.0, loaded: bool = True) -> bool:
+        """Wait until every buffered row is in the spool and, with ``loaded``, the spool is loaded
+        (or the database is down) -> whether that happened in time."""
         deadline = time.monotonic() + timeout
         self._wake.set()
         while time.monotonic() < deadline:
             with self._buffer_lock:
-                if self._buffered == 0 and self._busy == 0:
-                    return True
+                journaled = self._buffered == 0 and self._busy == 0
+            if journaled and (not loaded or not self.spool.files() or self.down is not None):
+                return True
             self._wake.set()
             time.sleep(0.02)
         return False
 
     def close(self, timeout: float = 30.0) -> dict[str, int]:
-        """Stop taking rows; make what is buffered durable first (the spool: milliseconds, so a
-        process killed soon after loses nothing), then let the loader load the spool into the
-        database for up to ``timeout``; release the spool (what is left is the next writer's)
-        -> the counts."""
+        """Stop taking rows; what is buffered goes to the spool first (milliseconds: a process
+        killed soon after loses nothing); the loader loads the spool for up to ``timeout`` and
+        stops (what is left is the next writer's) -> the counts."""
         if self._closed:
             return dict(self.counts)
         with self._buffer_lock:
             self._closed = True
         atexit.unregister(self._at_exit)
         self._stopping.set()
-        self._spill.set()
-        self._spiller.join(1.0)
-        # durable first: a batch the loader is inserting goes to disk (its commit may never come;
-        # if it does, the replay skips its ids), then the buffer behind it; then the loader loads
-        # the spool into the database for as long as it may
-        inflight = self._inflight
-        if inflight is not None:
-            self._to_spool(inflight)
-        self._spill_buffer()
         self._wake.set()
-        self._thread.join(timeout)
-        self._released = True  # a loader still stuck in an insert leaves the spool alone from now on
+        self._thread.join(2.0)
+        self._journal()  # whatever the thread did not take
+        self._check_loader(closing=True)  # a live loader to load it
+        loader = self._loader
+        if loader is not None:
+            try:
+                loader.stdin.close()  # "load what is there, then exit"
+            except OSError:
+                pass
+            try:
+                loader.wait(timeout)
+            except subprocess.TimeoutExpired:
+                loader.terminate()  # after the file it is loading
+                try:
+                    loader.wait(5.0)
+                except subprocess.TimeoutExpired:
+                    loader.kill()  # stuck in the database: its file stays, its ids make a replay safe
+                    loader.wait()
+            self._reader.join(2.0)  # its last counts
         left = len(self.spool.files())
         self.spool.close()
-        self.store.close()
         logger.info("churn: prediction log writer closed: %s; %d spool file(s) left in %s for the next writer",
                     self.counts, left, self.spool.dir)
         return dict(self.counts)
 
     # The writer's side ---------------------------------------------------------------------
 
-    def _take(self) -> Batch | None:
-        """The whole buffer as one batch (call with ``_take_lock`` held)."""
-        with self._buffer_lock:
-            items, n = self._buffer, self._buffered
-            if not items:
-                return None
-            self._buffer, self._buffered = [], 0
-            self._busy += n
-            self._seq += 1
-            seq = self._seq
-        self._count("queued", n)
-        return Batch.of(items, seq, self._ids)
-
-    def _done(self, batch: Batch) -> None:
-        with self._buffer_lock:
-            self._busy -= len(batch)
-
-    def _to_spool(self, batch: Batch, rejected: bool = False) -> None:
-        try:
-            self.spool.add(batch, rejected=rejected)
-        except OSError:
-            logger.exception("churn: could not spool %d prediction rows", len(batch))
-            self._count("dropped", len(batch))
-        else:
-            self._count("rejected" if rejected else "spooled", len(batch))
-
-    def _spill_buffer(self) -> None:
-        """The buffer to disk, in one file (the loader finds it in order)."""
+    def _journal(self) -> None:
+        """The buffer as one batch, into the spool (one fsynced file; dropped, counted, only when
+        the disk refuses it)."""
         with self._take_lock:
-            batch = self._take()
-            if batch is not None:
-                self._to_spool(batch)
-                self._done(batch)
-
-    def _run_spill(self) -> None:
-        """Keep memory bounded: a full buffer goes to disk (the loader behind, or the database
-        down and the buffer filling between retries)."""
-        while not self._stopping.is_set():
-            self._spill.wait(self.flush_interval_s)
-            self._spill.clear()
-            if self._stopping.is_set():
-                return
             with self._buffer_lock:
-                full = self._buffered >= self.queue_max
-                down_and_waiting = self._buffered and time.monotonic() < self._down_until
-            if full or down_and_waiting:
-                try:
-                    self._spill_buffer()
-                except Exception:  # noqa: BLE001 - the thread must never die
-                    logger.exception("churn: prediction log spill failed")
+                items, n = self._buffer, self._buffered
+                if not items:
+                    return
+                self._buffer, self._buffered = [], 0
+                self._busy += n
+                self._seq += 1
+                seq = self._seq
+            self._count("queued", n)
+            try:
+                self.spool.add(Batch.of(items, seq, self._ids))
+            except OSError:
+                logger.exception("churn: could not spool %d prediction rows", n)
+                self._count("dropped", n)
+            finally:
+                with self._buffer_lock:
+                    self._busy -= n
 
     def _run(self) -> None:
-        while True:
-            stopping = self._stopping.is_set()
-            if self._released:
-                return
-            try:
-                if self.spool.files() and time.monotonic() >= self._down_until:
-                    self._replay()
-                    if not stopping:
-                        continue
-                with self._take_lock:
-                    # the spool first: a batch spilled while we waited goes in before the buffer
-                    batch = None if self.spool.files() else self._take()
-                if batch is not None:
-                    self._handle(batch)
-                    continue
-            except Exception:  # noqa: BLE001 - the thread must never die
-                logger.exception("churn: prediction log writer failed")
-                time.sleep(self.retry_s)
-            if stopping:
-                return
+        while not self._stopping.is_set():
             self._wake.wait(self.flush_interval_s)
             self._wake.clear()
-
-    def _failed(self, exc: BaseException) -> None:
-        self._down_until = time.monotonic() + self.retry_s
-        logger.warning("churn: prediction log unavailable (%s); spooling to %s", str(exc).splitlines()[0][:200],
-                       self.spool.dir)
-
-    def _ready(self) -> bool:
-        """The schema is there (migrated once per writer); False while the database is down."""
-        if self._migrated:
-            return True
-        if time.monotonic() < self._down_until:
-            return False
-        try:
-            self.store.migrate()
-        except Exception as exc:  # noqa: BLE001 - any failure: spool and retry later
-            self._failed(exc)
-            return False
-        self._migrated = True
-        return True
-
-    def _replay(self) -> bool:
-        """Send the spool, oldest first -> whether it is empty now."""
-        if not self._ready():
-            return False
-        for path in self.spool.files():
-            if self._released:
-                return False
             try:
-                batch = self.spool.read(path)
-            except (OSError, ValueError, KeyError) as exc:  # unreadable: kept aside, never retried
-                logger.error("churn: spool file %s unreadable (%s); moved to %s", path, exc, self.spool.rejected)
-                self.spool.rejected.mkdir(exist_ok=True)
-                path.rename(self.spool.rejected / f"{self.spool.dir.name}-{path.name}")
-                continue
-            try:
-                new = self.store.insert_prediction_rows(batch.rows(self._sqlite))
-            except TRANSIENT as exc:
-                self._failed(exc)
-                return False
-            except sa.exc.SQLAlchemyError as exc:  # the rows themselves: never retried, kept aside
-                self._reject(batch, exc)
-            else:
-                self._count("replayed", new)  # rows already there (a commit that did land) skipped
-            path.unlink()
-            if self._stopping.is_set() and self._buffered:
-                return False  # a stop: what is buffered goes to disk behind the rest, not waiting
-        return True
-
-    def _reject(self, batch: Batch, exc: BaseException) -> None:
-        """A batch the database refuses for what it holds (not for being down): kept on disk,
-        counted, and the log goes on."""
-        logger.error("churn: the prediction log refused %d rows (%s); kept in %s", len(batch),
-                     str(exc).splitlines()[0][:200], self.spool.rejected)
-        self._to_spool(batch, rejected=True)
-
-    def _handle(self, batch: Batch) -> None:
-        self._inflight = batch
-        try:
-            if time.monotonic() >= self._down_until and self._ready():
-                try:
-                    self._count("written", self.store.insert_prediction_rows(batch.rows(self._sqlite)))
-                    return
-                except TRANSIENT as exc:
-                    self._failed(exc)
-                except sa.exc.SQLAlchemyError as exc:
-                    self._reject(batch, exc)
-                    return
-            self._to_spool(batch)
-        finally:
-            self._inflight = None
-            self._done(batch)
+                self._journal()
+                self._check_loader()
+            except Exception:  # noqa: BLE001 - the thread must never die
+                logger.exception("churn: prediction log writer failed")
 
 
 def replay_orphans(uri: str, spool_dir: str | os.PathLike) -> int:

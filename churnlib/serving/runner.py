@@ -154,7 +154,8 @@ def stop(started: Started, grace_s: float, say: Callable[[str], None]) -> dict[s
 
 def end_replicas(timeout_s: float) -> int:
     """End this app's replicas as Ray actors end gracefully (their process exits, running its exit
-    hooks: the prediction log's writer writes what it still holds) before the Ray instance goes.
+    hooks: the prediction log's writer writes what it still holds, and its loader process loads it)
+    before the Ray instance goes; wait for those processes (within ``timeout_s``).
     In high-throughput mode Serve's own graceful stop would hold each replica 30 s for external
     load balancers; the connections are already drained here. -> how many replicas were asked."""
     import psutil
@@ -168,6 +169,7 @@ def end_replicas(timeout_s: float) -> int:
         with contextlib.suppress(psutil.Error):
             if f"ServeReplica:{APP_NAME}:" in " ".join(proc.cmdline()):
                 replicas.append(proc)
+                replicas.extend(proc.children(recursive=True))  # their prediction log loaders
     refs = []
     for actor in ray.util.list_named_actors(all_namespaces=True):
         if actor.get("namespace") == "serve" and actor["name"].startswith(f"SERVE_REPLICA::{APP_NAME}#"):
