@@ -285,9 +285,11 @@ class ChurnService:
         self._challenger_key: Optional[str] = None
         self._rollout_error: Optional[str] = None
         # shadow scoring: requests queued here, scored together on a thread of its own
-        self._shadow_jobs: list[tuple[LoadedVersion, list[dict], list, str]] = []
+        # (challenger, records, ids, request id, the champion's matrix when the features are the same)
+        self._shadow_jobs: list[tuple[LoadedVersion, list[dict], list, str, Optional[np.ndarray]]] = []
         self._shadow_lock = threading.Lock()
         self._shadow_ready = threading.Event()
+        self._same_spec: dict[tuple[int, int], bool] = {}
         threading.Thread(target=self._shadow_loop, name="churn-shadow", daemon=True).start()
         self._lock = threading.Lock()  # one refresh at a time (poll thread vs a manual one)
         # SHAP on one thread of its own: explanations queue among themselves, /predict stays on the loop
@@ -651,10 +653,10 @@ class ChurnService:
             groups = [(model, None)]
             if route is not None and route[0].mode == "canary":
                 groups = self._canary(route, model, parsed.ids, request_id)
-            done = []
+            done, matrix = [], []
             for m, idx in groups:
                 if m is model:
-                    done.append(await self._answer(m, parsed, idx, request_id))
+                    done.append(await self._answer(m, parsed, idx, request_id, matrix))
                 else:
                     done.append(await self._answer_canary(route, model, parsed, idx, request_id))
         except RequestError as exc:
@@ -667,7 +669,8 @@ class ChurnService:
                 for i, a in zip(idx, part):
                     answers[i] = a
         if route is not None and route[0].mode == "shadow":
-            self._shadow(route[1], parsed.records, parsed.ids, request_id)
+            same = self._same_features(model, route[1])
+            self._shadow(route[1], parsed.records, parsed.ids, request_id, matrix[0] if same and matrix else None)
         return _json(answers[0] if parsed.single else answers)
 
     @staticmethod
@@ -684,8 +687,9 @@ class ChurnService:
         return [(champion, [i for i, m in enumerate(mine) if not m]), (challenger, [i for i, m in enumerate(mine) if m])]
 
     async def _answer(self, model: LoadedVersion, parsed: Any, idx: Optional[list[int]],
-                      request_id: str) -> list[dict[str, Any]]:
-        """Score the records ``idx`` (None: all) with ``model``; record them -> their answers."""
+                      request_id: str, matrix: Optional[list] = None) -> list[dict[str, Any]]:
+        """Score the records ``idx`` (None: all) with ``model``; record them -> their answers
+        (``matrix``: a list that receives the model matrix, for a shadow of the same features)."""
         records = parsed.records if idx is None else [parsed.records[i] for i in idx]
         ids = parsed.ids if idx is None else [parsed.ids[i] for i in idx]
         started = time.perf_counter()
@@ -706,6 +710,8 @@ class ChurnService:
         decided = self._decide(model, answers, proba)
         self._observe(model, X, proba)
         self._record(request_id, model, "predict", ids, X, proba, labels, decided, latency_ms)
+        if matrix is not None:
+            matrix.append(X)
         return answers
 
     async def _answer_canary(self, route: tuple[Rollout, LoadedVersion], champion: LoadedVersion, parsed: Any,
@@ -727,7 +733,17 @@ class ChurnService:
                                                "outcome": "answered"})
         return answers
 
-    def _shadow(self, challenger: LoadedVersion, records: list[dict], ids: list, request_id: str) -> None:
+    def _same_features(self, champion: LoadedVersion, challenger: LoadedVersion) -> bool:
+        """Whether both read the same model matrix (then the shadow scores the champion's)."""
+        key = (id(champion), id(challenger))
+        same = self._same_spec.get(key)
+        if same is None:
+            same = champion.predictor.spec.to_dict() == challenger.predictor.spec.to_dict()
+            self._same_spec = {key: same}  # one pair at a time: the current one
+        return same
+
+    def _shadow(self, challenger: LoadedVersion, records: list[dict], ids: list, request_id: str,
+                X: Optional[np.ndarray] = None) -> None:
         """Shadow mode: queue the request for the challenger, which scores it after the answer is
         made, on a thread of its own; at most ``rollout.shadow_queue`` requests wait (more: skipped
         and counted), so a slow or failing challenger never holds an answer or memory."""
@@ -735,7 +751,7 @@ class ChurnService:
             waiting = len(self._shadow_jobs)
             full = waiting >= int(self._settings.get("shadow_queue") or 256)
             if not full:
-                self._shadow_jobs.append((challenger, records, ids, request_id))
+                self._shadow_jobs.append((challenger, records, ids, request_id, X))
         if full:
             self._challenger_requests.inc(1, tags={"model_version": challenger.version, "mode": "shadow",
                                                   "outcome": "skipped"})
@@ -762,17 +778,20 @@ class ChurnService:
                 except Exception:  # noqa: BLE001 - the thread must never die
                     logger.exception("churn: shadow scoring failed")
 
-    def _shadow_score(self, jobs: list[tuple[LoadedVersion, list[dict], list, str]]) -> None:
+    def _shadow_score(self, jobs: list[tuple[LoadedVersion, list[dict], list, str, Optional[np.ndarray]]]) -> None:
         challenger = jobs[0][0]
         try:
             started = time.perf_counter()
-            X = to_matrix([r for job in jobs for r in job[1]], challenger.predictor.spec)
+            if all(job[4] is not None for job in jobs):  # the same features: the champion's matrices
+                X = np.vstack([job[4] for job in jobs])
+            else:
+                X = to_matrix([r for job in jobs for r in job[1]], challenger.predictor.spec)
             proba = challenger.predictor.score(X)
             latency_ms = (time.perf_counter() - started) * 1000.0  # the model time of the batch it was in
             labels = (proba >= self._threshold(challenger)).astype(int)
             decided = self._decide(challenger, [{} for _ in range(len(proba))], proba)
             at = 0
-            for _, records, ids, request_id in jobs:
+            for _, records, ids, request_id, _ in jobs:
                 part = slice(at, at + len(records))
                 at += len(records)
                 self._record(request_id, challenger, "predict", ids, X[part], proba[part], labels[part],

@@ -295,7 +295,7 @@ class LogWriter:
     def __init__(self, uri: str, spool_dir: str | os.PathLike, batch_rows: int = 500, flush_interval_s: float = 0.5,
                  queue_max: int = 100_000, retry_s: float = 2.0,
                  on_count: Callable[[str, int], None] | None = None):
-        LogStore(uri)  # a URI that is not one: one line now, not in the loader later
+        LogStore(uri).close()  # a URI that is not one: one line now, not in the loader later
         self.uri = uri
         self.spool = Spool(spool_dir)
         self.batch_rows = batch_rows
