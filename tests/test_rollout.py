@@ -133,3 +133,39 @@ def test_canary_status_compares_two_groups_and_wants_outcomes(tmp_path):
     assert "outcomes joined: champion 0, challenger 0; rollout.criteria.min_outcomes is 50" in s["verdict"]["reasons"][0]
     text = "\n".join(lines(s))
     assert "rollout of m: canary 30%" in text and "verdict: not yet" in text
+
+
+def test_bad_rollout_commands_are_one_line_and_change_nothing(tmp_path):
+    """No champion, the champion as its own challenger, no staging, a bad share, no rollout to
+    promote or abort: one line each, exit 2, and neither the aliases nor the rollout tag move."""
+    from churnlib.data.generation import generate
+    from churnlib.errors import RegistryError
+    from churnlib.registry.registry import Registry
+    from churnlib.rollout import commands
+    from tests.conftest import log_local_model, run_cli
+
+    cfg = make_config(tmp_path)
+    data = generate(1500, tmp_path / "t.parquet", seed=3)
+    reg = Registry(cfg, say=lambda m: None)
+    v1, _ = reg.register(log_local_model(cfg, data, rounds=5, run_name="one"))
+    v2, _ = reg.register(log_local_model(cfg, data, rounds=6, run_name="two"))
+    quiet = {"say": lambda m: None}
+    with pytest.raises(RegistryError, match="has no 'champion' to challenge"):
+        commands.start(cfg, "shadow", version=v2.version, **quiet)
+    reg.promote(v1.version, force=True)
+    with pytest.raises(RegistryError, match=f"version {v1.version} is the champion"):
+        commands.start(cfg, "shadow", version=v1.version, **quiet)
+    with pytest.raises(RegistryError, match="has no 'staging' version: give --version N"):
+        commands.start(cfg, "canary", **quiet)
+    with pytest.raises(RegistryError, match="has no rollout"):
+        commands.promote(cfg, **quiet)
+    with pytest.raises(RegistryError, match="has no rollout"):
+        commands.abort(cfg, **quiet)
+    assert reg.aliases() == {"champion": v1.version}
+    assert commands.current(reg) is None
+    ws = ["--set", f"workspace={tmp_path / '.churn'}"]
+    bad = run_cli("rollout", "start", "--mode", "canary", "--share", "1.5", "--version", v2.version, *ws)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --share must be between 0 and 1 (exclusive), got 1.5"
+    none = run_cli("rollout", "status", *ws)
+    assert none.returncode == 2 and none.stderr.strip().splitlines()[-1].startswith("error: xgboost_churn_model has no rollout")
+    assert reg.aliases() == {"champion": v1.version} and commands.current(reg) is None
