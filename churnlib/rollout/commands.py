@@ -102,23 +102,23 @@ def start(cfg: Config, mode: str | None = None, share: float | None = None, vers
     return rollout
 
 
-def status(cfg: Config, record: bool = True, say: Callable[[str], None] = default_say) -> dict[str, Any]:
-    reg = Registry(cfg, say=say)
+def _evidence(reg: Registry, cfg: Config, record: bool) -> tuple[Rollout, dict[str, Any]]:
+    """The running rollout and its comparison from the log (logged to its run when ``record``)."""
     rollout = _require(reg)
     champion = reg.alias(CHAMPION)
     found = compare(cfg, rollout, champion.version if champion else None)
     if record and rollout.run_id:
         _log_status(cfg, rollout, found)
-    return found
+    return rollout, found
+
+
+def status(cfg: Config, record: bool = True, say: Callable[[str], None] = default_say) -> dict[str, Any]:
+    return _evidence(Registry(cfg, say=say), cfg, record)[1]
 
 
 def promote(cfg: Config, force: bool = False, say: Callable[[str], None] = default_say) -> dict[str, Any]:
     reg = Registry(cfg, say=say)
-    rollout = _require(reg)
-    champion = reg.alias(CHAMPION)
-    found = compare(cfg, rollout, champion.version if champion else None)
-    if rollout.run_id:
-        _log_status(cfg, rollout, found)
+    rollout, found = _evidence(reg, cfg, record=True)
     reasons = found["verdict"]["reasons"]
     if reasons and not force:
         raise PromotionRefusedError(f"refused: {reasons[0]}")
