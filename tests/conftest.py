@@ -68,7 +68,24 @@ def _unit_starts_no_ray(request: pytest.FixtureRequest):
 
 
 def free_port() -> int:
-    with socket.socket() as s:
+    """A free port for a server, below the kernel's ephemeral range: a port the kernel hands out
+    (bind to 0) can be taken by any outgoing connection before the server binds it (a CI run lost
+    `churn serve`'s HAProxy that way: "failed to start their listeners")."""
+    import random
+
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(200):
+        port = random.randrange(10000, max(low, 10001))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # nothing free down there: the kernel's choice
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
