@@ -255,13 +255,9 @@ class Spool:
     def rejected(self) -> Path:
         return self.root / "rejected"
 
-    def add(self, batch: Batch, rejected: bool = False) -> None:
+    def add(self, batch: Batch) -> None:
+        """One batch as one file, in place only once complete (fsynced, then renamed)."""
         final = self.dir / f"1-{batch.seq:012d}.npz"
-        if rejected:
-            self.rejected.mkdir(exist_ok=True)
-            final = self.rejected / f"{self.dir.name}-{batch.seq:012d}.npz"
-        if final.exists():  # a part of this batch already here (the spill raced a failure): keep both
-            final = final.with_name(f"{final.stem}-{uuid.uuid4().hex[:6]}.npz")
         tmp = final.with_suffix(".tmp")
         try:
             batch.save(tmp)
