@@ -10,6 +10,7 @@ from __future__ import annotations
 # What wrote a run, and what it used
 TAG_COMMAND = "churn.command"  # train, evaluate, predict, drift, tune, tune-trial
 TAG_RESUMED_FROM = "churn.resumed_from"
+TAG_ENGINE = "churn.train_engine"  # where the boosting ran: task (one Ray task) or ray_train
 TAG_DRIFT_REFERENCE = "churn.drift.reference"
 
 # An evaluation run: what it evaluated and against what (the registry reads them)

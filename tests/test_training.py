@@ -1,4 +1,5 @@
-"""Real training: 2 Ray Train workers, a real MLflow store, the logged pyfunc on raw records."""
+"""Real training: one Ray task for a small table (2 Ray Train workers where asked for, and for the
+worker-kill and streaming paths), a real MLflow store, the logged pyfunc on raw records."""
 
 from __future__ import annotations
 
@@ -152,6 +153,15 @@ def test_pyfunc_on_the_real_kaggle_rows(trained):
     assert len(out) == 200 and out["churn_probability"].between(0, 1).all()
 
 
+def test_a_small_table_trains_in_one_task(trained):
+    """training.engine auto: the 4,000-row table was read in the driver, so it was boosted in one
+    Ray task with both CPUs as threads; the run says so."""
+    _, result, _ = trained
+    run = MlflowClient().get_run(result.run_id)
+    assert run.data.tags["churn.train_engine"] == "task" and run.data.params["training.engine"] == "auto"
+    assert result.restarts == 0 and result.timings["workers_up_s"] < result.timings["fit_s"]
+
+
 def test_progress_reaches_the_driver(trained):
     _, result, messages = trained
     rounds = [m for m in messages if m["kind"] == "round"]
@@ -205,12 +215,15 @@ def _booster(run_id: str) -> xgb.Booster:
     return xgb.Booster(model_file=MlflowClient().download_artifacts(run_id, "booster/booster.ubj"))
 
 
-def test_a_recovered_worker_failure_logs_the_model_of_a_resume_without_one(ray_session, cfg_factory, workspace):
-    """Kill a real Ray Train worker after a checkpoint. The run restores from it and must log
-    exactly the model, history and early-stopping outcome of a run that resumed from the same
-    checkpoint without a kill (issue: the restored run counted rounds from 0 again and logged
-    best_iteration 40 of a history peaking at 100, with 41 trees)."""
+@pytest.mark.parametrize("engine", ["ray_train", "task"])
+def test_a_recovered_worker_failure_logs_the_model_of_a_resume_without_one(ray_session, cfg_factory, workspace,
+                                                                             engine):
+    """Kill a real Ray Train worker (or the one task's process) after a checkpoint. The run
+    restores from it and must log exactly the model, history and early-stopping outcome of a run
+    that resumed from the same checkpoint without a kill (issue: the restored run counted rounds
+    from 0 again and logged best_iteration 40 of a history peaking at 100, with 41 trees)."""
     settings = dict(
+        training__engine=engine,
         xgboost__num_boost_round=300,
         xgboost__early_stopping_rounds=25,
         xgboost__eta=0.05,
@@ -236,6 +249,7 @@ def test_a_recovered_worker_failure_logs_the_model_of_a_resume_without_one(ray_s
     assert faulty.restarts == 1
     mlflow.set_tracking_uri(cfg.tracking_uri)
     client = MlflowClient()
+    assert client.get_run(faulty.run_id).data.tags["churn.train_engine"] == engine
     assert client.get_run(faulty.run_id).data.metrics["training/worker_restarts"] == 1
     history = client.get_metric_history(faulty.run_id, "valid/auc")
     steps = sorted(m.step for m in history)

@@ -24,7 +24,7 @@ SWEEP = {
     "tune.num_samples": 4,
     "tune.max_concurrent": 1,  # one after another: ASHA's decisions do not depend on timing
     "tune.search": "random",
-    "tune.seed": 3,
+    "tune.seed": 4,  # trials in an order where ASHA stops two (seed 3 drew four better and better ones)
     "tune.grace_period": 5,
     "tune.reduction_factor": 2,
     "tune.report_every": 5,
@@ -219,9 +219,11 @@ def test_an_interrupted_sweep_resumes_with_the_printed_command(ray_session, tmp_
     assert all(c.info.status == "FINISHED" for c in children)
 
 
-def test_a_trial_that_cannot_get_its_resources_fails_the_sweep_not_hangs(ray_session, tmp_path):
-    """Another job holds one of the two CPUs: the trial's two workers can never start. The sweep
-    ends in one line after ray.resources_timeout_s (issue: it waited for ever), its run FAILED."""
+@pytest.mark.parametrize(("engine", "wait_s"), [("task", 10), ("ray_train", 30)])
+def test_a_trial_that_cannot_get_its_resources_fails_the_sweep_not_hangs(ray_session, tmp_path, engine, wait_s):
+    """Another job holds one of the two CPUs: the trial (its own process with two threads, or
+    its two Ray Train workers) can never start. The sweep ends in one line after
+    ray.resources_timeout_s (issue: it waited for ever), its run FAILED."""
     import ray
 
     from churnlib.errors import TrainingError
@@ -233,7 +235,8 @@ def test_a_trial_that_cannot_get_its_resources_fails_the_sweep_not_hangs(ray_ses
 
     holder = Holder.remote()
     ray.get(holder.ping.remote())
-    cfg = make_config(tmp_path, **{**SWEEP, "tune.num_samples": 2, "ray.resources_timeout_s": 30})
+    cfg = make_config(tmp_path, **{**SWEEP, "tune.num_samples": 2, "ray.resources_timeout_s": wait_s,
+                                   "training.engine": engine})
     started = time.monotonic()
     try:
         with pytest.raises(TrainingError, match="resources") as failure:
@@ -246,3 +249,23 @@ def test_a_trial_that_cannot_get_its_resources_fails_the_sweep_not_hangs(ray_ses
     runs = client.search_runs([client.get_experiment_by_name(cfg.mlflow.experiment_name).experiment_id],
                               filter_string="tags.`churn.command` = 'tune'")
     assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_a_sweep_on_ray_train_workers(ray_session, tmp_path):
+    """training.engine=ray_train: every trial is a Ray Train run (two workers) reporting through
+    Ray Train's TuneReportCallback; the trial ends in its MLflow child run with its metrics,
+    and its checkpoint loads."""
+    from churnlib.tune.trials import load_trial_checkpoint
+
+    cfg = make_config(tmp_path, **{**SWEEP, "tune.num_samples": 1, "training.engine": "ray_train"})
+    result = tune(cfg, say=lambda m: None)
+    assert [t["status"] for t in result.trials] == ["completed"]  # one trial: nothing for ASHA to stop
+    done = result.trials
+    assert done[0]["checkpoint_path"]
+    out = load_trial_checkpoint(done[0]["checkpoint_path"])
+    assert out.booster.num_boosted_rounds() == out.state["best_iteration"] + 1
+    assert out.state["worker_rows"]["train"] < 3000  # one worker's shard: the table was split between two
+    client = MlflowClient(cfg.tracking_uri)
+    for t in result.trials:
+        metrics = client.get_run(t["run_id"]).data.metrics
+        assert "valid/auc" in metrics, metrics

@@ -27,7 +27,7 @@ from churnlib.runtime import (
     quiet_logs,
     release_ray,
 )
-from churnlib.tags import TAG_COMMAND, TAG_RESUMED_FROM
+from churnlib.tags import TAG_COMMAND, TAG_ENGINE, TAG_RESUMED_FROM
 from churnlib.train.decide import (
     calibration_line,
     contact_line,
@@ -36,6 +36,7 @@ from churnlib.train.decide import (
 )
 from churnlib.train.loop import check_checkpoint, xgb_log_name
 from churnlib.train.progress import ProgressRelay
+from churnlib.train.task import TaskRun, engine_line, uses_task
 from churnlib.train.trainer import (
     build_trainer,
     fit,
@@ -114,7 +115,8 @@ def train(
     say: Callable[[str], None] = say,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
-    """Data -> validation -> Ray Train -> MLflow run with the model. The `churn train` command."""
+    """Data -> validation -> boosting on Ray (Ray Train, or one task for a small table:
+    ``churnlib.train.task``) -> MLflow run with the model. The `churn train` command."""
     import mlflow
 
     timings: dict[str, float] = {}
@@ -169,10 +171,12 @@ def train(
         profile = prepared.profile(spec, cfg.drift.profile_rows, seed=cfg.model.random_state)
         timings["profile_s"] = time.perf_counter() - t0
 
-        say(
+        one_task = uses_task(cfg, prepared)
+        mlflow.set_tag(TAG_ENGINE, "task" if one_task else "ray_train")
+        say(engine_line(cfg) if one_task else (
             f"train: Ray Train, {cfg.ray.num_workers} worker(s) x {cfg.ray.cpus_per_worker:g} CPU"
             f"{' + 1 GPU' if cfg.ray.use_gpu else ''}, device {cfg.xgb_device}, up to {cfg.xgboost.num_boost_round} rounds"
-        )
+        ))
         printer = progress_printer(say, cfg.xgboost.early_stopping_metric)
 
         def handle(msg: dict[str, Any]) -> None:
@@ -182,13 +186,18 @@ def train(
 
         t0 = time.perf_counter()
         with ProgressRelay(handle) as relay:
-            trainer = build_trainer(cfg, prepared.dataset, loop_config(cfg, spec, relay.sink))
+            if one_task:
+                task = TaskRun(cfg, prepared, loop_config(cfg, spec, relay.sink))
+                run_fit, newest = task.fit, task.latest_checkpoint
+            else:
+                trainer = build_trainer(cfg, prepared.dataset, loop_config(cfg, spec, relay.sink))
+                run_fit, newest = (lambda: fit(trainer)), (lambda: latest_checkpoint(trainer))
             try:
-                out = fit(trainer)
+                out = run_fit()
             except KeyboardInterrupt:
                 relay.close()
                 release_ray()  # the workers stop now, before a newer checkpoint replaces this one
-                last = latest_checkpoint(trainer)
+                last = newest()
                 if last:
                     say(f"train: interrupted; to continue from its last checkpoint: churn train --resume-from {last}")
                 raise

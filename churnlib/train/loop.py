@@ -134,13 +134,28 @@ def _report_checkpoint(rank: int, booster: Any, state: dict[str, Any], metrics: 
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
 
 
-def _make_callback(config: dict[str, Any], state: dict[str, Any], rank: int, sink: Any, offset: int = 0):
+def _train_report(metrics: dict[str, Any]) -> None:
+    import ray.train
+
+    ray.train.report(metrics)
+
+
+def _make_callback(config: dict[str, Any], state: dict[str, Any], rank: int, sink: Any, offset: int = 0,
+                   save: Callable[[Any, dict[str, Any]], None] | None = None,
+                   report: Callable[[dict[str, Any]], None] | None = None):
     """The training callback. ``offset``: boosting rounds already in the model training
     continues from (a restored checkpoint). XGBoost numbers the epochs of a continued
     training from 0 again; every round here is absolute (``offset + epoch``), so the
     history, early stopping, checkpoints and progress carry on where the checkpoint left off.
+
+    ``save(model, metrics)`` writes a checkpoint and ``report(metrics)`` sends an intermediate
+    result (for Tune's scheduler); by default both go through Ray Train (``ray.train.report``),
+    the one-task engine (``churnlib.train.task``) passes its own.
     """
     import xgboost as xgb
+
+    save = save or (lambda model, metrics: _report_checkpoint(rank, model, state, metrics))
+    report = report or _train_report
 
     metric = f"valid-{xgb_log_name(config['stopping_metric'])}"
 
@@ -199,46 +214,22 @@ def _make_callback(config: dict[str, Any], state: dict[str, Any], rank: int, sin
                 elif report_every and (epoch + 1) % report_every == 0:
                     # for a Tune scheduler (ASHA): intermediate results, no checkpoint;
                     # every worker reports, as Ray Train requires
-                    import ray.train
-
-                    ray.train.report(report_metrics(state, epoch + 1, config["stopping_metric"]))
+                    report(report_metrics(state, epoch + 1, config["stopping_metric"]))
             return stop
 
         def _checkpoint(self, model: Any, epoch: int) -> None:
             state["boosting_seconds"] += time.perf_counter() - self.t0
             self.t0 = time.perf_counter()
-            _report_checkpoint(rank, model, state, report_metrics(state, epoch + 1, config["stopping_metric"]))
+            save(model, report_metrics(state, epoch + 1, config["stopping_metric"]))
             if rank == 0 and sink is not None:
                 sink.push.remote({"kind": "checkpoint", "iteration": epoch, "pid": os.getpid()})
 
     return Loop()
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker."""
-    import ray.train
-    import xgboost as xgb
-
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    sink = config.get("progress_sink")
-    names, types = config["feature_names"], config["feature_types"]
-
-    # Wall-clock marks (comparable across processes), for the driver's timings.
-    timeline = {"loop_start": time.time()}
-    # Pulled through Ray Data once; kept in the object store for XGBoost's passes.
-    # A fixed shard per rank (see shard_datasets) when the table is materialized.
-    shard_name = f"{DATA}_{rank}" if config.get("fixed_shards") else DATA
-    local = ray.train.get_dataset_shard(shard_name).materialize()
-    timeline["shard_ready"] = time.time()
-    batch = config["batch_size"]
-    dtrain = xgb.QuantileDMatrix(
-        _split_iter(local, False, batch, names, types), max_bin=config["params"]["max_bin"], enable_categorical=True
-    )
-    dvalid = xgb.QuantileDMatrix(_split_iter(local, True, batch, names, types), ref=dtrain, enable_categorical=True)
-    timeline["matrices_ready"] = time.time()
-
-    state: dict[str, Any] = {
+def new_state() -> dict[str, Any]:
+    """The training state a fresh run starts from (it travels in every checkpoint)."""
+    return {
         "history": {},
         "best_iteration": None,
         "best_score": None,
@@ -247,6 +238,62 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         "restarts": 0,
         "resumed_from": [],
     }
+
+
+def build_matrices(local: Any, config: dict[str, Any]) -> tuple[Any, Any]:
+    """The training and validation ``QuantileDMatrix`` of a table that has ``iter_batches``
+    (a worker's shard, or the one-task engine's table), fed batch by batch."""
+    import xgboost as xgb
+
+    names, types, batch = config["feature_names"], config["feature_types"], config["batch_size"]
+    dtrain = xgb.QuantileDMatrix(
+        _split_iter(local, False, batch, names, types), max_bin=config["params"]["max_bin"], enable_categorical=True
+    )
+    dvalid = xgb.QuantileDMatrix(_split_iter(local, True, batch, names, types), ref=dtrain, enable_categorical=True)
+    return dtrain, dvalid
+
+
+def boost(config: dict[str, Any], dtrain: Any, dvalid: Any, start_model: Any, state: dict[str, Any], rank: int,
+          sink: Any, save: Callable[[Any, dict[str, Any]], None] | None = None,
+          report: Callable[[dict[str, Any]], None] | None = None) -> Any:
+    """The rounds still to do, from ``start_model`` (a checkpoint's, or None) -> the booster."""
+    import xgboost as xgb
+
+    state["worker_rows"] = {"train": dtrain.num_row(), "valid": dvalid.num_row()}
+    done = start_model.num_boosted_rounds() if start_model is not None else 0
+    remaining = config["num_boost_round"] - done
+    if remaining <= 0 or state["stopped_early"]:
+        return start_model
+    return xgb.train(
+        config["params"],
+        dtrain,
+        num_boost_round=remaining,
+        evals=[(dtrain, "train"), (dvalid, "valid")],
+        xgb_model=start_model,
+        verbose_eval=False,
+        callbacks=[_make_callback(config, state, rank, sink, offset=done, save=save, report=report)],
+    )
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    sink = config.get("progress_sink")
+
+    # Wall-clock marks (comparable across processes), for the driver's timings.
+    timeline = {"loop_start": time.time()}
+    # Pulled through Ray Data once; kept in the object store for XGBoost's passes.
+    # A fixed shard per rank (see shard_datasets) when the table is materialized.
+    shard_name = f"{DATA}_{rank}" if config.get("fixed_shards") else DATA
+    local = ray.train.get_dataset_shard(shard_name).materialize()
+    timeline["shard_ready"] = time.time()
+    dtrain, dvalid = build_matrices(local, config)
+    timeline["matrices_ready"] = time.time()
+
+    state = new_state()
     start_model = None
     checkpoint = ray.train.get_checkpoint()  # this run's own, after a worker failure
     if checkpoint is not None:
@@ -259,21 +306,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         start_model, state = load_checkpoint(Checkpoint(config["resume_from"]))
         state["resumed_from"].append(start_model.num_boosted_rounds())
     state["timeline"] = timeline
-    state["worker_rows"] = {"train": dtrain.num_row(), "valid": dvalid.num_row()}
-
-    done = start_model.num_boosted_rounds() if start_model is not None else 0
-    remaining = config["num_boost_round"] - done
-    booster = start_model
-    if remaining > 0 and not state["stopped_early"]:
-        booster = xgb.train(
-            config["params"],
-            dtrain,
-            num_boost_round=remaining,
-            evals=[(dtrain, "train"), (dvalid, "valid")],
-            xgb_model=start_model,
-            verbose_eval=False,
-            callbacks=[_make_callback(config, state, rank, sink, offset=done)],
-        )
+    booster = boost(config, dtrain, dvalid, start_model, state, rank, sink)
     timeline["boosted"] = time.time()
     final = report_metrics(state, booster.num_boosted_rounds(), config["stopping_metric"], finished=True)
     _report_checkpoint(rank, booster, state, final)

@@ -21,15 +21,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from churnlib import interrupts
-from churnlib.data.sources import filesystem
-from churnlib.errors import ChurnError, TrainingError, root_cause
+from churnlib.errors import TrainingError, root_cause
 from churnlib.tracking import metric_key
-from churnlib.train.loop import (
-    DATA,
-    check_checkpoint,
-    load_checkpoint,
-    train_loop_per_worker,
-)
+from churnlib.train.checkpoints import latest_in
+from churnlib.train.loop import DATA, load_checkpoint, train_loop_per_worker
 
 if TYPE_CHECKING:
     from churnlib.config import Config
@@ -160,37 +155,27 @@ def fit(trainer: Any) -> FitOutput:
 
 def latest_checkpoint(trainer: Any) -> str | None:
     """The newest complete checkpoint folder a trainer's run has written so far, if any."""
-    import pyarrow.fs as pafs
-
     run = trainer.run_config
-    try:
-        fs, root = filesystem(f"{run.storage_path.rstrip('/')}/{run.name}")
-        found = [i.path for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-                 if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")]
-    except (OSError, ChurnError):
-        return None
-    # checkpoint_<timestamp>: names sort in time order; the newest may be half written
-    for path in sorted(found, reverse=True):
-        uri = path if isinstance(fs, pafs.LocalFileSystem) else f"{run.storage_path.split('://')[0]}://{path}"
-        try:
-            check_checkpoint(uri)
-        except ChurnError:
-            continue
-        return uri
-    return None
+    return latest_in(f"{run.storage_path.rstrip('/')}/{run.name}")
 
 
 def fit_output(checkpoint: Any, t_fit: float | None = None) -> FitOutput:
     """The final checkpoint of a training run -> the best-iteration booster and the worker state."""
     booster, state = load_checkpoint(checkpoint)
-    # seconds since fit() was called, for the last (successful) worker group
+    return trim_to_best(booster, state, checkpoint.path, t_fit)
+
+
+def trim_to_best(booster: Any, state: dict[str, Any], path: str, t_fit: float | None = None) -> FitOutput:
+    """A final checkpoint's booster and state -> the booster cut to its best iteration (the
+    full one keeps the rounds early stopping waited through), the timeline made relative to
+    ``t_fit`` (when fit() was called, for the last, successful worker group)."""
     if t_fit is not None:
         state["timeline"] = {k: v - t_fit for k, v in state.get("timeline", {}).items()}
     full = booster.num_boosted_rounds()
     best = state["best_iteration"]
     if best is not None and best + 1 < full:
         booster = booster[: best + 1]
-    return FitOutput(booster=booster, full_rounds=full, state=state, checkpoint_path=checkpoint.path)
+    return FitOutput(booster=booster, full_rounds=full, state=state, checkpoint_path=path)
 
 
 def outcome_metrics(state: dict[str, Any], full_rounds: int) -> tuple[int, dict[str, float]]:

@@ -60,6 +60,7 @@ from churnlib.train.decide import (
     contact_metrics,
     decide,
 )
+from churnlib.train.task import task_table, threads, uses_task
 from churnlib.train.trainer import START_TIMEOUT_FLOOR_S
 from churnlib.tune.space import (
     concurrency,
@@ -78,13 +79,16 @@ from churnlib.tune.state import (
 )
 from churnlib.tune.trials import (
     MlflowTrials,
+    ResourceWatch,
     attach_logger,
     load_trial_checkpoint,
     log_plots,
     run_trial,
     summarise,
     trial_id_from_path,
+    trial_resources,
     tune_callback,
+    watch_callback,
 )
 
 if TYPE_CHECKING:
@@ -95,6 +99,9 @@ if TYPE_CHECKING:
 # Tune force-kills the trial actor (600 s by default). Killing the actor also
 # ends its Train controller and workers, which it owns.
 TRIAL_STOP_GRACE_S = 5
+# Shortest wait for a trial's CPUs in Tune's queue (a trial ASHA stopped frees them within
+# TRIAL_STOP_GRACE_S).
+TRIAL_QUEUE_FLOOR_S = 10
 
 
 @dataclass
@@ -189,6 +196,9 @@ def tune(
     prepared = prepare(source, spec, columns, cfg.model.validation_split, cfg.model.random_state, True)
     timings["prepare_s"] = time.perf_counter() - t0
     rows = {"train": float(prepared.train_rows), "valid": float(prepared.valid_rows)}
+    # A small table: every trial boosts in its own process (the one-task engine, no Ray Train
+    # worker group to start per trial); else each trial is a Ray Train run.
+    one_task = uses_task(cfg, prepared)
 
     profile = prepared.profile(spec, cfg.drift.profile_rows, seed=cfg.model.random_state)
 
@@ -223,7 +233,7 @@ def tune(
         }, run_id=parent_id)
         client.log_text(parent_id, config_to_yaml(cfg), "config/resolved_config.yaml")
     say(f"tune: sweep {name}: {cfg.tune.num_samples} trial(s), {cfg.tune.search} search, scheduler "
-        f"{cfg.tune.scheduler}, {k} at a time ({cfg.ray.num_workers} worker(s) each), metric {metric} ({mode})")
+        f"{cfg.tune.scheduler}, {k} at a time ({_per_trial(cfg, one_task)} each), metric {metric} ({mode})")
 
     flat = {key: value for key, value in cfg.flat().items() if not key.startswith("tune.")}
     logger = MlflowTrials(cfg.tracking_uri, experiment_id, parent_id, flat, name, cfg.xgboost.early_stopping_metric,
@@ -233,11 +243,14 @@ def tune(
     os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", str(TRIAL_STOP_GRACE_S))
     trainable = ray_tune.with_resources(
         ray_tune.with_parameters(run_trial, base=cfg.model_dump(mode="json"), spec=spec.to_dict(),
-                                 dataset=prepared.dataset, train_storage=f"{sweep_path}/train"),
-        # No CPU for the trial's driver (the CPUs go to its training workers), but Tune
-        # needs a non-empty request: a little memory, which the driver does use.
-        resources={"CPU": 0, "memory": 256 * 1024**2},
+                                 dataset=None if one_task else prepared.dataset, train_storage=f"{sweep_path}/train",
+                                 table=task_table(prepared) if one_task else None),
+        resources=trial_resources(cfg, one_task),
     )
+    # A trial waiting for its CPUs: Ray Train's worker group times out by itself (at least
+    # START_TIMEOUT_FLOOR_S); a trial boosting in its own process waits in Tune's queue, watched.
+    watch = ResourceWatch(max(cfg.ray.resources_timeout_s, TRIAL_QUEUE_FLOOR_S),
+                          f"trials of {cfg.ray.num_workers * cfg.ray.cpus_per_worker:g} CPU(s) each")
     t0 = time.perf_counter()
     try:
         if resume:
@@ -252,9 +265,14 @@ def tune(
                 ),
                 # A failed trial is infrastructure (resources, a crash past training.max_failures):
                 # the search space was checked against XGBoost's limits up front. Stop the sweep.
-                run_config=ray_tune.RunConfig(name=name, storage_path=storage, callbacks=[tune_callback(logger)],
-                                              failure_config=ray_tune.FailureConfig(fail_fast=True),
-                                              verbose=1 if verbose else 0),
+                # A trial boosting in its own process is started again by Tune from its newest
+                # checkpoint, up to training.max_failures times, as Ray Train restarts its workers
+                # (Tune's fail_fast would stop the sweep at the first crash, recoverable or not).
+                run_config=ray_tune.RunConfig(
+                    name=name, storage_path=storage, callbacks=[tune_callback(logger), watch_callback(watch)],
+                    failure_config=(ray_tune.FailureConfig(max_failures=cfg.training.max_failures) if one_task
+                                    else ray_tune.FailureConfig(fail_fast=True)),
+                    verbose=1 if verbose else 0),
             )
         if resume:
             attach_logger(tuner, logger)
@@ -272,6 +290,9 @@ def tune(
     except Exception as exc:  # noqa: BLE001
         client.set_tag(parent_id, "error", str(exc)[:5000])
         client.set_terminated(parent_id, "FAILED")
+        ours = _ours(exc)  # the resource watch's own line, through Tune's wrapping
+        if ours is not None:
+            raise TrainingError(f"tune: {ours}; resume with: {resume_command(cfg, name)}") from exc
         raise TrainingError(f"tune: the sweep failed: {first_line(exc)}") from exc
     # the parent's sweep time covers every session of the sweep, not only this one
     timings["sweep_s"] = float(read_state(state_path).get("sweep_s", 0.0)) + time.perf_counter() - t0
@@ -331,6 +352,23 @@ def tune(
     say(f"tune: best trial {best['trial_id']} ({metric} {best['score']:.4f}): "
         + ", ".join(f"{k2}={_fmt(v)}" for k2, v in best["config"].items()))
     return TuneResult(name, sweep_path, parent_id, experiment_id, metric, mode, best, trials, registered, timings)
+
+
+def _per_trial(cfg: Config, one_task: bool) -> str:
+    if one_task:
+        return f"in its own process, {threads(cfg)} XGBoost thread(s)"
+    return f"Ray Train, {cfg.ray.num_workers} worker(s)"
+
+
+def _ours(exc: BaseException) -> str | None:
+    """The first line of a TrainingError of ours in an exception's chain (Tune wraps what its callbacks raise)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, TrainingError):
+            return first_line(exc)
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _fmt(v: Any) -> str:

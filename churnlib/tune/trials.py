@@ -16,33 +16,87 @@ from churnlib.figures import log_figure, pyplot
 from churnlib.tags import TAG_COMMAND, TAG_SWEEP, TAG_TRIAL, TAG_TRIAL_STATUS
 from churnlib.tracking import grouped, history_key, log_params_flat
 from churnlib.train.loop import score_key
+from churnlib.errors import TrainingError
+from churnlib.train.task import boost_here, output_of, threads
 from churnlib.train.trainer import (
     build_trainer,
     fit,
-    fit_output,
     loop_config,
     outcome_metrics,
 )
 from churnlib.tune.space import with_params
 from churnlib.tune.state import read_state, write_state
 
+# Ray Train's TuneReportCallback reports a checkpoint under this key; so does a one-task trial
+CHECKPOINT_PATH_KEY = "checkpoint_path"
+
 # The trial: the training of `churn train`, inside Tune ----------------------------------------
 
 
 def run_trial(params: dict[str, Any], *, base: dict[str, Any], spec: dict[str, Any], dataset: Any,
-              train_storage: str) -> None:
-    """A Tune function trainable: one Ray Train run with this trial's parameters."""
+              train_storage: str, table: dict[str, Any] | None = None) -> None:
+    """A Tune function trainable: the training of ``churn train`` with this trial's parameters.
+
+    With ``table`` (the one-task engine, ``churnlib.train.task``: a small table's encoded
+    arrays) the trial's own process boosts and reports to Tune; otherwise one Ray Train run,
+    whose ``TuneReportCallback`` reports. Either way the trial's checkpoints are under
+    ``<train_storage>/trial-<id>``, so a resumed sweep's trial continues from its last one."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     cfg = with_params(Config.model_validate(base), params)
     config = loop_config(cfg, FeatureSpec.from_dict(spec))
     config["report_every"] = cfg.tune.report_every
     trial_id = tune.get_context().get_trial_id()
-    # A stable name per trial: a resumed sweep's trial continues from its last Train checkpoint.
-    trainer = build_trainer(cfg, dataset, config, name=f"trial-{trial_id}", storage_path=train_storage,
+    name = f"trial-{trial_id}"
+    if table is not None:
+        config["params"] = {**config["params"], "nthread": threads(cfg)}
+
+        def report(metrics: dict[str, Any], checkpoint: str | None) -> None:
+            tune.report({**metrics, CHECKPOINT_PATH_KEY: checkpoint} if checkpoint else metrics)
+
+        boost_here(config, table, f"{train_storage.rstrip('/')}/{name}", cfg.training.keep_checkpoints, report)
+        return
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trainer = build_trainer(cfg, dataset, config, name=name, storage_path=train_storage,
                             callbacks=[TuneReportCallback()])
     fit(trainer)
+
+
+def trial_resources(cfg: Config, one_task: bool) -> dict[str, float]:
+    """What Tune reserves for a trial's own process: with the one-task engine, the CPUs (and
+    GPU) it boosts with; with Ray Train none (its workers hold them) but a little memory,
+    since Tune needs a non-empty request."""
+    if not one_task:
+        return {"CPU": 0, "memory": 256 * 1024**2}
+    out = {"CPU": cfg.ray.num_workers * cfg.ray.cpus_per_worker}
+    if cfg.ray.use_gpu:
+        out["GPU"] = 1
+    return out
+
+
+class ResourceWatch:
+    """Tune callback: a sweep whose trials wait ``timeout_s`` with none running fails (one line)
+    instead of waiting for ever. With Ray Train a trial's worker group times out by itself
+    (``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``); a trial that boosts in its own process waits
+    in Tune's queue for its CPUs, which Tune would do for ever."""
+
+    def __init__(self, timeout_s: float, what: str):
+        self.timeout_s = timeout_s
+        self.what = what
+        self._since: float | None = None
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        statuses = {getattr(t, "status", "") for t in trials}
+        if "RUNNING" in statuses or "PENDING" not in statuses:
+            self._since = None
+            return
+        now = time.monotonic()
+        if self._since is None:
+            self._since = now
+        elif now - self._since > self.timeout_s:
+            raise TrainingError(f"{self.what} did not get their resources within {self.timeout_s:g} s (other work "
+                                f"holds them, or the cluster lacks them; ray.resources_timeout_s)")
 
 
 # MLflow, from the Tune driver --------------------------------------------------------------------
@@ -209,10 +263,8 @@ def _score(metric: str) -> str:
 
 
 def load_trial_checkpoint(path: str):
-    """The booster and state of a trial's Ray Train checkpoint."""
-    from ray.train import Checkpoint
-
-    return fit_output(Checkpoint(path))
+    """The booster and state of a trial's checkpoint (either engine's: the same folder layout)."""
+    return output_of(path)
 
 
 def _log_history_except(client: Any, run_id: str, history: dict[str, list[float]], done: set[int]) -> None:
@@ -254,6 +306,20 @@ def tune_callback(trials: MlflowTrials):
             self.inner.on_trial_error(iteration, trials, trial, **info)
 
     return _Callback(trials)
+
+
+def watch_callback(watch: ResourceWatch):
+    """The resource watch as a real ``ray.tune.Callback``."""
+    from ray.tune import Callback
+
+    class _Watch(Callback):
+        def __init__(self, inner: ResourceWatch):
+            self.inner = inner
+
+        def on_step_end(self, iteration, trials, **info):
+            self.inner.on_step_end(iteration, trials, **info)
+
+    return _Watch(watch)
 
 
 def attach_logger(tuner: Any, logger: MlflowTrials) -> None:

@@ -1,0 +1,154 @@
+"""The one-task engine (``churnlib.train.task``): which tables it takes, its checkpoints, and the
+same training as XGBoost's own on the same rows. Unit tier: no Ray instance."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xgboost as xgb
+
+from churnlib.data.features import FeatureSpec
+from churnlib.data.generation import iter_chunks
+from churnlib.data.preparation import Prepared, encode_batch
+from churnlib.train.checkpoints import checkpoints_in, latest_in, read_checkpoint, write_checkpoint
+from churnlib.train.loop import MODEL_FILE, STATE_FILE, new_state
+from churnlib.train.task import boost_here, output_of, task_table, threads, uses_task
+from churnlib.train.trainer import loop_config
+from tests.conftest import make_config
+
+pytestmark = pytest.mark.unit
+
+
+def _prepared(local: bool) -> Prepared:
+    arrays = {"X": np.zeros((4, 2), dtype=np.float32), "y": np.zeros(4), "flags": np.zeros(4), "is_valid": np.zeros(4),
+              "ids": np.arange(4)}
+    return Prepared(dataset="dataset", report=None, train_rows=3, valid_rows=1, local=arrays if local else None)
+
+
+@pytest.mark.parametrize(("engine", "local", "gpu", "expected"), [
+    ("auto", True, False, True),     # a small table read in the driver: one task
+    ("auto", False, False, False),   # a large (or streamed) table: Ray Train's workers
+    ("auto", True, True, False),     # GPUs asked for: Ray Train (one GPU a worker)
+    ("task", False, False, True),
+    ("task", True, True, True),
+    ("ray_train", True, False, False),
+])
+def test_the_engine_rule(engine, local, gpu, expected):
+    cfg = make_config(Path("."), training__engine=engine, ray__use_gpu=gpu)
+    assert uses_task(cfg, _prepared(local)) is expected
+
+
+def test_the_task_gets_every_cpu_asked_for_and_only_the_arrays_it_reads():
+    assert threads(make_config(Path("."), ray__num_workers=2, ray__cpus_per_worker=1)) == 2
+    assert threads(make_config(Path("."), ray__num_workers=3, ray__cpus_per_worker=0.5)) == 2
+    assert threads(make_config(Path("."), ray__num_workers=1, ray__cpus_per_worker=0.5)) == 1
+    assert sorted(task_table(_prepared(True))) == ["X", "flags", "is_valid", "y"]
+    assert task_table(_prepared(False)) == "dataset"
+
+
+def test_an_unknown_engine_is_refused_naming_the_key():
+    from churnlib.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="training.engine"):
+        make_config(Path("."), training__engine="spark")
+
+
+def _booster(rounds: int = 3) -> xgb.Booster:
+    rng = np.random.default_rng(0)
+    X, y = rng.random((200, 3)), rng.integers(0, 2, 200)
+    return xgb.train({"objective": "binary:logistic", "nthread": 1}, xgb.DMatrix(X, label=y), rounds)
+
+
+def test_checkpoints_are_whole_when_found_newest_last_and_pruned(tmp_path):
+    run = str(tmp_path / "run")
+    assert latest_in(run) is None and checkpoints_in(run) == []
+    state = {**new_state(), "best_iteration": 1}
+    uris = [write_checkpoint(run, _booster(r), {**state, "rounds": r}, keep=2) for r in (1, 2, 3)]
+    assert checkpoints_in(run) == uris[1:]  # the oldest beyond keep is gone
+    assert latest_in(run) == uris[-1]
+    booster, got = read_checkpoint(uris[-1])
+    assert booster.num_boosted_rounds() == 3 and got["rounds"] == 3
+    # a folder being written (hidden name) and one missing its state are never taken
+    (tmp_path / "run" / ".writing-checkpoint_9999").mkdir()
+    broken = tmp_path / "run" / "checkpoint_9999-99-99_99-99-99.999999"
+    broken.mkdir()
+    (broken / MODEL_FILE).write_bytes(b"x")
+    assert latest_in(run) == uris[-1]
+    assert sorted(os.listdir(uris[-1])) == sorted([MODEL_FILE, STATE_FILE])
+
+
+def test_keep_none_keeps_every_checkpoint(tmp_path):
+    run = str(tmp_path / "run")
+    for r in (1, 2, 3):
+        write_checkpoint(run, _booster(r), new_state(), keep=None)
+    assert len(checkpoints_in(run)) == 3
+
+
+def _encoded(rows: int = 3000):
+    cfg = make_config(Path("."), xgboost__num_boost_round=60, xgboost__early_stopping_rounds=8,
+                      training__checkpoint_every=10, training__progress_interval_s=0.0)
+    spec = FeatureSpec.from_config(cfg.features)
+    raw = next(iter_chunks(rows, seed=4, chunk_rows=rows))
+    enc = encode_batch(raw, spec, spec.feature_names + ["Churn"], cfg.model.validation_split, cfg.model.random_state)
+    return cfg, spec, enc
+
+
+def test_boosting_here_is_xgboosts_own_training_with_our_early_stopping_and_checkpoints(tmp_path):
+    """The task's boosting on the driver's arrays = xgboost.train on the same rows with
+    XGBoost's EarlyStopping: the same trees; a checkpoint every 10 rounds, history whole."""
+    cfg, spec, enc = _encoded()
+    config = loop_config(cfg, spec)
+    config["params"] = {**config["params"], "nthread": 1}
+    table = {k: enc[k] for k in ("X", "y", "flags", "is_valid")}
+    run = str(tmp_path / "run")
+    final = boost_here(config, table, run, keep=None)
+    out = output_of(final)
+    ok = enc["flags"] == 0
+    tr, va = ok & ~enc["is_valid"].astype(bool), ok & enc["is_valid"].astype(bool)
+    kw = dict(feature_names=spec.feature_names, feature_types=spec.feature_types, enable_categorical=True)
+    dtrain = xgb.QuantileDMatrix(enc["X"][tr], label=enc["y"][tr], max_bin=config["params"]["max_bin"], **kw)
+    dvalid = xgb.QuantileDMatrix(enc["X"][va], label=enc["y"][va], ref=dtrain, **kw)
+    theirs = xgb.train(config["params"], dtrain, 60, evals=[(dtrain, "train"), (dvalid, "valid")], verbose_eval=False,
+                       callbacks=[xgb.callback.EarlyStopping(rounds=8, metric_name="auc", maximize=True)])
+    assert out.state["best_iteration"] == theirs.best_iteration
+    assert out.full_rounds == theirs.num_boosted_rounds()
+    assert out.booster.num_boosted_rounds() == theirs.best_iteration + 1
+    X = enc["X"][va]
+    np.testing.assert_allclose(out.booster.inplace_predict(X),
+                               theirs[: theirs.best_iteration + 1].inplace_predict(X), atol=1e-6)
+    n = out.full_rounds
+    assert all(len(v) == n for v in out.state["history"].values())
+    assert out.state["worker_rows"] == {"train": int(tr.sum()), "valid": int(va.sum())}
+    # checkpoints at rounds 10, 20, ... and the final one, each loadable
+    rounds = [json.loads(Path(c, STATE_FILE).read_text())["history"]["valid-auc"].__len__() for c in checkpoints_in(run)]
+    assert rounds == [r for r in range(10, n, 10)] + [n]
+
+
+def test_a_restart_carries_on_from_the_newest_checkpoint_and_counts_it(tmp_path):
+    """What a task run again after its process died does: the newest checkpoint of its run is
+    taken, the restart counted, and the model is the one a run resumed from it gets."""
+    cfg, spec, enc = _encoded()
+    config = loop_config(cfg, spec)
+    config["params"] = {**config["params"], "nthread": 1}
+    table = {k: enc[k] for k in ("X", "y", "flags", "is_valid")}
+    whole = output_of(boost_here(config, table, str(tmp_path / "whole"), keep=None))
+    first = checkpoints_in(str(tmp_path / "whole"))[0]  # 10 rounds in
+    # a run whose process "died" after that checkpoint: its folder holds only it
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    os.system(f"cp -r '{first}' '{crashed}/'")
+    again = output_of(boost_here(config, table, str(crashed), keep=None))
+    assert again.state["restarts"] == 1 and again.state["resumed_from"] == [10]
+    # the first 10 rounds are the checkpoint's, not trained again
+    assert again.state["history"]["valid-auc"][:10] == whole.state["history"]["valid-auc"][:10]
+    # training.resume_from an earlier run's checkpoint: not a restart, and the same model
+    resumed = output_of(boost_here({**config, "resume_from": first}, table, str(tmp_path / "resumed"), keep=None))
+    assert resumed.state["restarts"] == 0 and resumed.state["resumed_from"] == [10]
+    assert (resumed.full_rounds, resumed.state["best_iteration"]) == (again.full_rounds, again.state["best_iteration"])
+    assert again.state["history"]["valid-auc"] == pytest.approx(resumed.state["history"]["valid-auc"], abs=1e-9)
+    X = enc["X"][:500]
+    np.testing.assert_allclose(resumed.booster.inplace_predict(X), again.booster.inplace_predict(X), atol=1e-6)
