@@ -5,9 +5,11 @@
 Both train on the same generated Parquet table with the same train/validation
 split (churnlib's hash split), hist, the same depth and rounds, evaluating
 train and validation every round. Plain: ``xgboost.train`` with nthread = all
-cores. Ours: ``churnlib.training.train`` (Ray Train, 2 workers x 1 thread,
-checkpoints on, early stopping armed but not triggered, full metric history,
-MLflow logging), starting its own local Ray instance as ``churn train`` does.
+cores. Ours: ``churnlib.train.command.train`` with each engine in turn
+(``training.engine=ray_train``: Ray Train, 2 workers x 1 thread; ``task``: one
+Ray task with 2 threads), checkpoints on, early stopping armed but not
+triggered, full metric history, MLflow logging, each starting its own local
+Ray instance as ``churn train`` does.
 
 ``--commands`` also times the real ``churn train --data ... --json`` as a user
 runs it, in a fresh process each: cold (the command starts its own local Ray
@@ -69,7 +71,7 @@ def plain(path: Path, rounds: int, depth: int, cfg) -> dict:
     }
 
 
-def ours(path: Path, rounds: int, depth: int, workspace: str) -> dict:
+def ours(path: Path, rounds: int, depth: int, workspace: str, engine: str = "ray_train") -> dict:
     from churnlib.config import load_config
     from churnlib.train.command import train
 
@@ -79,6 +81,7 @@ def ours(path: Path, rounds: int, depth: int, workspace: str) -> dict:
             "xgboost.num_boost_round": rounds,
             "xgboost.max_depth": depth,
             "xgboost.early_stopping_rounds": rounds,  # armed, never triggered: same rounds as plain
+            "training.engine": engine,
         }
     )
     t0 = time.perf_counter()
@@ -94,6 +97,7 @@ def ours(path: Path, rounds: int, depth: int, workspace: str) -> dict:
         "rounds": res.num_boosted_rounds,
         "valid_auc": res.metrics["best_valid_auc"],
         "stages_s": {k: round(v, 2) for k, v in t.items()},
+        "engine": res.engine,
         "workers": cfg.ray.num_workers,
         "threads_per_worker": cfg.xgb_nthread,
     }
@@ -180,12 +184,19 @@ def main() -> int:
 
     print(f"plain xgboost.train ({args.rows} rows, {args.rounds} rounds, depth {args.depth}) ...", file=sys.stderr)
     p = plain(path, args.rounds, args.depth, cfg)
-    print("Ray Train path ...", file=sys.stderr)
-    with tempfile.TemporaryDirectory(prefix="churn-bench-") as ws:
-        o = ours(path, args.rounds, args.depth, ws)
+    engines: dict = {}
+    for engine in ("ray_train", "task"):
+        print(f"our path, training.engine={engine} ...", file=sys.stderr)
+        with tempfile.TemporaryDirectory(prefix="churn-bench-") as ws:
+            engines[engine] = ours(path, args.rounds, args.depth, ws, engine)
+        try:  # each run started (and stopped) its own local instance, as `churn train` does
+            import ray
 
-    ratio_round = o["per_round_ms"] / p["per_round_ms"]
-    print(f"\n{'':24}{'plain':>12}{'ray train':>12}{'ratio':>8}")
+            ray.shutdown()
+        except Exception:  # noqa: BLE001
+            pass
+    o = engines["ray_train"]
+    print(f"\n{'':24}{'plain':>12}{'ray train':>12}{'ratio':>8}{'one task':>12}{'ratio':>8}")
     for key, label, fmt in (
         ("wall_s", "wall (s)", "{:12.2f}"),
         ("boosting_s", "boosting (s)", "{:12.2f}"),
@@ -193,9 +204,13 @@ def main() -> int:
         ("fixed_s", "fixed cost (s)", "{:12.2f}"),
         ("valid_auc", "validation AUC", "{:12.4f}"),
     ):
-        r = o[key] / p[key] if p[key] else float("nan")
-        print(f"{label:24}" + fmt.format(p[key]) + fmt.format(o[key]) + f"{r:8.2f}")
-    print(f"\nray train stages (s): {o['stages_s']}")
+        line = f"{label:24}" + fmt.format(p[key])
+        for engine in ("ray_train", "task"):
+            r = engines[engine][key] / p[key] if p[key] else float("nan")
+            line += fmt.format(engines[engine][key]) + f"{r:8.2f}"
+        print(line)
+    for engine in ("ray_train", "task"):
+        print(f"\n{engine} stages (s): {engines[engine]['stages_s']}")
     result = {
         "rows": args.rows,
         "rounds": args.rounds,
@@ -203,8 +218,13 @@ def main() -> int:
         "cpus": os.cpu_count(),
         "plain": p,
         "ray_train": o,
-        "per_round_ratio": ratio_round,
+        "task": engines["task"],
+        "per_round_ratio": o["per_round_ms"] / p["per_round_ms"],
+        "per_round_ratio_task": engines["task"]["per_round_ms"] / p["per_round_ms"],
+        "wall_ratio_ray_train": o["wall_s"] / p["wall_s"],
+        "wall_ratio_task": engines["task"]["wall_s"] / p["wall_s"],
         "fixed_cost_ray_s": o["fixed_s"],
+        "fixed_cost_task_s": engines["task"]["fixed_s"],
         "auc_diff": o["valid_auc"] - p["valid_auc"],
     }
     if args.commands:

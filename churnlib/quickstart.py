@@ -1,6 +1,6 @@
 """``churn quickstart``: the whole lifecycle on the embedded default, one line per step.
 
-generate data -> train (Ray Train, 2 workers) -> evaluate (gates, SHAP) ->
+generate data -> train (one Ray task for the small default table) -> evaluate (gates, SHAP) ->
 register (alias staging) -> promote to champion -> start Serve -> a few requests ->
 score a batch -> where to look -> stop Serve.
 
@@ -22,6 +22,7 @@ from churnlib.registry.registry import STAGING, Registry
 from churnlib.runtime import free_port, quiet_logs
 from churnlib.serving import runner as serving
 from churnlib.train.command import default_data_path, train
+from churnlib.train.task import threads
 
 if TYPE_CHECKING:
     from churnlib.config import Config
@@ -84,7 +85,9 @@ def quickstart(cfg: Config, rows: int | None = None, port: int | None = None, ve
     def train_step() -> str:
         result = train(cfg, data_path=str(out["train_path"]), run_name="quickstart", verbose=verbose, say=quiet)
         out["train"] = result
-        return (f"run {result.run_id[:12]}, {cfg.ray.num_workers} Ray Train workers, validation AUC "
+        where = (f"one Ray task ({threads(cfg)} threads)" if result.engine == "task"
+                 else f"{cfg.ray.num_workers} Ray Train workers")
+        return (f"run {result.run_id[:12]}, {where}, validation AUC "
                 f"{result.metrics['best_valid_auc']:.4f} at round {result.best_iteration + 1}")
 
     def evaluate_step() -> str:

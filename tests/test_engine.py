@@ -42,6 +42,18 @@ def test_the_engine_rule(engine, local, gpu, expected):
     assert uses_task(cfg, _prepared(local)) is expected
 
 
+def test_a_cluster_of_nodes_smaller_than_the_request_spreads_ray_train_workers_instead():
+    from churnlib.errors import ResourceError
+    from churnlib.train.task import check_fits
+
+    cfg = make_config(Path("."), ray__num_workers=3, ray__cpus_per_worker=1)
+    assert uses_task(cfg, _prepared(True), node_cpus=4) is True
+    assert uses_task(cfg, _prepared(True), node_cpus=2) is False  # auto: no node holds 3 CPUs
+    check_fits(cfg, 3)
+    with pytest.raises(ResourceError, match="training.engine=task runs on one node and asks for 3 CPUs"):
+        check_fits(make_config(Path("."), training__engine="task", ray__num_workers=3), 2)
+
+
 def test_the_task_gets_every_cpu_asked_for_and_only_the_arrays_it_reads():
     assert threads(make_config(Path("."), ray__num_workers=2, ray__cpus_per_worker=1)) == 2
     assert threads(make_config(Path("."), ray__num_workers=3, ray__cpus_per_worker=0.5)) == 2

@@ -36,7 +36,7 @@ from churnlib.train.decide import (
 )
 from churnlib.train.loop import check_checkpoint, xgb_log_name
 from churnlib.train.progress import ProgressRelay
-from churnlib.train.task import TaskRun, engine_line, uses_task
+from churnlib.train.task import TaskRun, check_fits, engine_line, largest_node_cpus, uses_task
 from churnlib.train.trainer import (
     build_trainer,
     fit,
@@ -62,6 +62,7 @@ class TrainResult:
     timings: dict[str, float]
     data_digest: str
     restarts: int
+    engine: str = "ray_train"  # where the boosting ran: "task" (one Ray task) or "ray_train"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -77,6 +78,7 @@ class TrainResult:
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
             "data_digest": self.data_digest,
             "restarts": self.restarts,
+            "engine": self.engine,
         }
 
 
@@ -171,7 +173,10 @@ def train(
         profile = prepared.profile(spec, cfg.drift.profile_rows, seed=cfg.model.random_state)
         timings["profile_s"] = time.perf_counter() - t0
 
-        one_task = uses_task(cfg, prepared)
+        node_cpus = largest_node_cpus()
+        one_task = uses_task(cfg, prepared, node_cpus)
+        if one_task:
+            check_fits(cfg, node_cpus)
         mlflow.set_tag(TAG_ENGINE, "task" if one_task else "ray_train")
         say(engine_line(cfg) if one_task else (
             f"train: Ray Train, {cfg.ray.num_workers} worker(s) x {cfg.ray.cpus_per_worker:g} CPU"
@@ -262,6 +267,7 @@ def train(
             timings=timings,
             data_digest=source.digest,
             restarts=state["restarts"],
+            engine="task" if one_task else "ray_train",
             extra={"logged_model_uri": logged_uri, "checkpoint_path": out.checkpoint_path},
         )
     return result

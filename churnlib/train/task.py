@@ -34,7 +34,7 @@ import uuid
 from typing import TYPE_CHECKING, Any, Callable
 
 from churnlib import interrupts
-from churnlib.errors import TrainingError, root_cause
+from churnlib.errors import ResourceError, TrainingError, root_cause
 from churnlib.train.checkpoints import latest_in, read_checkpoint, write_checkpoint
 from churnlib.train.loop import boost, build_matrices, new_state, report_metrics
 from churnlib.train.trainer import FitOutput, trim_to_best
@@ -47,13 +47,32 @@ if TYPE_CHECKING:
 TABLE_KEYS = ("X", "y", "flags", "is_valid")
 
 
-def uses_task(cfg: Config, prepared: Prepared) -> bool:
-    """Whether ``training.engine`` runs this table in one task (``auto``: a table read into the
-    driver, and no GPUs, whose several workers only Ray Train's group can use)."""
+def uses_task(cfg: Config, prepared: Prepared, node_cpus: float | None = None) -> bool:
+    """Whether ``training.engine`` runs this table in one task. ``auto``: a table read into
+    the driver, no GPUs (several workers' worth only Ray Train's group can use), and one node
+    of the cluster (``node_cpus``: its largest, when known) holding every CPU asked for (a
+    cluster of small nodes spreads Ray Train's workers instead)."""
     engine = cfg.training.engine
     if engine == "auto":
-        return prepared.local is not None and not cfg.ray.use_gpu
+        return (prepared.local is not None and not cfg.ray.use_gpu
+                and (node_cpus is None or node_cpus >= cfg.ray.num_workers * cfg.ray.cpus_per_worker))
     return engine == "task"
+
+
+def largest_node_cpus() -> float:
+    """The CPUs of the cluster's largest live node (the one task runs on one node)."""
+    import ray
+
+    return max((n.get("Resources", {}).get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
+
+
+def check_fits(cfg: Config, node_cpus: float) -> None:
+    """One line (ResourceError) when ``training.engine=task`` asks for more CPUs than any node has."""
+    need = cfg.ray.num_workers * cfg.ray.cpus_per_worker
+    if node_cpus < need:
+        raise ResourceError(f"training.engine=task runs on one node and asks for {need:g} CPUs "
+                            f"(ray.num_workers x ray.cpus_per_worker), but the largest node has {node_cpus:g}; "
+                            f"use training.engine=ray_train (or auto) to spread workers over nodes")
 
 
 def threads(cfg: Config) -> int:

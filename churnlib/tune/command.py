@@ -60,7 +60,7 @@ from churnlib.train.decide import (
     contact_metrics,
     decide,
 )
-from churnlib.train.task import task_table, threads, uses_task
+from churnlib.train.task import check_fits, largest_node_cpus, task_table, threads, uses_task
 from churnlib.train.trainer import START_TIMEOUT_FLOOR_S
 from churnlib.tune.space import (
     concurrency,
@@ -198,7 +198,10 @@ def tune(
     rows = {"train": float(prepared.train_rows), "valid": float(prepared.valid_rows)}
     # A small table: every trial boosts in its own process (the one-task engine, no Ray Train
     # worker group to start per trial); else each trial is a Ray Train run.
-    one_task = uses_task(cfg, prepared)
+    node_cpus = largest_node_cpus()
+    one_task = uses_task(cfg, prepared, node_cpus)
+    if one_task:
+        check_fits(cfg, node_cpus)
 
     profile = prepared.profile(spec, cfg.drift.profile_rows, seed=cfg.model.random_state)
 
