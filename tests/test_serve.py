@@ -652,6 +652,8 @@ class Load:
     """Clients posting 50-record requests until stopped; a refused connection (the server stopped
     taking connections) is counted apart from a request that failed once sent (dropped)."""
 
+    RETRIES = 2  # with retry_reset: a request is tried at most this many more times
+
     def __init__(self, url: str, body: list, clients: int = 16, headers: dict | None = None,
                  retry_reset: bool = False):
         self.url, self.body, self.headers = url, body, headers or {}
@@ -662,26 +664,34 @@ class Load:
         # when the connection was reset or closed without an answer (not when it was refused), or
         # when the proxy answered that it had no replica for it
         self.retry_reset = retry_reset
-        self.resets: list[tuple[float, str]] = []  # the requests sent again, and why
+        self.resets: list[tuple[float, str]] = []  # the requests sent again (once each), and why
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
 
     def _post(self, session: requests.Session, started: float) -> requests.Response:
-        try:
-            r = session.post(f"{self.url}/predict", json=self.body, headers=self.headers, timeout=30)
-            # HAProxy's own answer when it found no replica to send the request to (Serve turns its
-            # 502/503/504 into this 500; the service's errors are JSON)
-            if not (self.retry_reset and r.status_code == 500 and r.text == "Internal Server Error"):
-                return r
-            what = "HTTP 500 from HAProxy"
-        except requests.ConnectionError as exc:
-            if not self.retry_reset or "refused" in str(exc) or "NewConnectionError" in str(exc):
-                raise
-            what = str(exc)[:120]
-        with self._lock:
-            self.resets.append((started, f"{what} after {time.monotonic() - started:.3f} s"))
-        return requests.Session().post(f"{self.url}/predict", json=self.body, headers=self.headers, timeout=30)
+        # retry_reset: up to RETRIES more tries, 0.1 s apart and then 0.2 s (what urllib3's Retry
+        # with a backoff does): a try sent at once can reach the dead replica again before HAProxy
+        # has marked it down (seen with the machine busy with other tests)
+        for attempt in range(self.RETRIES + 1):
+            last = attempt == self.RETRIES
+            try:
+                r = session.post(f"{self.url}/predict", json=self.body, headers=self.headers, timeout=30)
+                # HAProxy's own answer when it found no replica to send the request to (Serve turns
+                # its 502/503/504 into this 500; the service's errors are JSON)
+                if last or not (self.retry_reset and r.status_code == 500 and r.text == "Internal Server Error"):
+                    return r
+                what = "HTTP 500 from HAProxy"
+            except requests.ConnectionError as exc:
+                if last or not self.retry_reset or "refused" in str(exc) or "NewConnectionError" in str(exc):
+                    raise
+                what = str(exc)[:120]
+            if attempt == 0:
+                with self._lock:
+                    self.resets.append((started, f"{what} after {time.monotonic() - started:.3f} s"))
+            time.sleep(0.1 * (attempt + 1))
+            session = requests.Session()
+        raise AssertionError("unreachable")
 
     def _run(self) -> None:
         session = requests.Session()

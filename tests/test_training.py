@@ -300,18 +300,30 @@ def test_resume_from_something_that_is_not_a_checkpoint_is_one_line(tmp_path):
     assert res.stderr.strip().splitlines()[-1].startswith(f"error: training.resume_from {tmp_path}: not a training checkpoint")
 
 
-@pytest.mark.parametrize(("signame", "group", "code"), [("SIGINT", True, 130), ("SIGTERM", False, 143)])
-def test_ctrl_c_and_sigterm_end_the_run_killed(tmp_path, signame, group, code):
+@pytest.mark.parametrize(("signame", "group", "code", "attached"),
+                         [("SIGINT", True, 130, False), ("SIGTERM", False, 143, True)])
+def test_ctrl_c_and_sigterm_end_the_run_killed(ray_session, tmp_path, signame, group, code, attached):
     """Ctrl-C (SIGINT to the process group, as a terminal sends it) and SIGTERM (to the process, as
     systemd, Docker and Kubernetes send it) mid-training: one line, 130/143, the run KILLED, no Ray
-    process left, and the checkpoint to continue from (issue: Ctrl-C exited 1 with no line, FAILED)."""
-    from tests.conftest import alive, signal_cli
+    process left, and the checkpoint to continue from (issue: Ctrl-C exited 1 with no line, FAILED).
+    SIGINT on the instance the command starts (every process of it ends); SIGTERM on an instance
+    that stays up (the session's, as `churn up`'s would): the training task it started ends with
+    it, and the instance gets its CPUs back."""
+    import time
+
+    from tests.conftest import alive, cli_env, session_ray_env, signal_cli
 
     ws = tmp_path / ".churn"
     args = ["train", "--set", f"workspace={ws}", "--set", "data.generate_rows=4000",
             "--set", "xgboost.num_boost_round=3000", "--set", "xgboost.early_stopping_rounds=0",
             "--set", "xgboost.eta=0.01", "--set", "training.checkpoint_every=5", "--set", "training.progress_interval_s=0.2"]
-    rc, err, took, tree = signal_cli(args, "checkpoint at round", getattr(signal, signame), group, tmp_path)
+    env = cli_env(**session_ray_env()) if attached else None
+    rc, err, took, tree = signal_cli(args, "checkpoint at round", getattr(signal, signame), group, tmp_path, env=env)
+    if attached:  # the task held both CPUs of the instance; they come back once it is gone
+        deadline = time.monotonic() + 30
+        while ray_session.available_resources().get("CPU", 0) < ray_session.cluster_resources()["CPU"]:
+            assert time.monotonic() < deadline, ray_session.available_resources()
+            time.sleep(0.2)
     lines = err.strip().splitlines()
     assert rc == code, err[-3000:]
     assert lines[-1] == "error: interrupted" and "Traceback" not in err
@@ -332,7 +344,7 @@ def test_streaming_without_a_spare_cpu_is_refused_not_hung(ray_session, cfg_fact
         train(cfg, say=lambda m: None)
 
 
-def test_cli_train_json_on_the_streaming_path(tmp_path):
+def test_cli_train_json_on_the_streaming_path(ray_session, tmp_path):
     """The real `churn train` command, streaming the table (workers of half a CPU leave one for Ray Data)."""
     data = generate(3000, tmp_path / "t.csv", seed=11)
     res = run_cli(
@@ -341,6 +353,7 @@ def test_cli_train_json_on_the_streaming_path(tmp_path):
         "--set", "ray.cpus_per_worker=0.5", "--set", f"workspace={tmp_path / 'ws'}",
         cwd=tmp_path,
         timeout=300,
+        attach=True,  # on the session's instance, as after `churn up`: a command that only needs a cluster
     )
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout)

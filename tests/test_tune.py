@@ -219,7 +219,7 @@ def test_an_interrupted_sweep_resumes_with_the_printed_command(ray_session, tmp_
     assert all(c.info.status == "FINISHED" for c in children)
 
 
-@pytest.mark.parametrize(("engine", "wait_s"), [("task", 10), ("ray_train", 30)])
+@pytest.mark.parametrize(("engine", "wait_s"), [("task", 10), ("ray_train", 15)])
 def test_a_trial_that_cannot_get_its_resources_fails_the_sweep_not_hangs(ray_session, tmp_path, engine, wait_s):
     """Another job holds one of the two CPUs: the trial (its own process with two threads, or
     its two Ray Train workers) can never start. The sweep ends in one line after

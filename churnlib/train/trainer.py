@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 # Shortest wait for a worker group's resources (a trial starting while the last
 # one's workers are still being torn down waits a few seconds).
-START_TIMEOUT_FLOOR_S = 30.0
+START_TIMEOUT_FLOOR_S = 15.0
 
 
 def loop_config(cfg: Config, spec: Any, progress_sink: Any = None) -> dict[str, Any]:
