@@ -185,16 +185,13 @@ def main() -> int:
     print(f"plain xgboost.train ({args.rows} rows, {args.rounds} rounds, depth {args.depth}) ...", file=sys.stderr)
     p = plain(path, args.rounds, args.depth, cfg)
     engines: dict = {}
-    for engine in ("ray_train", "task"):
-        print(f"our path, training.engine={engine} ...", file=sys.stderr)
-        with tempfile.TemporaryDirectory(prefix="churn-bench-") as ws:
-            engines[engine] = ours(path, args.rounds, args.depth, ws, engine)
-        try:  # each run started (and stopped) its own local instance, as `churn train` does
-            import ray
+    with tempfile.TemporaryDirectory(prefix="churn-bench-") as root:
+        for engine in ("ray_train", "task"):
+            print(f"our path, training.engine={engine} ...", file=sys.stderr)
+            engines[engine] = ours(path, args.rounds, args.depth, str(Path(root) / engine), engine)
+            from churnlib.runtime import release_ray
 
-            ray.shutdown()
-        except Exception:  # noqa: BLE001
-            pass
+            release_ray()  # each run starts (and stops) its own local instance, as `churn train` does
     o = engines["ray_train"]
     print(f"\n{'':24}{'plain':>12}{'ray train':>12}{'ratio':>8}{'one task':>12}{'ratio':>8}")
     for key, label, fmt in (

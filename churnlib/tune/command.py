@@ -265,6 +265,10 @@ def tune(
                 tune_config=ray_tune.TuneConfig(
                     metric=metric, mode=mode, num_samples=cfg.tune.num_samples,
                     search_alg=searcher(cfg, k), scheduler=scheduler(cfg),
+                    # one-task trials: the next trial runs in the process of the last one (xgboost
+                    # imported, no process to start); a Ray Train trial owns its controller, so its
+                    # process ends with it
+                    reuse_actors=one_task,
                 ),
                 # A failed trial is infrastructure (resources, a crash past training.max_failures):
                 # the search space was checked against XGBoost's limits up front. Stop the sweep.
