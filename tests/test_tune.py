@@ -173,16 +173,21 @@ def test_an_interrupted_sweep_resumes_with_the_printed_command(ray_session, tmp_
     data, said "interrupted" again and skipped --register-best; sweep_s 0.10 s)."""
     import shlex
 
-    from tests.conftest import cli_env, signal_cli
+    from tests.conftest import cli_env, session_ray_env, signal_cli
 
     data = tmp_path / "sweep.parquet"
     from churnlib.data.generation import generate
 
     generate(3000, data, seed=7)
-    sets = [a for k, v in {**SWEEP, "tune.name": "resume-me", "workspace": str(tmp_path / ".churn")}.items()
+    # trials long enough to be caught running (a trial of SWEEP ends in a fraction of a second in a
+    # reused process, and the signal could land after the sweep had finished)
+    long = {"xgboost.num_boost_round": 1500, "xgboost.eta": 0.01, "xgboost.early_stopping_rounds": 0}
+    sets = [a for k, v in {**SWEEP, **long, "tune.name": "resume-me", "workspace": str(tmp_path / ".churn")}.items()
             if k != "tune.num_samples" for a in ("--set", f"{k}={json.dumps(v) if isinstance(v, dict) else v}")]
     args = ["tune", "--data", data, "--num-samples", "2", "--register-best", *sets]
-    rc, err, took, _ = signal_cli(args, "  trial ", signal.SIGTERM, False, tmp_path, timeout=400)
+    # both sessions on the suite's instance, as after `churn up` (the sweep fixture runs one beside it)
+    rc, err, took, _ = signal_cli(args, "  trial ", signal.SIGTERM, False, tmp_path, timeout=400,
+                                  env=cli_env(**session_ray_env()))
     assert rc == 143, err[-3000:]
     assert err.strip().splitlines()[-1] == "error: interrupted"
     printed = [line.split("resume with: ", 1)[1] for line in err.splitlines() if "resume with: " in line]
@@ -203,7 +208,8 @@ def test_an_interrupted_sweep_resumes_with_the_printed_command(ray_session, tmp_
 
     command = shlex.split(printed[-1])
     assert command[:2] == ["churn", "tune"]
-    res = subprocess.run([sys.executable, "-m", "churnlib", *command[1:], "--json"], cwd=tmp_path, env=cli_env(),
+    res = subprocess.run([sys.executable, "-m", "churnlib", *command[1:], "--json"], cwd=tmp_path,
+                         env=cli_env(**session_ray_env()),
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout)
