@@ -49,8 +49,8 @@ _NOT_UNIT_FIXTURES = {"ray_session", "mlflow_server", "postgres_db", "s3_endpoin
 # The longest modules first (measured here, slowest first): the suite runs in two processes
 # (pytest-xdist, whole files per process, in this order: `--no-loadscope-reorder`), so the
 # longest files start at once instead of last. Every other module follows in its own order.
-SLOW_FIRST = ("test_serve", "test_tune", "test_registry", "test_training", "test_quickstart", "test_batch",
-              "test_evaluation", "test_infrastructure", "test_ray_job", "test_instance")
+SLOW_FIRST = ("test_serve", "test_registry", "test_quickstart", "test_infrastructure", "test_training", "test_tune",
+              "test_evaluation", "test_batch", "test_ray_job", "test_instance")
 
 
 def _module_rank(item: Any) -> int:

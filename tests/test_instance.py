@@ -71,7 +71,17 @@ def test_an_instance_that_cannot_start_is_one_line_and_leaves_nothing(tmp_path: 
     assert "\n" not in line and line.startswith("error: churn up: the Ray instance did not start (NotADirectoryError")
     assert line.endswith(f"its log: {tmp_path / '.churn' / 'ray' / 'instance.log'}")
     assert not record_path(tmp_path / ".churn").exists()
-    new = [p for p in psutil.process_iter(["cmdline"]) if p.pid not in before and "ray" in " ".join(p.info["cmdline"] or [])]
+    # what that `ray start` left would carry its environment (other processes on the machine, such
+    # as the tests of another pytest-xdist process, come and go meanwhile)
+    marker = str(tmp_path / "not_a_folder")
+
+    def ours(p) -> bool:
+        try:
+            return p.environ().get("RAY_TMPDIR") == marker
+        except psutil.Error:
+            return False
+
+    new = [p for p in psutil.process_iter(["cmdline"]) if p.pid not in before and ours(p)]
     assert new == []
 
 

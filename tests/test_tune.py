@@ -167,7 +167,7 @@ def test_bad_search_space_is_refused_before_anything_starts(tmp_path):
 
 
 def test_an_interrupted_sweep_resumes_with_the_printed_command(ray_session, tmp_path):
-    """SIGTERM after the first trial (143, the parent run KILLED); the command it prints, and
+    """SIGTERM during the first trial (143, the parent run KILLED); the command it prints, and
     nothing else, finishes the sweep: the same data, trial count and --register-best, in the same
     parent run, whose sweep time covers both sessions (issue: the printed command trained on other
     data, said "interrupted" again and skipped --register-best; sweep_s 0.10 s)."""
@@ -186,7 +186,9 @@ def test_an_interrupted_sweep_resumes_with_the_printed_command(ray_session, tmp_
             if k != "tune.num_samples" for a in ("--set", f"{k}={json.dumps(v) if isinstance(v, dict) else v}")]
     args = ["tune", "--data", data, "--num-samples", "2", "--register-best", *sets]
     # both sessions on the suite's instance, as after `churn up` (the sweep fixture runs one beside it)
-    rc, err, took, _ = signal_cli(args, "  trial ", signal.SIGTERM, False, tmp_path, timeout=400,
+    # (signalled after a trial ended, the sweep could still end by itself: the next trial, stopped by
+    # ASHA at its first rung, was the last one)
+    rc, err, took, _ = signal_cli(args, "[trial 01] round", signal.SIGTERM, False, tmp_path, timeout=400,
                                   env=cli_env(**session_ray_env()))
     assert rc == 143, err[-3000:]
     assert err.strip().splitlines()[-1] == "error: interrupted"
@@ -195,7 +197,7 @@ def test_an_interrupted_sweep_resumes_with_the_printed_command(ray_session, tmp_
     state = json.loads((tmp_path / ".churn" / "ray_results" / "resume-me.churn_sweep.json").read_text())
     parent = state["parent_run_id"]
     first_session = state["sweep_s"]
-    assert first_session > 1 and state["data"] == str(data) and state["register_best"] is True
+    assert first_session > 0.5 and state["data"] == str(data) and state["register_best"] is True
     cfg = make_config(tmp_path)
     client = MlflowClient(cfg.tracking_uri)
     assert client.get_run(parent).info.status == "KILLED"
