@@ -283,7 +283,8 @@ class ChurnService:
         # a rollout: (its state, the challenger loaded beside the champion), swapped as one reference
         self._route: Optional[tuple[Rollout, LoadedVersion]] = None
         self._challenger_key: Optional[str] = None
-        self._rollout_error: Optional[str] = None
+        self._rollout_error: Optional[str] = None  # the rollout's: unreadable, or a challenger that fails to load
+        self._challenger_error: Optional[str] = None  # the loaded challenger's last scoring failure
         # shadow scoring: requests queued here, scored together on a thread of its own
         # (challenger, records, ids, request id, the champion's matrix when the features are the same)
         self._shadow_jobs: list[tuple[LoadedVersion, list[dict], list, str, Optional[np.ndarray]]] = []
@@ -412,6 +413,7 @@ class ChurnService:
             if self._route is not None:
                 logger.info("churn: rollout over; champion %s answers alone", champion.version if champion else "-")
             self._route, self._challenger_key, self._rollout_error = None, None, None
+            self._challenger_error = None
             return
         key = None
         try:
@@ -433,6 +435,8 @@ class ChurnService:
                 self._failed.add(key)
             self._route, self._challenger_key, self._rollout_error = None, None, message
             return
+        if key != self._challenger_key:  # a new challenger: the old one's scoring error is not its
+            self._challenger_error = None
         self._route, self._challenger_key, self._rollout_error = (rollout, challenger), key, None
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -723,9 +727,9 @@ class ChurnService:
             answers = await self._answer(challenger, parsed, idx, request_id)
         except Exception as exc:  # noqa: BLE001 - counted and said once; the champion answers
             message = f"canary: challenger version {challenger.version} failed: {one_line(exc)}"
-            if message != self._rollout_error:
+            if message != self._challenger_error:
                 logger.error("churn: %s; the champion answered", message)
-            self._rollout_error = message
+            self._challenger_error = message
             self._challenger_requests.inc(1, tags={"model_version": challenger.version, "mode": "canary",
                                                    "outcome": "fell_back"})
             return await self._answer(champion, parsed, idx, request_id)
@@ -800,9 +804,9 @@ class ChurnService:
         except Exception as exc:  # noqa: BLE001 - the challenger's failure is counted, never answered
             outcome = "failed"
             message = f"shadow: challenger version {challenger.version} failed: {one_line(exc)}"
-            if message != self._rollout_error:
+            if message != self._challenger_error:
                 logger.error("churn: %s", message)
-            self._rollout_error = message
+            self._challenger_error = message
         self._challenger_requests.inc(len(jobs), tags={"model_version": challenger.version, "mode": "shadow",
                                                        "outcome": outcome})
 
@@ -824,12 +828,13 @@ class ChurnService:
     def _describe_rollout(self) -> Optional[dict[str, Any]]:
         """The rollout this replica follows: mode, share, the challenger; or its last error."""
         route = self._route
+        error = self._rollout_error or self._challenger_error
         if route is None:
-            return {"error": self._rollout_error} if self._rollout_error else None
+            return {"error": error} if error else None
         rollout, challenger = route
         return {"mode": rollout.mode, "share": rollout.share if rollout.mode == "canary" else None,
                 "challenger_version": challenger.version, "started_at": rollout.started_at,
-                "error": self._rollout_error}
+                "error": error}
 
     @app.get("/healthz", summary="ready / degraded / not_ready",
              responses={200: {"model": Health, "description": "a model is loaded (ready, or degraded: still serving)"},

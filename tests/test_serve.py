@@ -1186,11 +1186,14 @@ def test_a_failing_challenger_never_fails_a_request(lab, deploy, tmp_path):
     _wait(lambda: _rollout_on(url, "canary") and requests.get(f"{url}/model", timeout=30).json()["rollout"][
         "challenger_version"] == extra.version, 20)
     burst()
+    time.sleep(1.2)  # two polls of the registry: the same challenger keeps its last failure on /healthz
     health = requests.get(f"{url}/healthz", timeout=30).json()
     assert "canary: challenger version" in health["rollout"]["error"] and "missing column" in health["rollout"]["error"]
     commands.start(cfg, "shadow", version=extra.version, **QUIET)
     _wait(lambda: _rollout_on(url, "shadow"), 20)
     burst()
+    _wait(lambda: "shadow: challenger version" in (requests.get(f"{url}/healthz", timeout=30).json()["rollout"]
+                                                  or {}).get("error", ""), 20)
     assert codes and set(codes) == {200}
     assert versions == {vb}  # the champion answered everything
     commands.abort(cfg, **QUIET)
