@@ -215,7 +215,8 @@ class DecisionConfig(_Section):
 
 
 class ScoringConfig(_Section):
-    """The Ray Data actor pool that scores tables (evaluate, predict)."""
+    """How tables are scored: `churn predict`'s engine, the Ray Data actor pool (evaluate, predict)."""
+    engine: Literal["auto", "task", "ray_data"] = "auto"
     batch_size: int = Field(ge=1)
     actors: int = Field(ge=1)
     cpus_per_actor: float = Field(gt=0.0)

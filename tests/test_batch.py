@@ -221,23 +221,141 @@ def test_existing_output_is_refused_and_untouched(store, scored):
     assert sorted(p.name for p in out.iterdir()) == before
 
 
-def test_a_failure_mid_job_leaves_no_output_and_no_open_run(store):
+@pytest.mark.parametrize("engine", ["task", "ray_data"])
+def test_a_failure_mid_job_leaves_no_output_and_no_open_run(store, engine):
     """The second file of the input breaks while the first is being scored and written."""
-    folder = store["ws"] / "broken_input"
+    folder = store["ws"] / f"broken_input_{engine}"
     folder.mkdir()
     store["table"].iloc[:1500].drop(index=[10, 20, 30]).to_csv(folder / "part-0.csv", index=False)
     text = store["table"].iloc[1500:].to_csv(index=False).splitlines()
     text[200] += ",1,2,3"  # a line with more fields than the header
     (folder / "part-1.csv").write_text("\n".join(text) + "\n")
-    out = store["ws"] / "broken_scores"
+    out = store["ws"] / f"broken_scores_{engine}"
     res = run_cli("predict", "--input", str(folder), "--output", str(out), "--set",
-                  f"workspace={store['cfg'].workspace}", cwd=store["ws"], attach=True)
+                  f"workspace={store['cfg'].workspace}", "--set", f"scoring.engine={engine}", cwd=store["ws"],
+                  attach=True)
     assert res.returncode == 2, res.stderr
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "part-1.csv" in last and "Expected" in last, last
-    leftovers = [p.name for p in store["ws"].iterdir() if "broken_scores" in p.name]
+    leftovers = [p.name for p in store["ws"].iterdir() if f"broken_scores_{engine}" in p.name]
     assert leftovers == []  # neither the output, nor its rejects, nor a staging folder
     assert no_running_runs(store["cfg"])
+
+
+def test_ray_data_pool_writes_what_the_one_task_writes(store, scored):
+    """The two engines on the same table: the same rows, scores, decisions, rejects and drift
+    counts (the pool spreads blocks over actors; the one task streams them through one process)."""
+    result, df = scored
+    out = store["ws"] / "pool_scores"
+    cfg = store["cfg"].model_copy(update={"scoring": store["cfg"].scoring.model_copy(update={"engine": "ray_data"})})
+    lines: list[str] = []
+    pool = predict(cfg, str(store["csv"]), str(out), explain=True, say=lines.append)
+    assert any("2 actor(s) x 0.5 CPU" in line for line in lines), lines
+    assert pool.counts == result.counts and pool.decision == pytest.approx(result.decision)
+    theirs = _read(out).set_index("customer_id").sort_index()
+    ours = df.set_index("customer_id").sort_index()
+    assert list(theirs.columns) == list(ours.columns) and theirs.index.equals(ours.index)
+    pd.testing.assert_frame_equal(theirs, ours, check_exact=False, rtol=1e-6)
+    rejects = [pd.read_parquet(f) for f in sorted(Path(pool.rejects).glob("*.parquet"))]
+    assert sorted(pd.concat(rejects)["reason"]) == sorted(pd.read_parquet(result.rejects)["reason"])
+    assert pool.drift == result.drift
+
+
+def test_a_killed_scoring_task_is_run_again_and_writes_every_row_once(store, tmp_path):
+    """SIGKILL the one task's process once it has written part of the output: Ray runs it again,
+    on an emptied staging folder, and the output holds every row once, scored as the model scores."""
+    import os
+    import signal
+    import threading
+    import time
+
+    rows = 300_000
+    table = generate(rows, tmp_path / "big.parquet", seed=8)
+    out = tmp_path / "killed_scores"
+    cfg = store["cfg"].model_copy(update={"scoring": store["cfg"].scoring.model_copy(
+        update={"engine": "task", "batch_size": 4000})})
+    killed: dict = {}
+
+    def killer() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            parts = list(tmp_path.glob(".killed_scores.tmp-*/part-*.parquet"))
+            for proc in Path("/proc").iterdir():
+                if parts and proc.name.isdigit():
+                    try:
+                        title = (proc / "cmdline").read_bytes().split(b"\0")[0]
+                    except OSError:
+                        continue
+                    if title.startswith(b"ray::churn-predict:killed_scores"):
+                        os.kill(int(proc.name), signal.SIGKILL)
+                        killed.update(pid=int(proc.name), parts=len(parts))
+                        return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    result = predict(cfg, str(table), str(out), **QUIET)
+    thread.join(5)
+    assert killed, "the test never saw the scoring task writing"
+    assert not Path(f"/proc/{killed['pid']}").exists()
+    assert result.counts == {"rows": rows, "scored": rows, "rejected": 0, "empty": 0}
+    got = _read(out)
+    assert len(got) == rows and got["customer_id"].is_unique
+    raw = pd.read_parquet(table)
+    mlflow.set_tracking_uri(store["cfg"].tracking_uri)
+    model = mlflow.pyfunc.load_model(f"models:/{store['cfg'].model.registered_name}/{store['version']}")
+    sample = raw.sample(2000, random_state=1)
+    expected = model.predict(sample.drop(columns=["Churn"]))["churn_probability"].to_numpy()
+    np.testing.assert_allclose(got.set_index("customer_id").loc[sample["CustomerID"], "churn_probability"], expected,
+                               rtol=1e-6)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".killed_scores")] == []
+
+
+@pytest.mark.unit
+def test_the_reader_streams_batches_of_the_asked_size_across_files_and_names_a_bad_file(tmp_path):
+    """``iter_frames``: batches of batch_size rows whatever the row groups and CSV blocks, the
+    rows in file order, numeric CSV cells as text, a broken file named in one line."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from churnlib.batch.task import iter_frames
+    from churnlib.config import load_config
+    from churnlib.data.sources import check_columns, resolve_source
+
+    spec = FeatureSpec.from_config(load_config(overrides=[f"workspace={tmp_path}"], env={}).features)
+    raw = pd.read_parquet(generate(2500, tmp_path / "g.parquet", seed=2)).drop(columns=["Churn"])
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    pq.write_table(pa.Table.from_pandas(raw.iloc[:1000], preserve_index=False), folder / "a.parquet", row_group_size=300)
+    pq.write_table(pa.Table.from_pandas(raw.iloc[1000:], preserve_index=False), folder / "b.parquet", row_group_size=700)
+    source = resolve_source(str(folder))
+    frames = list(iter_frames(source, spec, check_columns(source, spec, need_target=False), 400))
+    assert [len(f) for f in frames] == [400, 400, 200, 400, 400, 400, 300]  # a batch never spans two files
+    assert pd.concat(frames)["CustomerID"].tolist() == raw["CustomerID"].tolist()
+    raw.to_csv(tmp_path / "t.csv", index=False)
+    csv = resolve_source(str(tmp_path / "t.csv"))
+    columns = check_columns(csv, spec, need_target=False)
+    frames = list(iter_frames(csv, spec, columns, 1000))
+    assert [len(f) for f in frames] == [1000, 1000, 500]
+    assert not pd.api.types.is_numeric_dtype(frames[0]["Age"])  # text: "forty" is one reject, not a failed read
+    text = (tmp_path / "t.csv").read_text().splitlines()
+    text[1700] += ",1,2"
+    (tmp_path / "t.csv").write_text("\n".join(text) + "\n")
+    with pytest.raises(DataError, match=r"cannot read the data: t\.csv: CSV parse error: Expected 11 columns, got 13"):
+        list(iter_frames(csv, spec, columns, 1000))
+
+
+@pytest.mark.unit
+def test_the_engine_rule_and_the_task_s_cpus():
+    from churnlib.batch.task import task_cpus, task_threads, uses_task
+    from churnlib.config import ScoringConfig
+
+    scoring = ScoringConfig(batch_size=1000, actors=2, cpus_per_actor=0.5, explain_top=3, drift=True)
+    assert uses_task(scoring, 1) and not uses_task(scoring, 3)
+    assert uses_task(scoring.model_copy(update={"engine": "task"}), 3)
+    assert not uses_task(scoring.model_copy(update={"engine": "ray_data"}), 1)
+    assert task_cpus(scoring, 2.0) == 2.0 and task_cpus(scoring, 1.5) == 1.5 and task_cpus(scoring, 16.0) == 2.0
+    assert [task_threads(c) for c in (0.5, 1.0, 1.5, 2.0, 7.0)] == [1, 1, 2, 2, 7]
 
 
 def test_sigterm_mid_job_is_143_with_nothing_left_and_the_run_killed(store):

@@ -42,8 +42,9 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 import pandas as pd
 
-from churnlib import tracking
+from churnlib import interrupts, tracking
 from churnlib.batch.drift import log_drift
+from churnlib.batch.task import MAX_RETRIES, alive_nodes, score_in_task, task_cpus, task_threads, uses_task
 from churnlib.console import say as default_say
 from churnlib.data.preparation import ROW_EMPTY, ROW_PROBLEM, id_arrow_type
 from churnlib.data.profiles import batch_counts, compare, merge_counts, summary_line
@@ -155,7 +156,8 @@ class PredictUDF(BatchScorer):
             counts["contacts"] = int(contact.sum())
             counts["contact_value"] = float(value[contact].sum())
         drift = batch_counts(out["X"][ok], model.profile, model.spec) if self.drift and n_ok else None
-        self.tally.add.remote(counts, drift)
+        add = self.tally.add  # an actor's method (Ray Data's pool), or a plain one (the one-task engine)
+        (add.remote if hasattr(add, "remote") else add)(counts, drift)
         return pa.table(columns)
 
     def _ids(self, out: dict[str, np.ndarray], ok: np.ndarray) -> Any:
@@ -264,7 +266,7 @@ def predict(
     spec = predictor.spec
     columns = check_columns(source, spec, need_target=False)
     ensure_ray(cfg.ray, verbose=verbose, workspace=cfg.workspace_path)
-    scoring = _fit_pool(cfg.scoring, say)
+    scoring, cpus = _plan(cfg.scoring, say)
     explain_top = cfg.scoring.explain_top if explain else 0
     tags = {TAG_COMMAND: "predict", TAG_MODEL_URI: uri, "data.source": source.uri, "data.digest": source.digest}
     if model.ref.version:
@@ -280,7 +282,8 @@ def predict(
                                   **{f"decision.{k}": v for k, v in cfg.decision.model_dump().items()}})
         counts, drift_parts, chosen = _score_to(
             source, spec, columns, predictor, scoring, explain_top, cfg.scoring.drift, (fs, final, staging, local),
-            (rfs, rfinal, rstaging, rlocal), t_start, output_path, say, decision, contacts_only, contact_threshold)
+            (rfs, rfinal, rstaging, rlocal), t_start, output_path, say, decision, contacts_only, contact_threshold,
+            cpus)
         seconds = time.perf_counter() - t_start
         rejected = counts.get("rejected", 0)
         result = PredictResult(output_path, rejects_path if rejected else None, uri, model.ref.version, counts,
@@ -337,7 +340,7 @@ def _record_run(cfg: Config, result: PredictResult, run_id: str, started_at: dt.
 def _score_to(source: Any, spec: Any, columns: list[str], predictor: Any, scoring: Any, explain_top: int,
               drift: bool, out: tuple, rejects: tuple, t_start: float, output_path: str,
               say: Callable[[str], None], decision: Decision, contacts_only: bool,
-              contact_threshold: float) -> tuple[dict[str, int], list[dict[str, Any]], dict[str, Any]]:
+              contact_threshold: float, cpus: float) -> tuple[dict[str, int], list[dict[str, Any]], dict[str, Any]]:
     """One streaming pass: read -> PredictUDF actors -> Parquet; the capacity and the call list
     applied to the written output; the output moved into place when complete, removed (with the
     rejects) on any failure or interrupt. -> (counts, drift counts, the decision taken)."""
@@ -347,38 +350,47 @@ def _score_to(source: Any, spec: Any, columns: list[str], predictor: Any, scorin
     id_type = (str(id_arrow_type(source, spec.id_column)) if spec.id_column in columns else "string")
     fs, final, staging, local = out
     rfs, rfinal, rstaging, rlocal = rejects
-    tally = ray.remote(num_cpus=0)(_Tally).remote()
+    one_task = scoring.engine == "task"
+    # the one-task engine's progress comes from the task, to this actor (a terminal's line only)
+    tally = ray.remote(num_cpus=0)(_Tally).remote() if not one_task or sys.stderr.isatty() else None
+    where = (f"one Ray task, {task_threads(cpus)} thread(s) (one node: no actor pool to start; "
+             f"scoring.engine=ray_data for Ray Data's)" if one_task
+             else f"{scoring.actors} actor(s) x {scoring.cpus_per_actor:g} CPU")
     say(f"predict: {source.uri} ({len(source.files)} {source.format} file(s), {source.size_bytes / 1e6:.1f} MB) -> "
-        f"{output_path}, {scoring.actors} actor(s) x {scoring.cpus_per_actor:g} CPU"
-        + (f", top {explain_top} reasons" if explain_top else ""))
+        f"{output_path}, {where}" + (f", top {explain_top} reasons" if explain_top else ""))
     context = ray.data.DataContext.get_current()
     block_bytes = context.target_max_block_size
     stop = threading.Event()
     printer = threading.Thread(target=_progress, args=(tally, stop, t_start), daemon=True)
+    udf_kwargs = {
+        "payloads": put_payloads([predictor]), "columns": columns, "tally": tally, "rejects_fs": rfs,
+        "rejects_dir": rstaging, "explain_top": explain_top, "drift": drift,
+        "nthread": task_threads(cpus) if one_task else max(1, int(scoring.cpus_per_actor)),
+        "id_type": id_type, "decision": decision, "contact_threshold": contact_threshold,
+    }
+    # explaining costs ~1 ms a row: smaller batches spread it over the actors
+    batch_size = min(scoring.batch_size, EXPLAIN_BATCH_ROWS) if explain_top else scoring.batch_size
+    ref = None
     try:
         rfs.create_dir(rstaging, recursive=True)
-        # blocks of ~16 MB (~150,000 rows) rather than Ray Data's 128 MB: every actor
-        # gets work, and writing overlaps scoring instead of waiting for the last block
-        context.target_max_block_size = min(block_bytes or BLOCK_BYTES, BLOCK_BYTES)
-        printer.start()
-        # CSV cells are read as text: a non-numeric cell is one rejected row, not a failed read
-        # (the dataset keeps the context it is built with)
-        scored = read_raw(source, spec, columns, typed=False).map_batches(
-            PredictUDF,
-            fn_constructor_kwargs={
-                "payloads": put_payloads([predictor]), "columns": columns, "tally": tally, "rejects_fs": rfs,
-                "rejects_dir": rstaging, "explain_top": explain_top, "drift": drift,
-                "nthread": max(1, int(scoring.cpus_per_actor)), "id_type": id_type, "decision": decision,
-                "contact_threshold": contact_threshold,
-            },
-            compute=actor_pool(scoring),
-            num_cpus=scoring.cpus_per_actor,
-            # explaining costs ~1 ms a row: smaller batches spread it over the actors
-            batch_size=min(scoring.batch_size, EXPLAIN_BATCH_ROWS) if explain_top else scoring.batch_size,
-            batch_format="pandas",
-        )
-        scored.write_parquet(staging, filesystem=fs)
-        counts, drift_parts = ray.get(tally.result.remote())
+        if tally is not None:
+            printer.start()
+        if one_task:
+            ref = ray.remote(score_in_task).options(
+                num_cpus=cpus, max_retries=MAX_RETRIES, retry_exceptions=False,
+                name=f"churn-predict:{final.rstrip('/').rsplit('/', 1)[-1]}").remote(udf_kwargs, source, batch_size, (fs, staging), tally)
+            counts, drift_parts = interrupts.run_in_thread(ray.get, ref, name="churn-predict")
+        else:
+            # blocks of ~16 MB (~150,000 rows) rather than Ray Data's 128 MB: every actor
+            # gets work, and writing overlaps scoring instead of waiting for the last block
+            context.target_max_block_size = min(block_bytes or BLOCK_BYTES, BLOCK_BYTES)
+            # CSV cells are read as text: a non-numeric cell is one rejected row, not a failed read
+            # (the dataset keeps the context it is built with)
+            scored = read_raw(source, spec, columns, typed=False).map_batches(
+                PredictUDF, fn_constructor_kwargs=udf_kwargs, compute=actor_pool(scoring),
+                num_cpus=scoring.cpus_per_actor, batch_size=batch_size, batch_format="pandas")
+            scored.write_parquet(staging, filesystem=fs)
+            counts, drift_parts = ray.get(tally.result.remote())
         if counts.get("rows", 0) == 0:
             raise DataError(f"{source.uri}: the table has no rows (a header only?): nothing to score")
         above = int(counts.pop("contacts", 0))
@@ -404,6 +416,8 @@ def _score_to(source: Any, spec: Any, columns: list[str], predictor: Any, scorin
             _remove(rfs, rstaging)
     except BaseException as exc:
         stop.set()
+        if ref is not None:  # the task stops writing before its output is removed
+            _cancel(ref)
         _remove(fs, staging)
         _remove(rfs, rstaging)
         if isinstance(exc, (KeyboardInterrupt, DataError)):
@@ -414,10 +428,22 @@ def _score_to(source: Any, spec: Any, columns: list[str], predictor: Any, scorin
         stop.set()
         if printer.is_alive():
             printer.join(timeout=2)
-        ray.kill(tally)
+        if tally is not None:
+            ray.kill(tally)
         if sys.stderr.isatty():
             sys.stderr.write("\n")
     return counts, drift_parts, chosen
+
+
+def _cancel(ref: Any) -> None:
+    """Stop the scoring task (its process killed) and wait until it has ended."""
+    import ray
+
+    try:
+        ray.cancel(ref, force=True)
+        ray.wait([ref], timeout=30)
+    except Exception:  # noqa: BLE001 - already ended, or Ray is going away with it
+        pass
 
 
 def _shown(value: Any) -> str:
@@ -494,29 +520,38 @@ def call_list(fs: Any, folder: str) -> int:
     return table.num_rows
 
 
-def _fit_pool(scoring: Any, say: Callable[[str], None]) -> Any:
-    """``scoring`` with as many actors as the free CPUs hold next to one read/write task.
+def _plan(scoring: Any, say: Callable[[str], None]) -> tuple[Any, float]:
+    """-> (``scoring`` with its engine chosen and as many actors as the free CPUs hold next to
+    one read/write task, the CPUs of the one task).
 
     Ray Data sizes its budget from the cluster's total resources: if other work
     (a Serve replica, another job) holds CPUs, actors that take the rest leave
-    the read tasks waiting forever. Fewer actors, said on one line, or a clear
-    error when not even one fits.
+    the read tasks waiting forever. Fewer actors (or a task of fewer CPUs), said on
+    one line, or a clear error when not even one CPU is free.
     """
     import ray
 
+    engine = "task" if uses_task(scoring, alive_nodes()) else "ray_data"
+    scoring = scoring.model_copy(update={"engine": engine})
     free = float(ray.available_resources().get("CPU", 0.0))
-    task_cpus = 1.0  # Ray Data's read and write tasks
-    fits = int((free - task_cpus) // scoring.cpus_per_actor + 1e-9)
-    if fits >= scoring.actors:
-        return scoring
-    if fits < 1:
+    read_cpus = 1.0  # Ray Data's read and write tasks
+    fits = int((free - read_cpus) // scoring.cpus_per_actor + 1e-9)
+    cpus = task_cpus(scoring, free)
+    if engine == "task" and cpus >= 1.0:
+        if cpus < task_cpus(scoring, float("inf")):
+            say(f"predict: {free:g} CPU(s) free, so the scoring task takes {cpus:g}")
+        return scoring, cpus
+    if engine == "ray_data" and fits >= scoring.actors:
+        return scoring, cpus
+    if engine == "task" or fits < 1:
         total = float(ray.cluster_resources().get("CPU", 0.0))
+        need = ("1 for the scoring task" if engine == "task"
+                else f"{scoring.cpus_per_actor:g} per actor + {read_cpus:g} for reading")
         raise ResourceError(
-            f"not enough free CPUs to score: {free:g} of {total:g} free, {scoring.cpus_per_actor:g} per actor + "
-            f"{task_cpus:g} for reading needed (other work holds the rest; lower scoring.cpus_per_actor or free CPUs)"
-        )
+            f"not enough free CPUs to score: {free:g} of {total:g} free, {need} needed "
+            f"(other work holds the rest; lower scoring.cpus_per_actor or free CPUs)")
     say(f"predict: {free:g} CPU(s) free, so {fits} scoring actor(s) instead of {scoring.actors}")
-    return scoring.model_copy(update={"actors": fits})
+    return scoring.model_copy(update={"actors": fits}), cpus
 
 
 def _progress(tally: Any, stop: threading.Event, t0: float) -> None:
