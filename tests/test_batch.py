@@ -311,6 +311,34 @@ def test_a_killed_scoring_task_is_run_again_and_writes_every_row_once(store, tmp
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".killed_scores")] == []
 
 
+def test_busy_cpus_shrink_the_scoring_task_or_refuse_in_one_line(store, tmp_path):
+    """Other work holding CPUs (a Serve replica, another job): the task takes the free ones and
+    says so; with less than one free, one line and nothing written, instead of waiting forever."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Hold:
+        def ping(self) -> bool:
+            return True
+
+    total = ray.cluster_resources()["CPU"]
+    hold = Hold.options(num_cpus=total - 1).remote()
+    try:
+        ray.get(hold.ping.remote())
+        lines: list[str] = []
+        result = predict(store["cfg"], str(store["csv"]), str(tmp_path / "one_cpu"), say=lines.append)
+        assert f"predict: 1 CPU(s) free, so the scoring task takes 1" in lines and result.counts["scored"] == 2997
+        assert any("one Ray task, 1 thread(s)" in line for line in lines), lines
+        ray.kill(hold)
+        hold = Hold.options(num_cpus=total - 0.5).remote()
+        ray.get(hold.ping.remote())
+        with pytest.raises(ChurnError, match=r"not enough free CPUs to score: 0.5 of .* free, 1 for the scoring task"):
+            predict(store["cfg"], str(store["csv"]), str(tmp_path / "no_cpu"), **QUIET)
+        assert not (tmp_path / "no_cpu").exists() and not (tmp_path / "no_cpu_rejects").exists()
+    finally:
+        ray.kill(hold)
+
+
 @pytest.mark.unit
 def test_the_reader_streams_batches_of_the_asked_size_across_files_and_names_a_bad_file(tmp_path):
     """``iter_frames``: batches of batch_size rows whatever the row groups and CSV blocks, the

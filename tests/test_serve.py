@@ -780,7 +780,18 @@ def test_churn_serve_stops_cleanly_under_load(lab, champion, signame, group):
             assert state.name.startswith("churn-serve-") and (state.stat().st_mode & 0o777) == 0o700
             sockets = list(state.glob("*/admin.sock"))
             assert sockets and all((s.stat().st_mode & 0o777) == 0o600 for s in sockets)
-            listening = {c.laddr for p in haproxies for c in p.net_connections("tcp") if c.status == "LISTEN"}
+            # haproxy reloads by starting a new process and ending the old one: look again at the
+            # ones alive until the listeners are all there (or time is up)
+            deadline = time.monotonic() + 20
+            while True:
+                listening = set()
+                for p in psutil.Process(proc.pid).children(recursive=True):
+                    with contextlib.suppress(psutil.NoSuchProcess, psutil.ZombieProcess):
+                        if p.name() == "haproxy":
+                            listening |= {c.laddr for c in p.net_connections("tcp") if c.status == "LISTEN"}
+                if len(listening) >= 3 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
             assert len(listening) >= 3 and all(a.ip == "127.0.0.1" for a in listening), listening
             checked["state"] = state
         if signame == "SIGINT":

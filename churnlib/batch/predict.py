@@ -118,7 +118,7 @@ class PredictUDF(BatchScorer):
 
         out = super().__call__(df)
         ok = out["flags"] == 0
-        ids_out = self._ids(out, ok)
+        ids_out = self._ids(df, out, ok)
         ok = out["flags"] == 0
         n_ok = int(ok.sum())
         if not ok.all():
@@ -160,7 +160,7 @@ class PredictUDF(BatchScorer):
         (add.remote if hasattr(add, "remote") else add)(counts, drift)
         return pa.table(columns)
 
-    def _ids(self, out: dict[str, np.ndarray], ok: np.ndarray) -> Any:
+    def _ids(self, df: pd.DataFrame, out: dict[str, np.ndarray], ok: np.ndarray) -> Any:
         """The customer ids as the input typed them (integers stay integers, for joins); a
         non-integer id in an integer column makes its row a reject."""
         import pyarrow as pa
@@ -168,6 +168,11 @@ class PredictUDF(BatchScorer):
         text = out["row_id"] if "row_id" in out else np.full(len(ok), "", dtype=object)
         if self.id_type != "int64":
             return pa.array(text, type=pa.string())
+        column = df[self.spec.id_column] if self.spec.id_column in df.columns else None
+        if column is not None and pd.api.types.is_integer_dtype(column.dtype):  # integers already: no text
+            missing = column.isna().to_numpy()
+            values = column.to_numpy(dtype=np.int64, na_value=0)
+            return pa.array(values, type=pa.int64(), mask=missing if missing.any() else None)
         given = text != ""
         numbers = pd.to_numeric(pd.Series(text, dtype=object).where(given), errors="coerce").to_numpy(dtype=np.float64)
         bad = ok & given & (np.isnan(numbers) | (numbers != np.round(numbers)))
