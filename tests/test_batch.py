@@ -374,6 +374,31 @@ def test_the_reader_streams_batches_of_the_asked_size_across_files_and_names_a_b
 
 
 @pytest.mark.unit
+def test_drift_counts_by_value_equal_the_counts_row_by_row(tmp_path, monkeypatch):
+    """Integer columns over a short span are counted by value (one bincount); the counts are
+    exactly those of looking every row up, for integers, fractions, NaN and a wide span."""
+    from churnlib.config import load_config
+    from churnlib.data import profiles
+    from churnlib.data.preparation import encode_batch
+    from churnlib.data.sources import check_columns, resolve_source
+
+    spec = FeatureSpec.from_config(load_config(overrides=[f"workspace={tmp_path}"], env={}).features)
+    path = generate(20_000, tmp_path / "t.parquet", seed=3)
+    X = encode_batch(pd.read_parquet(path), spec, check_columns(resolve_source(str(path)), spec), 0.0, 1)["X"]
+    profile = build_profile(X[:5000], spec)
+    rng = np.random.default_rng(1)
+    odd = X.copy()
+    odd[rng.random(len(odd)) < 0.1, 0] = np.nan
+    odd[:, 1] += 0.5  # fractions
+    odd[:100, 2] = 1e9  # a span too wide to count by value
+    batches = [X, X[:0], X[:1], odd]
+    fast = [batch_counts(b, profile, spec) for b in batches]
+    assert profiles._histogram(X[:, 0].astype(np.float64))[0] is not None  # the fast path is taken
+    monkeypatch.setattr(profiles, "_histogram", lambda values: (None, None))
+    assert fast == [batch_counts(b, profile, spec) for b in batches]
+
+
+@pytest.mark.unit
 def test_the_engine_rule_and_the_task_s_cpus():
     from churnlib.batch.task import task_cpus, task_threads, uses_task
     from churnlib.config import ScoringConfig

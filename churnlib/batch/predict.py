@@ -46,7 +46,7 @@ from churnlib import interrupts, tracking
 from churnlib.batch.drift import log_drift
 from churnlib.batch.task import MAX_RETRIES, alive_nodes, score_in_task, task_cpus, task_threads, uses_task
 from churnlib.console import say as default_say
-from churnlib.data.preparation import ROW_EMPTY, ROW_PROBLEM, id_arrow_type
+from churnlib.data.preparation import ROW_EMPTY, ROW_PROBLEM, id_arrow_type, id_text
 from churnlib.data.profiles import batch_counts, compare, merge_counts, summary_line
 from churnlib.data.sources import check_columns, filesystem, read_raw, resolve_source
 from churnlib.data.validation import as_data_error
@@ -100,7 +100,9 @@ class PredictUDF(BatchScorer):
     def __init__(self, payloads: list[dict[str, Any]], columns: list[str], tally: Any, rejects_fs: Any,
                  rejects_dir: str, explain_top: int = 0, drift: bool = True, nthread: int = 1,
                  id_type: str = "string", decision: Decision | None = None, contact_threshold: float = math.inf):
-        super().__init__(payloads, columns, with_target=False, keep_features=True, nthread=nthread)
+        # integer ids go to the output as integers: their text only for the rejects (see _text)
+        super().__init__(payloads, columns, with_target=False, keep_features=True, nthread=nthread,
+                         text_ids=id_type != "int64")
         self.decision = decision
         self.contact_threshold = contact_threshold
         self.id_type = id_type  # the input's: "int64" or "string" (the output keeps it)
@@ -165,14 +167,14 @@ class PredictUDF(BatchScorer):
         non-integer id in an integer column makes its row a reject."""
         import pyarrow as pa
 
-        text = out["row_id"] if "row_id" in out else np.full(len(ok), "", dtype=object)
-        if self.id_type != "int64":
-            return pa.array(text, type=pa.string())
         column = df[self.spec.id_column] if self.spec.id_column in df.columns else None
-        if column is not None and pd.api.types.is_integer_dtype(column.dtype):  # integers already: no text
-            missing = column.isna().to_numpy()
+        if self.id_type == "int64" and column is not None and pd.api.types.is_integer_dtype(column.dtype):
+            missing = column.isna().to_numpy()  # integers already: no text
             values = column.to_numpy(dtype=np.int64, na_value=0)
             return pa.array(values, type=pa.int64(), mask=missing if missing.any() else None)
+        text = self._text(df, out)
+        if self.id_type != "int64":
+            return pa.array(text, type=pa.string())
         given = text != ""
         numbers = pd.to_numeric(pd.Series(text, dtype=object).where(given), errors="coerce").to_numpy(dtype=np.float64)
         bad = ok & given & (np.isnan(numbers) | (numbers != np.round(numbers)))
@@ -182,6 +184,13 @@ class PredictUDF(BatchScorer):
         usable = given & ~bad
         return pa.array(np.where(usable, numbers, 0).astype(np.int64), type=pa.int64(), mask=~usable)
 
+    def _text(self, df: pd.DataFrame, out: dict[str, np.ndarray]) -> np.ndarray:
+        """The ids as text ('' where there is none), made once per batch."""
+        if "row_id" not in out:
+            out["row_id"] = (id_text(df[self.spec.id_column]) if self.spec.id_column in df.columns
+                             else np.full(len(df), "", dtype=object))
+        return out["row_id"]
+
     def _write_rejects(self, df: pd.DataFrame, out: dict[str, np.ndarray], bad: np.ndarray) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -190,7 +199,7 @@ class PredictUDF(BatchScorer):
         records = [json.dumps({k: (None if pd.isna(v) else v) for k, v in r.items()}, default=str)
                    for r in rows.to_dict("records")]
         table = pa.table({
-            "customer_id": [str(v) for v in (out["row_id"][bad] if "row_id" in out else [""] * int(bad.sum()))],
+            "customer_id": [str(v) for v in self._text(df, out)[bad]],
             "reason": [str(v) for v in out["reason"][bad]],
             "record": records,
         })
@@ -346,7 +355,7 @@ def _score_to(source: Any, spec: Any, columns: list[str], predictor: Any, scorin
               drift: bool, out: tuple, rejects: tuple, t_start: float, output_path: str,
               say: Callable[[str], None], decision: Decision, contacts_only: bool,
               contact_threshold: float, cpus: float) -> tuple[dict[str, int], list[dict[str, Any]], dict[str, Any]]:
-    """One streaming pass: read -> PredictUDF actors -> Parquet; the capacity and the call list
+    """One streaming pass: read -> PredictUDF (one task, or an actor pool) -> Parquet; the capacity and the call list
     applied to the written output; the output moved into place when complete, removed (with the
     rejects) on any failure or interrupt. -> (counts, drift counts, the decision taken)."""
     import ray
@@ -381,9 +390,11 @@ def _score_to(source: Any, spec: Any, columns: list[str], predictor: Any, scorin
         if tally is not None:
             printer.start()
         if one_task:
-            ref = ray.remote(score_in_task).options(
+            # a process that dies is run again (on an emptied staging folder); an exception is final
+            task = ray.remote(score_in_task).options(
                 num_cpus=cpus, max_retries=MAX_RETRIES, retry_exceptions=False,
-                name=f"churn-predict:{final.rstrip('/').rsplit('/', 1)[-1]}").remote(udf_kwargs, source, batch_size, (fs, staging), tally)
+                name=f"churn-predict:{final.rstrip('/').rsplit('/', 1)[-1]}")
+            ref = task.remote(udf_kwargs, source, batch_size, (fs, staging), tally)
             counts, drift_parts = interrupts.run_in_thread(ray.get, ref, name="churn-predict")
         else:
             # blocks of ~16 MB (~150,000 rows) rather than Ray Data's 128 MB: every actor

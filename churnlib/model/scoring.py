@@ -70,6 +70,7 @@ class BatchScorer:
         keep_features: bool = False,
         nthread: int = 1,
         raw_score: bool = False,
+        text_ids: bool = True,
     ):
         import ray
 
@@ -81,6 +82,7 @@ class BatchScorer:
         self.columns = columns
         self.with_target = with_target
         self.keep_features = keep_features
+        self.text_ids = text_ids  # "row_id": the ids as text (not needed by who keeps integer ids)
         # the first model's P before calibration too, as "score_raw" (evaluation's "before")
         self.raw_score = raw_score and self.models[0].calibrator is not None
 
@@ -109,7 +111,7 @@ class BatchScorer:
                     before[ok] = model.score_uncalibrated(Xk[ok])
                 out["score_raw"] = before
         out["u"] = row_uniform(df, spec, self.columns, SAMPLE_SEED).astype(np.float32)
-        if spec.id_column and spec.id_column in df.columns:
+        if self.text_ids and spec.id_column and spec.id_column in df.columns:
             out["row_id"] = id_text(df[spec.id_column])
         if self.keep_features:
             out["X"] = X
