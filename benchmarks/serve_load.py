@@ -97,6 +97,20 @@ def prepare(workspace: Path, challenger: bool = False) -> tuple[str, list[dict]]
     return cfg.tracking_uri, records
 
 
+def export_model(tracking_uri: str, folder: Path) -> Path:
+    """The champion's booster and feature spec as files, for the BentoML service."""
+    import mlflow
+
+    from churnlib.model import loading
+
+    mlflow.set_tracking_uri(tracking_uri)
+    predictor = loading.load("models:/xgboost_churn_model@champion").predictor
+    folder.mkdir(parents=True, exist_ok=True)
+    predictor.booster.save_model(str(folder / "booster.ubj"))
+    (folder / "feature_spec.json").write_text(json.dumps(predictor.spec.to_dict()))
+    return folder
+
+
 async def load(url: str, body_of, concurrency: int, seconds: float, rows_per_request: int) -> dict:
     import aiohttp
 
@@ -181,7 +195,17 @@ def tree_cpu_s(pid: int | None) -> float:
     return total
 
 
-def run_cases(name: str, predict_url: str, records: list[dict], seconds: float, mlflow_format: bool,
+def _body(records: list[dict], single: bool, wire: str) -> bytes:
+    """One request's body as each server takes it: ours a record or a list of them, MLflow's
+    ``dataframe_records``, BentoML's named argument (always a list: its batching dimension)."""
+    if wire == "mlflow":
+        return json.dumps({"dataframe_records": records}).encode()
+    if wire == "bentoml":
+        return json.dumps({"records": records}).encode()
+    return json.dumps(records[0] if single else records).encode()
+
+
+def run_cases(name: str, predict_url: str, records: list[dict], seconds: float, wire: str,
               only: list[str] | None = None, server_pid: int | None = None) -> dict:
     """Each case -> its numbers; with ``server_pid``, the server's CPU time per request too (the
     whole process tree, warm-up included: CPU seconds over every request answered)."""
@@ -190,10 +214,10 @@ def run_cases(name: str, predict_url: str, records: list[dict], seconds: float, 
         if only and f"{kind}_c{conc}" not in only:
             continue
         if rows == 1:
-            bodies = [json.dumps({"dataframe_records": [r]} if mlflow_format else r).encode() for r in records]
+            bodies = [_body([r], True, wire) for r in records]
         else:
             chunks = [records[i: i + rows] for i in range(0, len(records) - rows + 1, rows)]
-            bodies = [json.dumps({"dataframe_records": c} if mlflow_format else c).encode() for c in chunks]
+            bodies = [_body(c, False, wire) for c in chunks]
         cpu0 = tree_cpu_s(server_pid)
         res = asyncio.run(load(predict_url, lambda i, b=bodies: b[i % len(b)], conc, seconds, rows))
         res["cpu_ms_per_request"] = 1000 * (tree_cpu_s(server_pid) - cpu0) / max(res["answered_rows"] / rows, 1)
@@ -293,7 +317,11 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--mlflow-workers", type=int, default=2)
     ap.add_argument("--replicas", type=int, help="our replicas (default: as many as mlflow's workers)")
-    ap.add_argument("--only", choices=["ours", "mlflow"])
+    ap.add_argument("--only", choices=["ours", "mlflow", "bentoml"])
+    ap.add_argument("--bentoml-python", default=os.environ.get("CHURN_BENTOML_PYTHON"),
+                    help="a Python whose environment has bentoml (its own virtualenv: python -m venv .bento && "
+                         ".bento/bin/pip install bentoml xgboost pandas): BentoML serves the same booster too "
+                         "(benchmarks/bento_service.py); default $CHURN_BENTOML_PYTHON, unset: skipped")
     ap.add_argument("--cases", nargs="+", choices=[f"{k}_c{c}" for k, c, _ in CASES],
                     help="run only these cases (default: all)")
     ap.add_argument("--log", action="store_true",
@@ -329,6 +357,13 @@ def main() -> int:
         "mlflow": lambda port: [str(bindir / "mlflow"), "models", "serve", "-m", "models:/xgboost_churn_model@champion",
                                 "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", str(args.mlflow_workers)],
     }
+    if args.bentoml_python and not (args.log or args.rollout or args.outage):
+        bentoml_bin = Path(args.bentoml_python).parent / "bentoml"
+        if not bentoml_bin.exists():
+            raise SystemExit(f"--bentoml-python {args.bentoml_python}: no bentoml beside it ({bentoml_bin})")
+        env["CHURN_BENTO_MODEL"] = str(export_model(tracking_uri, workspace / "bento_model"))
+        servers["bentoml"] = lambda port: [str(bentoml_bin), "serve", "benchmarks.bento_service:ChurnModel",
+                                           "--working-dir", str(REPO), "--host", "127.0.0.1", "--port", str(port)]
     order = list(servers)
     if args.log:
         # off, on, on, off: each setting runs once early and once late, so the machine's drift
@@ -375,18 +410,19 @@ def main() -> int:
         proc = subprocess.Popen(command(port), env=env, cwd=workspace, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
-            mine = name != "mlflow"
+            wire = name if name in ("mlflow", "bentoml") else "ours"
+            mine = wire == "ours"
             if rollout_cfg is not None and name == "shadow":  # the replicas load the challenger
                 time.sleep(2)
-            health = f"http://127.0.0.1:{port}/" + ("healthz" if mine else "health")
+            health = f"http://127.0.0.1:{port}/" + {"ours": "healthz", "mlflow": "health", "bentoml": "readyz"}[wire]
             wait_ready(health, proc)
             time.sleep(3 if mine else 1)
-            url = f"http://127.0.0.1:{port}/" + ("predict" if mine else "invocations")
+            url = f"http://127.0.0.1:{port}/" + ("invocations" if wire == "mlflow" else "predict")
             print(f"{name}: {' '.join(command(port)[:4])}… on port {port}", flush=True)
             if outage is not None:
                 outage.start(after=warmup + 5)
             runs.setdefault(name, []).append(
-                run_cases(name, url, records, args.seconds, mlflow_format=not mine, only=args.cases,
+                run_cases(name, url, records, args.seconds, wire, only=args.cases,
                           server_pid=proc.pid))
         finally:
             os.killpg(proc.pid, signal.SIGINT)
@@ -414,6 +450,8 @@ def main() -> int:
         results["outage"]["log"] = count_log(outage_uri, results["outage"]["single_c8"]["answered_rows"], drains)
     if {"ours", "mlflow"} <= set(results):
         results["ratios"] = print_ratios("\nratio ours / mlflow:", results["ours"], results["mlflow"])
+    if {"ours", "bentoml"} <= set(results):
+        results["ratios_bentoml"] = print_ratios("\nratio ours / bentoml:", results["ours"], results["bentoml"])
     if outage is not None:
         res = results["outage"]
         print(f"outage {args.outage:.0f} s: {res['single_c8']['errors']} failed requests, {res['log']['lost']} "
