@@ -327,7 +327,7 @@ def test_busy_cpus_shrink_the_scoring_task_or_refuse_in_one_line(store, tmp_path
         ray.get(hold.ping.remote())
         lines: list[str] = []
         result = predict(store["cfg"], str(store["csv"]), str(tmp_path / "one_cpu"), say=lines.append)
-        assert f"predict: 1 CPU(s) free, so the scoring task takes 1" in lines and result.counts["scored"] == 2997
+        assert "predict: 1 CPU(s) free, so the scoring task takes 1" in lines and result.counts["scored"] == 2997
         assert any("one Ray task, 1 thread(s)" in line for line in lines), lines
         ray.kill(hold)
         hold = Hold.options(num_cpus=total - 0.5).remote()

@@ -30,6 +30,10 @@ import queue
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from churnlib.batch.udf import PredictUDF, _Tally
+from churnlib.data.sources import _csv_convert
+from churnlib.errors import DataError
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -83,9 +87,6 @@ def iter_frames(source: Source, spec: FeatureSpec, columns: list[str], batch_siz
     non-numeric cell is one rejected row). A file that cannot be read is one ``DataError``
     naming it."""
     import pyarrow as pa
-
-    from churnlib.data.sources import _csv_convert
-    from churnlib.errors import DataError
 
     convert = _csv_convert(spec, columns, typed=False) if source.format != "parquet" else None
     for path in source.files:
@@ -207,8 +208,6 @@ def score_in_task(udf_kwargs: dict[str, Any], source: Source, batch_size: int, o
                   progress: Any = None) -> tuple[dict[str, int], list[dict[str, Any]]]:
     """The task's body: read -> ``PredictUDF`` -> Parquet parts in ``out`` = (filesystem,
     folder), the three stages overlapping. -> (counts, drift counts)."""
-    from churnlib.batch.predict import PredictUDF, _Tally
-
     fs, folder = out
     _empty_folder(fs, folder)
     _empty_folder(udf_kwargs["rejects_fs"], udf_kwargs["rejects_dir"])
