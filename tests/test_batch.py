@@ -346,9 +346,8 @@ def test_the_reader_streams_batches_of_the_asked_size_across_files_and_names_a_b
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from churnlib.batch.task import iter_frames
     from churnlib.config import load_config
-    from churnlib.data.sources import check_columns, resolve_source
+    from churnlib.data.sources import check_columns, iter_frames, resolve_source
 
     spec = FeatureSpec.from_config(load_config(overrides=[f"workspace={tmp_path}"], env={}).features)
     raw = pd.read_parquet(generate(2500, tmp_path / "g.parquet", seed=2)).drop(columns=["Churn"])

@@ -256,7 +256,7 @@ def _score_to(source: Any, spec: Any, columns: list[str], predictor: Any, scorin
             task = ray.remote(score_in_task).options(
                 num_cpus=cpus, max_retries=MAX_RETRIES, retry_exceptions=False,
                 name=f"churn-predict:{final.rstrip('/').rsplit('/', 1)[-1]}")
-            ref = task.remote(udf_kwargs, source, batch_size, (fs, staging), tally)
+            ref = task.remote(udf_kwargs, source, batch_size, (fs, staging))
             counts, drift_parts = interrupts.run_in_thread(ray.get, ref, name="churn-predict")
         else:
             # blocks of ~16 MB (~150,000 rows) rather than Ray Data's 128 MB: every actor
@@ -407,22 +407,22 @@ def _plan(scoring: Any, say: Callable[[str], None]) -> tuple[Any, float]:
     engine = "task" if uses_task(scoring, alive_nodes()) else "ray_data"
     scoring = scoring.model_copy(update={"engine": engine})
     free = float(ray.available_resources().get("CPU", 0.0))
+    cpus = task_cpus(scoring, free)
     read_cpus = 1.0  # Ray Data's read and write tasks
     fits = int((free - read_cpus) // scoring.cpus_per_actor + 1e-9)
-    cpus = task_cpus(scoring, free)
-    if engine == "task" and cpus >= 1.0:
-        if cpus < task_cpus(scoring, float("inf")):
-            say(f"predict: {free:g} CPU(s) free, so the scoring task takes {cpus:g}")
-        return scoring, cpus
-    if engine == "ray_data" and fits >= scoring.actors:
-        return scoring, cpus
-    if engine == "task" or fits < 1:
+    if (cpus if engine == "task" else fits) < 1:
         total = float(ray.cluster_resources().get("CPU", 0.0))
         need = ("1 for the scoring task" if engine == "task"
                 else f"{scoring.cpus_per_actor:g} per actor + {read_cpus:g} for reading")
         raise ResourceError(
             f"not enough free CPUs to score: {free:g} of {total:g} free, {need} needed "
             f"(other work holds the rest; lower scoring.cpus_per_actor or free CPUs)")
+    if engine == "task":
+        if cpus < task_cpus(scoring, float("inf")):
+            say(f"predict: {free:g} CPU(s) free, so the scoring task takes {cpus:g}")
+        return scoring, cpus
+    if fits >= scoring.actors:
+        return scoring, cpus
     say(f"predict: {free:g} CPU(s) free, so {fits} scoring actor(s) instead of {scoring.actors}")
     return scoring.model_copy(update={"actors": fits}), cpus
 

@@ -28,17 +28,13 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable
 
 from churnlib.batch.udf import PredictUDF, _Tally
-from churnlib.data.sources import _csv_convert
-from churnlib.errors import DataError
+from churnlib.data.sources import iter_frames
 
 if TYPE_CHECKING:
-    import pandas as pd
-
     from churnlib.config import ScoringConfig
-    from churnlib.data.features import FeatureSpec
     from churnlib.data.sources import Source
 
 # rows per output file: small enough that the capacity pass rewrites one file at a time in
@@ -75,53 +71,6 @@ def task_cpus(scoring: ScoringConfig, free: float) -> float:
 def task_threads(cpus: float) -> int:
     """XGBoost threads for a task holding ``cpus`` CPUs."""
     return max(1, int(cpus + 0.5))
-
-
-# Reading -----------------------------------------------------------------------------------
-
-
-def iter_frames(source: Source, spec: FeatureSpec, columns: list[str], batch_size: int) -> Iterator[pd.DataFrame]:
-    """The table's rows as pandas frames of at most ``batch_size`` rows, file after file, as
-    ``read_raw(typed=False)`` reads them (the same columns, types and nulls): Parquet by
-    row-group batches, CSV by pyarrow's streaming reader (numeric cells as text: a
-    non-numeric cell is one rejected row). A file that cannot be read is one ``DataError``
-    naming it."""
-    import pyarrow as pa
-
-    convert = _csv_convert(spec, columns, typed=False) if source.format != "parquet" else None
-    for path in source.files:
-        try:
-            pending: list[Any] = []
-            rows = 0
-            for batch in _file_batches(source, path, columns, batch_size, convert):
-                pending.append(batch)
-                rows += batch.num_rows
-                while rows >= batch_size:
-                    table = pa.Table.from_batches(pending)
-                    yield table.slice(0, batch_size).to_pandas()
-                    rest = table.slice(batch_size)
-                    pending, rows = rest.to_batches(), rest.num_rows
-            if rows:
-                yield pa.Table.from_batches(pending).to_pandas()
-        except (pa.ArrowException, OSError) as exc:
-            name = path.rsplit("/", 1)[-1]
-            line = " ".join(str(exc).split())
-            raise DataError(f"{source.uri}: cannot read the data: {name}: {line[:300]}") from None
-
-
-def _file_batches(source: Source, path: str, columns: list[str], batch_size: int, convert: Any) -> Iterator[Any]:
-    if convert is None:
-        import pyarrow.parquet as pq
-
-        with source.filesystem.open_input_file(path) as f:
-            yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns)
-        return
-    import pyarrow.csv as pacsv
-
-    with source.filesystem.open_input_stream(path, compression="detect") as stream:
-        reader = pacsv.open_csv(stream, convert_options=convert)
-        for batch in reader:
-            yield batch.select(columns)
 
 
 # The pipeline ------------------------------------------------------------------------------
@@ -204,15 +153,16 @@ def _empty_folder(fs: Any, folder: str) -> None:
         fs.delete_dir_contents(folder, missing_dir_ok=True)
 
 
-def score_in_task(udf_kwargs: dict[str, Any], source: Source, batch_size: int, out: tuple[Any, str],
-                  progress: Any = None) -> tuple[dict[str, int], list[dict[str, Any]]]:
+def score_in_task(udf_kwargs: dict[str, Any], source: Source, batch_size: int,
+                  out: tuple[Any, str]) -> tuple[dict[str, int], list[dict[str, Any]]]:
     """The task's body: read -> ``PredictUDF`` -> Parquet parts in ``out`` = (filesystem,
-    folder), the three stages overlapping. -> (counts, drift counts)."""
+    folder), the three stages overlapping. ``udf_kwargs["tally"]``: the progress actor of a
+    terminal's line, or None; the counts are this task's own. -> (counts, drift counts)."""
     fs, folder = out
     _empty_folder(fs, folder)
     _empty_folder(udf_kwargs["rejects_fs"], udf_kwargs["rejects_dir"])
     tally = _Tally()
-    udf = PredictUDF(**{**udf_kwargs, "tally": _Forward(tally, progress)})
+    udf = PredictUDF(**{**udf_kwargs, "tally": _Forward(tally, udf_kwargs["tally"])})
     spec, columns = udf.spec, udf_kwargs["columns"]
     stop = threading.Event()
     frames: queue.Queue = queue.Queue(QUEUE_BATCHES)

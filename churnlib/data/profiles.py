@@ -130,17 +130,18 @@ def batch_counts(X: np.ndarray, profile: dict[str, Any], spec: FeatureSpec) -> d
         entry = {"missing": int(missing.sum()), "present": int(len(values))}
         if p["kind"] == "numeric":
             cuts, deciles = np.asarray(p["cuts"]), np.asarray(p["deciles"])
+            # values < cut i, and the decile bin of a value: how many decile edges are <= it
             distinct, counts = _histogram(values)
-            if distinct is None:  # not a few thousand integers: each value looked up
-                distinct, counts = values, None
-            # values < cut i = the values at distinct points left of the cut; decile bin of a value:
-            # how many decile edges are <= it (the same bins as for the rows one by one)
-            upto = np.concatenate([[0], np.cumsum(counts)]) if counts is not None else None
-            entry["below"] = (upto[np.searchsorted(distinct, cuts, side="left")].tolist() if upto is not None else
-                              np.cumsum(np.bincount(np.searchsorted(cuts, values, side="right"),
-                                                    minlength=len(cuts) + 1))[: len(cuts)].tolist())
-            entry["deciles"] = np.bincount(np.searchsorted(deciles, distinct, side="right"), weights=counts,
-                                           minlength=len(deciles) + 1).astype(np.int64).tolist()
+            if distinct is not None:  # counted by value: the cuts looked up among the distinct values
+                upto = np.concatenate([[0], np.cumsum(counts)])
+                entry["below"] = upto[np.searchsorted(distinct, cuts, side="left")].tolist()
+                bins = np.bincount(np.searchsorted(deciles, distinct, side="right"), weights=counts,
+                                   minlength=len(deciles) + 1).astype(np.int64)
+            else:  # each value looked up: "cuts <= value" counted, then summed up (no sort)
+                at_or_below = np.searchsorted(cuts, values, side="right")
+                entry["below"] = np.cumsum(np.bincount(at_or_below, minlength=len(cuts) + 1))[: len(cuts)].tolist()
+                bins = np.bincount(np.searchsorted(deciles, values, side="right"), minlength=len(deciles) + 1)
+            entry["deciles"] = bins.tolist()
         else:
             entry["levels"] = np.bincount(values.astype(np.int64), minlength=len(p["levels"]))[: len(p["levels"])].tolist()
         out[name] = entry

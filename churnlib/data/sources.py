@@ -12,13 +12,16 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
 from churnlib.data.features import FeatureSpec
 from churnlib.errors import DataError, first_line
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 CSV_SUFFIXES = (".csv", ".csv.gz", ".csv.bz2")
 
@@ -242,6 +245,50 @@ def read_local(source: Source, spec: FeatureSpec, columns: list[str]) -> pa.Tabl
             with source.filesystem.open_input_stream(path, compression="detect") as stream:
                 tables.append(pacsv.read_csv(stream, convert_options=convert))
     return pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
+
+
+def iter_frames(source: Source, spec: FeatureSpec, columns: list[str], batch_size: int) -> Iterator[pd.DataFrame]:
+    """The table's rows as pandas frames of at most ``batch_size`` rows, file after file, as
+    ``read_raw(typed=False)`` reads them (the same columns, types and nulls): Parquet by
+    row-group batches, CSV by pyarrow's streaming reader (numeric cells as text: a
+    non-numeric cell is one rejected row). A file that cannot be read is one ``DataError``
+    naming it."""
+    import pyarrow as pa
+
+    convert = _csv_convert(spec, columns, typed=False) if source.format != "parquet" else None
+    for path in source.files:
+        try:
+            pending: list[Any] = []
+            rows = 0
+            for batch in _file_batches(source, path, columns, batch_size, convert):
+                pending.append(batch)
+                rows += batch.num_rows
+                while rows >= batch_size:
+                    table = pa.Table.from_batches(pending)
+                    yield table.slice(0, batch_size).to_pandas()
+                    rest = table.slice(batch_size)
+                    pending, rows = rest.to_batches(), rest.num_rows
+            if rows:
+                yield pa.Table.from_batches(pending).to_pandas()
+        except (pa.ArrowException, OSError) as exc:
+            name = path.rsplit("/", 1)[-1]
+            line = " ".join(str(exc).split())
+            raise DataError(f"{source.uri}: cannot read the data: {name}: {line[:300]}") from None
+
+
+def _file_batches(source: Source, path: str, columns: list[str], batch_size: int, convert: Any) -> Iterator[Any]:
+    if convert is None:
+        import pyarrow.parquet as pq
+
+        with source.filesystem.open_input_file(path) as f:
+            yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns)
+        return
+    import pyarrow.csv as pacsv
+
+    with source.filesystem.open_input_stream(path, compression="detect") as stream:
+        reader = pacsv.open_csv(stream, convert_options=convert)
+        for batch in reader:
+            yield batch.select(columns)
 
 
 def read_raw(source: Source, spec: FeatureSpec, columns: list[str], typed: bool = True):
