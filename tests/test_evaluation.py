@@ -408,3 +408,20 @@ def test_metrics_need_no_raw_table_on_the_driver(store):
     parts = threshold_metrics(merge_sums([batch_sums(p[i:i + 997], y[i:i + 997], 0.5, 10) for i in range(0, 10_000, 997)], 10))
     assert parts == pytest.approx(whole)
     assert whole["log_loss"] == pytest.approx(skm.log_loss(y, p))
+
+
+# Last in the file: it adds two evaluations of the good model (the tests above count them).
+def test_a_small_table_is_scored_in_this_process_as_on_ray_data(store, good_eval):
+    """The 4,500-row test set is scored in the driver (no Ray Data pool, no actor's constructor
+    in the object store: Ray's E line gone); forced onto Ray Data it gives the same numbers."""
+    said: list[str] = []
+    here = evaluate(_cfg(store), store["good"], str(store["test"]), say=said.append)
+    assert any(m.startswith("data: scoring") and "in this process" in m for m in said), said
+    said.clear()
+    ray_data = evaluate(_cfg(store, scoring__engine="ray_data"), store["good"], str(store["test"]), say=said.append)
+    assert any(m.startswith("data: scoring") and "on Ray Data" in m for m in said), said
+    for res in (here, good_eval):
+        assert res.rows == ray_data.rows and res.confusion == ray_data.confusion
+        assert res.metrics == pytest.approx(ray_data.metrics, rel=1e-9, abs=1e-12)
+        assert res.shap["rows"] == ray_data.shap["rows"] and res.shap["top_customers"] == ray_data.shap["top_customers"]
+        assert res.shap["mean_abs"] == pytest.approx(ray_data.shap["mean_abs"], rel=1e-6)

@@ -3,7 +3,9 @@
 1. Resolve the model URI (and the baseline's, if given: one that does not
    resolve is reported in one line and the model is judged as a first model).
 2. Score the test table on Ray Data (``model.scoring.score_dataset``: an actor pool,
-   both models on the same rows), keep the scores in the object store.
+   both models on the same rows), keep the scores in the object store; a table of at
+   most ``LOCAL_PREPARE_MAX_BYTES`` (as `churn train` reads it) in this process, without
+   Ray (``score_local``: the same scorer, the same batches' columns).
 3. Stream the narrow columns (flags, label, scores: 5 bytes a row, 4 more
    per baseline) to the driver, reducing each batch to sums (confusion
    matrix, losses, calibration bins) as it arrives and keeping only the
@@ -26,11 +28,12 @@ import numpy as np
 
 from churnlib import tracking
 from churnlib.console import say as default_say
+from churnlib.data.preparation import LOCAL_PREPARE_MAX_BYTES
 from churnlib.data.sources import check_columns, resolve_source
 from churnlib.data.validation import as_data_error, validate
 from churnlib.decision.value import Decision, contact, decision_metrics, row_value
 from churnlib.errors import DataError, ModelNotFoundError, NoSuchAliasError
-from churnlib.evaluate.collect import collect, select_udf
+from churnlib.evaluate.collect import collect, selected
 from churnlib.evaluate.gates import evaluate_gates
 from churnlib.evaluate.metrics import (
     paired_bootstrap,
@@ -40,7 +43,7 @@ from churnlib.evaluate.metrics import (
 from churnlib.evaluate.record import log_evaluation
 from churnlib.evaluate.result import EvaluationResult
 from churnlib.model import loading
-from churnlib.model.scoring import score_dataset
+from churnlib.model.scoring import score_dataset, score_local
 from churnlib.runtime import ensure_ray, quiet_logs
 
 if TYPE_CHECKING:
@@ -85,15 +88,13 @@ def _explanation_rows(scored: Any, cfg: Config, y_total: int, scores: np.ndarray
     rate = min(1.0, (want + 4 * want**0.5 + 10) / max(y_total, 1))
     top = shap_cfg.top_customers
     min_score = float(np.partition(scores, -top)[-top]) if 0 < top <= len(scores) else np.inf
-    batches = scored.map_batches(
-        select_udf, batch_format="numpy", batch_size=None, fn_kwargs={"rate": rate, "min_score": min_score}
-    ).take_all()
-    if not batches:
+    rows = selected(scored, rate, min_score)
+    if not rows:
         return {"X": np.empty((0, 0), np.float32)}
-    X = np.stack([r["X"] for r in batches]).astype(np.float32)
-    score = np.array([r["score"] for r in batches], dtype=np.float32)
-    u = np.array([r["u"] for r in batches], dtype=np.float32)
-    row_id = np.array([r["row_id"] for r in batches], dtype=object)
+    X = rows["X"].astype(np.float32)
+    score = rows["score"].astype(np.float32)
+    u = rows["u"].astype(np.float32)
+    row_id = rows["row_id"].astype(object)
     sample = np.flatnonzero(u < rate)
     # u is uniform: the lowest u values are a uniform sample of exactly max_samples rows
     sample = sample[np.argsort(u[sample], kind="stable")[: shap_cfg.max_samples]]
@@ -129,20 +130,27 @@ def evaluate(
     timings["resolve_s"] = time.perf_counter() - t_start
 
     t0 = time.perf_counter()
-    ensure_ray(cfg.ray, verbose=verbose, workspace=cfg.workspace_path)
     predictors = [model.predictor] + ([baseline.predictor] if baseline is not None else [])
     n_models = len(predictors)
     threshold = cfg.model.decision_threshold
     bins = cfg.evaluation.calibration_bins
-    say(f"data: scoring {source.uri} ({len(source.files)} {source.format} file(s)) on Ray Data, "
-        f"{cfg.scoring.actors} actor(s) x {cfg.scoring.cpus_per_actor:g} CPU")
     calibrated = model.predictor.calibrator is not None  # then also the scores before calibration
-    scored = score_dataset(
-        source, spec, columns, predictors, cfg.scoring, with_target=True, keep_features=cfg.evaluation.shap.enabled,
-        raw_score=calibrated,
-    )
+    scoring = {"with_target": True, "keep_features": cfg.evaluation.shap.enabled, "raw_score": calibrated}
+    # a small table is scored here: starting Ray and an actor pool would cost more than the scoring
+    local = cfg.scoring.engine != "ray_data" and source.size_bytes <= LOCAL_PREPARE_MAX_BYTES
+    files = f"{len(source.files)} {source.format} file(s)"
+    if local:
+        say(f"data: scoring {source.uri} ({files}) in this process (a small table; scoring.engine: ray_data for "
+            f"Ray Data)")
+    else:
+        ensure_ray(cfg.ray, verbose=verbose, workspace=cfg.workspace_path)
+        say(f"data: scoring {source.uri} ({files}) on Ray Data, "
+            f"{cfg.scoring.actors} actor(s) x {cfg.scoring.cpus_per_actor:g} CPU")
     try:
-        scored = scored.materialize()
+        if local:
+            scored: Any = score_local(source, spec, columns, predictors, cfg.scoring, **scoring)
+        else:
+            scored = score_dataset(source, spec, columns, predictors, cfg.scoring, **scoring).materialize()
         counts, sums, y, scores = collect(scored, threshold, bins, n_models, raw=calibrated)
     except Exception as exc:  # noqa: BLE001 - a read error, one line
         if source.format == "csv":

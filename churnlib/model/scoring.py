@@ -1,7 +1,9 @@
 """Scoring raw tables on Ray Data: the model in a class-based UDF, one actor pool.
 
 ``score_dataset`` reads a table (CSV or Parquet, local or ``s3://``) and maps
-its batches through ``BatchScorer`` actors, each holding the model(s) once.
+its batches through ``BatchScorer`` actors, each holding the model(s) once;
+``score_local`` runs the same ``BatchScorer`` in this process, for a table
+small enough that starting Ray and a pool costs more than scoring it.
 The driver ships each model as a small payload (booster bytes + feature spec),
 so actors on other nodes never talk to MLflow.
 
@@ -19,7 +21,7 @@ import pandas as pd
 
 from churnlib.data.features import FeatureSpec, encode_columns, encode_target
 from churnlib.data.preparation import ROW_EMPTY, ROW_PROBLEM, id_text, row_uniform
-from churnlib.data.sources import read_raw
+from churnlib.data.sources import read_local, read_raw
 from churnlib.data.validation import empty_rows
 from churnlib.model.predictor import ChurnPredictor
 
@@ -171,3 +173,25 @@ def score_dataset(
         zero_copy_batch=True,
     )
 
+
+
+def score_local(
+    source: Any,
+    read_spec: FeatureSpec,
+    columns: list[str],
+    predictors: list[ChurnPredictor],
+    scoring_cfg: ScoringConfig,
+    with_target: bool,
+    keep_features: bool = False,
+    raw_score: bool = False,
+) -> list[dict[str, np.ndarray]]:
+    """``score_dataset``'s output, computed in this process: the table read as ``read_raw``
+    reads it (``read_local``), cut into ``scoring.batch_size`` rows, each batch through the
+    same ``BatchScorer`` (XGBoost on every CPU this process may use) -> the scored batches."""
+    import os
+
+    table = read_local(source, read_spec, columns)
+    scorer = BatchScorer([p.to_payload() for p in predictors], columns, with_target=with_target,
+                         keep_features=keep_features, nthread=len(os.sched_getaffinity(0)), raw_score=raw_score)
+    n = max(1, int(scoring_cfg.batch_size))
+    return [scorer(table.slice(i, n).to_pandas()) for i in range(0, table.num_rows, n)]
