@@ -1031,6 +1031,9 @@ def test_a_rollout_shadow_canary_promote_abort_under_a_stream_of_requests(lab, d
             body = r.json() if r.status_code == 200 else {}
             seen.append((sent, time.monotonic(), r.status_code, rec["CustomerID"], body.get("model_version"), rid))
 
+    def answered_since(mark: float) -> int:
+        return sum(1 for s in list(seen) if s[0] > mark)
+
     threads = [threading.Thread(target=stream, args=(k,)) for k in range(4)]
     for t in threads:
         t.start()
@@ -1041,12 +1044,14 @@ def test_a_rollout_shadow_canary_promote_abort_under_a_stream_of_requests(lab, d
         commands.start(cfg, "shadow", version=va, **QUIET)
         _wait(lambda: _rollout_on(url, "shadow"), 20)
         marks["shadow"] = time.monotonic()
-        time.sleep(2)
+        # each window lasts until it holds enough answers (a count, not a time: a slow machine
+        # answers fewer requests a second)
+        _wait(lambda: answered_since(marks["shadow"]) > 30, 60)
         marks["canary_asked"] = time.monotonic()
         commands.start(cfg, "canary", share=0.5, **QUIET)
         _wait(lambda: _rollout_on(url, "canary"), 20)
         marks["canary"] = time.monotonic()
-        time.sleep(3)
+        _wait(lambda: answered_since(marks["canary"]) > 60, 60)
         marks["promote_asked"] = time.monotonic()
         commands.promote(cfg, force=True, **QUIET)  # no outcomes yet: forced, and recorded so
         _wait(lambda: requests.get(f"{url}/model", timeout=30).json()["version"] == va and _rollout_on(url, None), 20)
