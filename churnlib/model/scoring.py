@@ -174,7 +174,6 @@ def score_dataset(
     )
 
 
-
 def score_local(
     source: Any,
     read_spec: FeatureSpec,
