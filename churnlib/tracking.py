@@ -101,6 +101,10 @@ def redact(uri: str) -> str:
     return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", uri)
 
 
+# How long `check_reachable` waits for a tracking server's first API answer.
+API_PROBE_TIMEOUT_S = 30
+
+
 def check_reachable(cfg: Config) -> None:
     """Fail fast, in one line, when the tracking store cannot be reached.
 
@@ -116,16 +120,18 @@ def check_reachable(cfg: Config) -> None:
         except requests.RequestException:
             raise TrackingError(f"MLflow tracking server unreachable at {uri}") from None
         # Up is not enough: its API needs its database. One request, no retries, a
-        # short timeout (the client's own retries would take minutes to say the same).
+        # bounded wait (the client's own retries would take minutes to say the same). The
+        # bound is generous: a server's first API request opens its store, which took over
+        # 10 s on a loaded 2-core machine right after the server started.
         from mlflow.tracking._tracking_service.utils import get_default_host_creds
         from mlflow.utils.rest_utils import http_request
 
         try:
             response = http_request(get_default_host_creds(uri), "/api/2.0/mlflow/experiments/search", "POST",
-                                    max_retries=0, timeout=10, raise_on_status=False, json={"max_results": 1})
+                                    max_retries=0, timeout=API_PROBE_TIMEOUT_S, raise_on_status=False, json={"max_results": 1})
             failed = f"HTTP {response.status_code}" if response.status_code >= 500 else None
         except Exception as exc:  # noqa: BLE001 - timeouts and connection errors alike
-            failed = "no answer within 10 s" if "timeout" in str(exc).lower() else telling_line(exc)
+            failed = f"no answer within {API_PROBE_TIMEOUT_S} s" if "timeout" in str(exc).lower() else telling_line(exc)
         if failed:
             raise TrackingError(
                 f"MLflow tracking server at {uri} is up but its API fails ({failed}): its backend store "
