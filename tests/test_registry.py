@@ -411,6 +411,12 @@ def test_mlflow_models_serve_answers_for_the_champion(lab):
         assert all(p["contact"] == (p["churn_probability"] >= 0.2) for p in preds)  # the break-even (no chosen cut)
         local = mlflow.pyfunc.load_model("models:/reg_serve@champion").predict(records)
         assert [p["churn_probability"] for p in preds] == pytest.approx(local["churn_probability"].tolist())
+        # text/csv works (the signature is typed; with `any` columns MLflow could not parse CSV)
+        r = requests.post(f"http://127.0.0.1:{port}/invocations", data=records.to_csv(index=False), timeout=10,
+                          headers={"Content-Type": "text/csv"})
+        assert r.status_code == 200, r.text
+        assert [p["churn_probability"] for p in r.json()["predictions"]] == pytest.approx(
+            local["churn_probability"].tolist())
         # a bad record: 400 with churn's one-line reason, no stack trace (issue: a full traceback)
         bad = records.head(1).copy()
         bad["Gender"] = "Robot"

@@ -136,10 +136,13 @@ def test_pyfunc_predicts_on_raw_records(trained):
     margin = booster.inplace_predict(to_matrix(raw, spec), predict_type="margin").astype(np.float64)
     np.testing.assert_allclose(out["churn_probability"], 1 / (1 + np.exp(-(cal["a"] * margin + cal["b"]))), rtol=1e-6)
     assert result.metrics["calibration_valid_ece_after"] <= result.metrics["calibration_valid_ece_before"]
-    # missing values are fine; an unknown category is a clear error
-    holes = raw.head(3).astype(object)
-    holes.loc[0, "Age"] = None
-    assert model.predict(holes)["churn_probability"].notna().all()
+    # the signature types the integer columns `long` (the table had no hole in them): MLflow
+    # refuses a float column there with its hint on missing values, before the model sees it
+    holes = raw.head(3).astype({"Age": "float64"})
+    holes.loc[0, "Age"] = np.nan
+    with pytest.raises(Exception, match="Age.*missing values"):
+        model.predict(holes)
+    # an unknown category is churn's one-line error
     bad = raw.head(3).copy()
     bad.loc[1, "Gender"] = "Unknown"
     with pytest.raises(Exception, match="unknown category"):
@@ -396,8 +399,11 @@ def test_model_has_signature_and_input_example(trained):
                       "Last Interaction", "Gender", "Subscription Type", "Contract Length"]
     assert [c["name"] for c in info.signature.outputs.to_dict()] == ["churn_probability", "churn_label",
                                                                       "expected_value", "contact"]
+    # typed as the training table: integers `long` (no hole in them), categories strings (issue 14: `any`)
+    types = {c["name"]: c["type"] for c in info.signature.inputs.to_dict()}
+    assert set(types.values()) == {"long", "string"} and types["Age"] == "long" and types["Gender"] == "string"
     example = Model.load(result.model_uri).load_input_example(mlflow.artifacts.download_artifacts(result.model_uri))
-    assert len(example) >= 1 and set(inputs) <= set(example.columns)
+    assert len(example) >= 1 and set(inputs) <= set(example.columns) and str(example["Age"].dtype) == "int64"
 
 
 def test_unreachable_tracking_server_is_one_line_exit_1(tmp_path):

@@ -353,3 +353,35 @@ def test_old_model_paths_still_find_the_wrapper():
     res = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "True", res.stderr
 
+
+
+# The model's signature ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_signature_types_numeric_inputs_as_the_training_table_had_them(tmp_path, fmt):
+    """Integers with no hole: long; floats, or integers with a hole anywhere in the table (the
+    validation report's count): double; categories: string (was `any` for every number)."""
+    from churnlib.data.features import FeatureSpec
+    from churnlib.data.sources import resolve_source
+    from churnlib.model.packaging import input_example, numeric_types, signature_for
+
+    spec = FeatureSpec(numeric=("age", "spend", "calls", "later"), categorical=(("plan", ("a", "b")),), target="y")
+    df = pd.DataFrame({"age": [30, 41, 52], "spend": [1.5, 2.0, 3.25], "calls": [1, 2, 3], "later": [4, 5, 6],
+                       "plan": ["a", "b", "a"], "y": [0, 1, 0]})
+    if fmt == "csv":
+        df = df.astype({"calls": object})
+        df.loc[1, "calls"] = " "  # Telco's blank: a missing value
+        df.to_csv(path := tmp_path / "t.csv", index=False)
+    else:
+        df.loc[1, "calls"] = None  # a nullable integer column in Parquet
+        df.astype({"calls": "Int64"}).to_parquet(path := tmp_path / "t.parquet", index=False)
+    source = resolve_source(str(path))
+    # "later": integers in the first file, but the report counted holes further on
+    types = numeric_types(source, spec, missing={"calls": 1, "later": 2})
+    assert types == {"age": "long", "spend": "double", "calls": "double", "later": "double"}
+    assert numeric_types(source, spec, missing={"calls": 1})["later"] == "long"
+    sig = {c["name"]: c["type"] for c in signature_for(spec, types).inputs.to_dict()}
+    assert sig == {"age": "long", "spend": "double", "calls": "double", "later": "double", "plan": "string"}
+    example = input_example(pd.read_csv(path) if fmt == "csv" else pd.read_parquet(path), spec, types)
+    assert str(example["age"].dtype) == "int64" and str(example["spend"].dtype) == "float64"
+    assert example["calls"].isna().sum() == 1 and example["plan"].dtype == object

@@ -14,6 +14,7 @@ import pandas as pd
 
 from churnlib import tracking
 from churnlib.data.features import FeatureSpec
+from churnlib.data.sources import CSV_NULLS
 from churnlib.model.files import DECISION_COLUMNS, OUTPUT_COLUMNS
 from churnlib.model.predictor import save_model_dir
 
@@ -21,18 +22,49 @@ if TYPE_CHECKING:
     from churnlib.config import Config
 
 
-def signature_for(spec: FeatureSpec):
-    """Input schema: every feature column required; categorical ones are strings.
+def numeric_types(source: Any, spec: FeatureSpec, missing: dict[str, int] | None = None) -> dict[str, str]:
+    """The MLflow type of each numeric input: ``long`` where the training table holds integers
+    with no missing value, ``double`` elsewhere (what ``mlflow.models.infer_signature`` gives
+    for the same table read by pandas).
 
-    Numeric columns are typed ``Any``: MLflow's enforcement refuses int64 where
-    it expects double, and real tables carry integer ages and tenures. Their
-    values are checked by ``to_matrix`` (numbers, numeric strings or empty).
-    """
+    The integer test reads the first file's types (Parquet: its schema; CSV: Arrow's inference
+    on its first 8 MB, with churn's missing-value markers); ``missing`` is the validation
+    report's count of missing cells per column over the whole table (a column with holes is a
+    float column to pandas, so it is ``double``)."""
+    import pyarrow as pa
+
+    missing = missing or {}
+    path = source.files[0]
+    if source.format == "parquet":
+        import pyarrow.parquet as pq
+
+        schema = pq.read_schema(path, filesystem=source.filesystem)
+    else:
+        import pyarrow.csv as pacsv
+
+        with source.filesystem.open_input_stream(path, compression="detect") as stream:
+            schema = pacsv.open_csv(
+                stream, read_options=pacsv.ReadOptions(block_size=8 << 20),
+                convert_options=pacsv.ConvertOptions(include_columns=list(spec.numeric), null_values=CSV_NULLS),
+            ).schema
+    names = set(schema.names)
+    return {c: "long" if c in names and pa.types.is_integer(schema.field(c).type) and not missing.get(c) else "double"
+            for c in spec.numeric}
+
+
+def signature_for(spec: FeatureSpec, types: dict[str, str] | None = None):
+    """Input schema: every feature column required; numeric ones ``long`` or ``double`` as
+    ``numeric_types`` found them in the training table (default ``double``), categorical ones
+    strings.
+
+    MLflow enforces it before the model sees a record: it casts int32 and 0/1 int64 to double,
+    refuses float for long and int64 for double (with its hint on missing values); inside, the
+    model takes every numeric input as a number (``to_matrix``)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
-    from mlflow.types.schema import AnyType
 
-    inputs = [ColSpec(AnyType(), c) for c in spec.numeric] + [
+    types = types or {}
+    inputs = [ColSpec(types.get(c, "double"), c) for c in spec.numeric] + [
         ColSpec("string", c) for c in spec.categorical_columns
     ]
     outputs = [ColSpec("double", OUTPUT_COLUMNS[0]), ColSpec("long", OUTPUT_COLUMNS[1]),
@@ -40,22 +72,31 @@ def signature_for(spec: FeatureSpec):
     return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
 
 
-def input_example(raw: pd.DataFrame, spec: FeatureSpec, rows: int = 3) -> pd.DataFrame:
-    """A few raw records, typed as the signature says."""
-    ex = raw[spec.input_columns].head(rows).copy()
+def input_example(raw: pd.DataFrame, spec: FeatureSpec, types: dict[str, str] | None = None,
+                  rows: int = 3) -> pd.DataFrame:
+    """A few raw records, typed as the signature says (a ``long`` column with a hole in these
+    rows: the rows without one)."""
+    types = types or {}
+    ex = raw[spec.input_columns].copy()
+    longs = [c for c in spec.numeric if types.get(c) == "long"]
     for c in spec.numeric:
         ex[c] = pd.to_numeric(ex[c], errors="coerce").astype("float64")
+    ex = ex.dropna(subset=longs).head(rows)
+    for c in longs:
+        ex[c] = ex[c].astype("int64")
     for c in spec.categorical_columns:
         ex[c] = ex[c].astype(object)
     return ex.reset_index(drop=True)
 
 
 def log_model(cfg: Config, spec: Any, source: Any, columns: list[str], booster: Any, best: int, run_id: str,
-               profile: dict[str, Any] | None = None, contact: dict[str, Any] | None = None) -> str:
+               profile: dict[str, Any] | None = None, contact: dict[str, Any] | None = None,
+               missing: dict[str, int] | None = None) -> str:
     """Feature importance (JSON + PNG), the booster and the raw-records pyfunc model, into the active run.
 
     ``contact``: the contact threshold chosen at training (``churnlib.train.decide``); without it
-    the model contacts above the break-even probability of its decision."""
+    the model contacts above the break-even probability of its decision. ``missing``: the
+    validation report's missing cells per column (for the signature's types)."""
     import mlflow
 
     from churnlib.model.pyfunc import ChurnModel
@@ -78,6 +119,7 @@ def log_model(cfg: Config, spec: Any, source: Any, columns: list[str], booster: 
                             if contact is not None else {})},
         }
         model_dir = save_model_dir(tmpdir / "model_dir", booster, spec, meta, profile)
+        types = numeric_types(source, spec, missing)
         if profile is not None:
             mlflow.log_dict(profile, "data/profile.json")
         mlflow.log_artifact(str(model_dir / "booster.ubj"), artifact_path="booster")
@@ -85,8 +127,8 @@ def log_model(cfg: Config, spec: Any, source: Any, columns: list[str], booster: 
             name="model",
             python_model=ChurnModel(),
             artifacts={"model_dir": str(model_dir)},
-            signature=signature_for(spec),
-            input_example=input_example(sample_rows(source, columns), spec),
+            signature=signature_for(spec, types),
+            input_example=input_example(sample_rows(source, columns, 50), spec, types),
             pip_requirements=requirements(),
             metadata={"churn_feature_spec": spec.to_dict(), "decision_threshold": cfg.model.decision_threshold},
             # MLflow links the run's metrics at this step to the model: the learning curves'

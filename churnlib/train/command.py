@@ -246,7 +246,7 @@ def train(
         metrics.update(contact_metrics(contact))
         mlflow.log_metrics({tracking.grouped(k): float(v) for k, v in contact_metrics(contact).items()})
         t0 = time.perf_counter()
-        logged_uri = log_model(cfg, spec, source, columns, out.booster, best, run_id, profile, contact)
+        logged_uri = log_model(cfg, spec, source, columns, out.booster, best, run_id, profile, contact, report.missing)
         # the model's own metrics are the best iteration's (the booster keeps every round; scoring
         # stops at the best one), measured on the validation split of this dataset
         tracking.log_model_metrics({tracking.grouped(k): v for k, v in metrics.items() if k.startswith("best_")},

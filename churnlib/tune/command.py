@@ -399,7 +399,7 @@ def _register_best(cfg: Config, best: dict[str, Any], spec: Any, source: Any, co
         say(contact_line(contact))
         mlflow.log_metrics({tracking.grouped(k): v for k, v in contact_metrics(contact).items()})
         log_model(trial_cfg, spec, source, columns, out.booster, int(out.state["best_iteration"] or 0), run_id, profile,
-                  contact)
+                  contact, prepared.report.missing)
     mlflow.MlflowClient().set_terminated(run_id, "FINISHED")
     info, _ = Registry(cfg, say=say).register(run_id, alias=STAGING,
                                               description=f"best trial of sweep {best.get('trial_id')}")
