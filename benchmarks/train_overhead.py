@@ -7,14 +7,18 @@ split (churnlib's hash split), hist, the same depth and rounds, evaluating
 train and validation every round. Plain: ``xgboost.train`` with nthread = all
 cores. Ours: ``churnlib.train.command.train`` with each engine in turn
 (``training.engine=ray_train``: Ray Train, 2 workers x 1 thread; ``task``: one
-Ray task with 2 threads), checkpoints on, early stopping armed but not
-triggered, full metric history, MLflow logging, each starting its own local
-Ray instance as ``churn train`` does.
+Ray task with 2 threads; ``process``: the same boosting in this process, no Ray),
+checkpoints on, early stopping armed but not triggered, full metric history,
+MLflow logging, the Ray engines each starting their own local Ray instance as
+``churn train`` does.
 
 ``--commands`` also times the real ``churn train --data ... --json`` as a user
-runs it, in a fresh process each: cold (the command starts its own local Ray
-instance) and warm (on the workspace's instance, ``churn up`` run before and
-not counted), against plain XGBoost in a fresh process (imports included).
+runs it, in a fresh process each: cold (no Ray instance up: ``auto`` boosts in
+the command's process), cold on the one task (``training.engine=task``: the
+command starts its own local Ray instance, what ``auto`` did before) and warm
+(on the workspace's instance, ``churn up`` run before and not counted: ``auto``
+runs the one task there), against plain XGBoost in a fresh process (imports
+included).
 
 Prints a table and writes JSON (default benchmarks/results/train_overhead.json):
 wall time, boosting time per round, fixed cost (wall minus boosting), AUC.
@@ -32,6 +36,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+ENGINES = ("ray_train", "task", "process")
 
 
 def plain(path: Path, rounds: int, depth: int, cfg) -> dict:
@@ -141,22 +146,22 @@ def commands(path: Path, rounds: int, depth: int, plain_round_ms: float) -> dict
                                                                    depth=depth)], ws)
         out["plain_process"] = {"wall_s": wall, "boosting_s": r["boosting_s"], "per_round_ms": r["per_round_ms"],
                                 "fixed_s": wall - r["boosting_s"]}
-        for mode in ("cold", "warm"):
+        for mode in ("cold", "cold_task", "warm"):
             if mode == "warm":
                 up = subprocess.run([sys.executable, "-m", "churnlib", "up"], cwd=ws, env=env, capture_output=True,
                                     text=True)
                 if up.returncode != 0:
                     raise SystemExit(f"churn up failed: {up.stderr.strip()}")
             try:
-                wall, r = timed(train, ws)
+                wall, r = timed(train + (["--set", "training.engine=task"] if mode == "cold_task" else []), ws)
             finally:
                 if mode == "warm":
                     subprocess.run([sys.executable, "-m", "churnlib", "down"], cwd=ws, env=env, capture_output=True)
             boost = r["timings"]["boosting_s"]
             out[mode] = {"wall_s": wall, "boosting_s": boost, "per_round_ms": 1000 * boost / r["num_boosted_rounds"],
-                         "fixed_s": wall - boost, "stages_s": r["timings"]}
+                         "fixed_s": wall - boost, "stages_s": r["timings"], "engine": r["engine"]}
     base = out["plain_process"]
-    for mode in ("cold", "warm"):
+    for mode in ("cold", "cold_task", "warm"):
         out[mode]["wall_ratio"] = out[mode]["wall_s"] / base["wall_s"]
         out[mode]["per_round_ratio"] = out[mode]["per_round_ms"] / base["per_round_ms"]
     return out
@@ -186,14 +191,14 @@ def main() -> int:
     p = plain(path, args.rounds, args.depth, cfg)
     engines: dict = {}
     with tempfile.TemporaryDirectory(prefix="churn-bench-") as root:
-        for engine in ("ray_train", "task"):
+        for engine in ENGINES:
             print(f"our path, training.engine={engine} ...", file=sys.stderr)
             engines[engine] = ours(path, args.rounds, args.depth, str(Path(root) / engine), engine)
             from churnlib.runtime import release_ray
 
             release_ray()  # each run starts (and stops) its own local instance, as `churn train` does
     o = engines["ray_train"]
-    print(f"\n{'':24}{'plain':>12}{'ray train':>12}{'ratio':>8}{'one task':>12}{'ratio':>8}")
+    print(f"\n{'':24}{'plain':>12}" + "".join(f"{e:>12}{'ratio':>8}" for e in ENGINES))
     for key, label, fmt in (
         ("wall_s", "wall (s)", "{:12.2f}"),
         ("boosting_s", "boosting (s)", "{:12.2f}"),
@@ -202,11 +207,11 @@ def main() -> int:
         ("valid_auc", "validation AUC", "{:12.4f}"),
     ):
         line = f"{label:24}" + fmt.format(p[key])
-        for engine in ("ray_train", "task"):
+        for engine in ENGINES:
             r = engines[engine][key] / p[key] if p[key] else float("nan")
             line += fmt.format(engines[engine][key]) + f"{r:8.2f}"
         print(line)
-    for engine in ("ray_train", "task"):
+    for engine in ENGINES:
         print(f"\n{engine} stages (s): {engines[engine]['stages_s']}")
     result = {
         "rows": args.rows,
@@ -216,10 +221,14 @@ def main() -> int:
         "plain": p,
         "ray_train": o,
         "task": engines["task"],
+        "process": engines["process"],
         "per_round_ratio": o["per_round_ms"] / p["per_round_ms"],
         "per_round_ratio_task": engines["task"]["per_round_ms"] / p["per_round_ms"],
         "wall_ratio_ray_train": o["wall_s"] / p["wall_s"],
         "wall_ratio_task": engines["task"]["wall_s"] / p["wall_s"],
+        "wall_ratio_process": engines["process"]["wall_s"] / p["wall_s"],
+        "per_round_ratio_process": engines["process"]["per_round_ms"] / p["per_round_ms"],
+        "fixed_cost_process_s": engines["process"]["fixed_s"],
         "fixed_cost_ray_s": o["fixed_s"],
         "fixed_cost_task_s": engines["task"]["fixed_s"],
         "auc_diff": o["valid_auc"] - p["valid_auc"],
@@ -229,11 +238,12 @@ def main() -> int:
         c = commands(path, args.rounds, args.depth, p["per_round_ms"])
         result["commands"] = c
         print(f"\n{'fresh process':24}{'wall (s)':>12}{'fixed (s)':>12}{'per round':>12}{'wall ratio':>12}")
-        for mode in ("plain_process", "cold", "warm"):
+        for mode in ("plain_process", "cold", "cold_task", "warm"):
             m = c[mode]
             print(f"{mode:24}{m['wall_s']:12.2f}{m['fixed_s']:12.2f}{m['per_round_ms']:10.1f}ms"
                   f"{m.get('wall_ratio', 1.0):12.2f}")
-        print(f"cold stages (s): {c['cold']['stages_s']}\nwarm stages (s): {c['warm']['stages_s']}")
+        for mode in ("cold", "cold_task", "warm"):
+            print(f"{mode} ({c[mode]['engine']}) stages (s): {c[mode]['stages_s']}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=float))

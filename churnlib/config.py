@@ -125,7 +125,7 @@ class XGBoostConfig(_Section):
 
 class TrainingConfig(_Section):
     """Where the boosting runs; checkpoints, failures, resuming, streaming and progress of a training run."""
-    engine: Literal["auto", "task", "ray_train"] = "auto"
+    engine: Literal["auto", "process", "task", "ray_train"] = "auto"
     checkpoint_every: int = Field(ge=0)
     max_failures: int = Field(ge=-1)
     keep_checkpoints: int | None = Field(default=2, ge=1)

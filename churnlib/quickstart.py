@@ -85,8 +85,9 @@ def quickstart(cfg: Config, rows: int | None = None, port: int | None = None, ve
     def train_step() -> str:
         result = train(cfg, data_path=str(out["train_path"]), run_name="quickstart", verbose=verbose, say=quiet)
         out["train"] = result
-        where = (f"one Ray task ({threads(cfg)} threads)" if result.engine == "task"
-                 else f"{cfg.ray.num_workers} Ray Train workers")
+        where = {"process": f"in this process ({threads(cfg)} threads)",
+                 "task": f"one Ray task ({threads(cfg)} threads)"}.get(result.engine,
+                                                                       f"{cfg.ray.num_workers} Ray Train workers")
         return (f"run {result.run_id[:12]}, {where}, validation AUC "
                 f"{result.metrics['best_valid_auc']:.4f} at round {result.best_iteration + 1}")
 

@@ -157,6 +157,20 @@ def fixed_resources(started_here: bool) -> bool:
     return started_here or _WORKSPACE_INSTANCE is not None
 
 
+def ray_to_join(ray_cfg: RayConfig, workspace: Path | None = None) -> bool:
+    """Whether ``ensure_ray`` would run on an instance that is already there: this process's own
+    connection (a notebook's ``ray.init``), ``ray.address`` / RAY_ADDRESS (a cluster, a ``ray
+    job submit`` job), or the workspace's instance (``churn up``). False: it would start a
+    private one (``ray.address: local`` always does). Ray is not imported for the answer."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return True
+    address = ray_cfg.address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        return address != "local"
+    return workspace is not None and running(workspace) is not None
+
+
 def on_workspace_instance() -> Instance | None:
     """The workspace instance (``churn up``) this process attached to, if any."""
     return _WORKSPACE_INSTANCE

@@ -36,10 +36,70 @@ def _prepared(local: bool) -> Prepared:
     ("task", False, False, True),
     ("task", True, True, True),
     ("ray_train", True, False, False),
+    ("process", True, False, True),  # a Tune trial: in its own process, as for the task
 ])
 def test_the_engine_rule(engine, local, gpu, expected):
     cfg = make_config(Path("."), training__engine=engine, ray__use_gpu=gpu)
     assert uses_task(cfg, _prepared(local)) is expected
+
+
+@pytest.mark.parametrize(("engine", "size_mb", "gpu", "ray_up", "expected"), [
+    ("auto", 10, False, False, True),     # a small table, no Ray up: this process, no instance to start
+    ("auto", 10, False, True, False),     # an instance to join (churn up, a cluster): its one task
+    ("auto", 100, False, False, False),   # too large to read here: Ray
+    ("auto", 10, True, False, False),     # a GPU asked for: Ray's accounting of it
+    ("process", 10, True, True, True),    # asked for: here, whatever is up
+    ("task", 10, False, False, False),
+    ("ray_train", 10, False, False, False),
+])
+def test_the_rule_for_boosting_in_this_process(engine, size_mb, gpu, ray_up, expected):
+    from churnlib.train.task import boosts_here
+
+    cfg = make_config(Path("."), training__engine=engine, ray__use_gpu=gpu)
+    assert boosts_here(cfg, size_mb * 2**20, ray_up) is expected
+    # a streamed table is never read whole here
+    assert boosts_here(make_config(Path("."), training__materialize=False), 2**20, False) is False
+
+
+def test_the_process_engine_refuses_a_table_too_large_in_one_line():
+    from churnlib.errors import ResourceError
+    from churnlib.train.task import boosts_here
+
+    with pytest.raises(ResourceError, match=r"^training.engine=process boosts in this process and takes a table of "
+                                            r"at most 64 MB on disk.*this one is 100 MB") as info:
+        boosts_here(make_config(Path("."), training__engine="process"), 100 * 2**20, False)
+    assert "\n" not in str(info.value)
+
+
+def test_a_ray_instance_to_join_is_found_without_importing_ray(tmp_path, monkeypatch):
+    """RAY_ADDRESS or ray.address (a cluster, a job), else the workspace's `churn up` record; `local`
+    (a private instance, always) is none to join; a record of an instance that is gone is none."""
+    import subprocess
+    import sys
+
+    from churnlib.runtime import Instance, ray_to_join, record_path
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = make_config(tmp_path)
+    assert ray_to_join(cfg.ray, tmp_path) is False
+    assert ray_to_join(make_config(tmp_path, ray__address="10.0.0.5:6379").ray, tmp_path) is True
+    assert ray_to_join(make_config(tmp_path, ray__address="local").ray, tmp_path) is False
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    assert ray_to_join(cfg.ray, tmp_path) is True
+    assert ray_to_join(make_config(tmp_path, ray__address="local").ray, tmp_path) is False
+    monkeypatch.delenv("RAY_ADDRESS")
+    rec = record_path(tmp_path)
+    rec.parent.mkdir(parents=True, exist_ok=True)
+    rec.write_text(json.dumps(Instance(pid=2**22 + 7, create_time=1.0, address="127.0.0.1:1", dashboard_url="x",
+                                       metrics_url="y", num_cpus=1.0, num_gpus=0.0, started_at=1.0,
+                                       log="z").to_dict()))
+    assert ray_to_join(cfg.ray, tmp_path) is False and not rec.exists()  # gone: the record is removed
+    script = ("import sys; from pathlib import Path; from churnlib.runtime import ray_to_join; "
+              "from churnlib.config import load_config; "
+              f"print(ray_to_join(load_config().ray, Path({str(tmp_path)!r})), 'ray' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.split() == ["False", "False"], out.stderr
 
 
 def test_a_cluster_of_nodes_smaller_than_the_request_spreads_ray_train_workers_instead():

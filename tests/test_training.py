@@ -303,15 +303,17 @@ def test_resume_from_something_that_is_not_a_checkpoint_is_one_line(tmp_path):
     assert res.stderr.strip().splitlines()[-1].startswith(f"error: training.resume_from {tmp_path}: not a training checkpoint")
 
 
-@pytest.mark.parametrize(("signame", "group", "code", "attached"),
-                         [("SIGINT", True, 130, False), ("SIGTERM", False, 143, True)])
-def test_ctrl_c_and_sigterm_end_the_run_killed(ray_session, tmp_path, signame, group, code, attached):
+@pytest.mark.parametrize(("signame", "group", "code", "attached", "engine"),
+                         [("SIGINT", True, 130, False, "task"), ("SIGINT", True, 130, False, "process"),
+                          ("SIGTERM", False, 143, True, "task")])
+def test_ctrl_c_and_sigterm_end_the_run_killed(ray_session, tmp_path, signame, group, code, attached, engine):
     """Ctrl-C (SIGINT to the process group, as a terminal sends it) and SIGTERM (to the process, as
     systemd, Docker and Kubernetes send it) mid-training: one line, 130/143, the run KILLED, no Ray
     process left, and the checkpoint to continue from (issue: Ctrl-C exited 1 with no line, FAILED).
-    SIGINT on the instance the command starts (every process of it ends); SIGTERM on an instance
-    that stays up (the session's, as `churn up`'s would): the training task it started ends with
-    it, and the instance gets its CPUs back."""
+    SIGINT on the instance the command starts (every process of it ends), and in the command's
+    own process (``auto`` with no Ray up: the boosting stops between two rounds); SIGTERM on an
+    instance that stays up (the session's, as `churn up`'s would): the training task it started
+    ends with it, and the instance gets its CPUs back."""
     import time
 
     from tests.conftest import alive, cli_env, session_ray_env, signal_cli
@@ -320,6 +322,8 @@ def test_ctrl_c_and_sigterm_end_the_run_killed(ray_session, tmp_path, signame, g
     args = ["train", "--set", f"workspace={ws}", "--set", "data.generate_rows=4000",
             "--set", "xgboost.num_boost_round=3000", "--set", "xgboost.early_stopping_rounds=0",
             "--set", "xgboost.eta=0.01", "--set", "training.checkpoint_every=5", "--set", "training.progress_interval_s=0.2"]
+    if engine == "task" and not attached:
+        args += ["--set", "training.engine=task"]  # auto would boost in the command's process
     env = cli_env(**session_ray_env()) if attached else None
     rc, err, took, tree = signal_cli(args, "checkpoint at round", getattr(signal, signame), group, tmp_path, env=env)
     if attached:  # the task held both CPUs of the instance; they come back once it is gone
@@ -339,6 +343,8 @@ def test_ctrl_c_and_sigterm_end_the_run_killed(ray_session, tmp_path, signame, g
         [mlflow.MlflowClient(cfg.tracking_uri).get_experiment_by_name(cfg.mlflow.experiment_name).experiment_id])
     assert [r.info.status for r in runs] == ["KILLED"]
     assert runs[0].data.tags["error"] == f"Interrupted: {signame}"
+    assert runs[0].data.tags["churn.train_engine"] == engine
+    assert ("ray: started a local instance" in err) is (engine == "task" and not attached)
 
 
 def test_streaming_without_a_spare_cpu_is_refused_not_hung(ray_session, cfg_factory):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -145,7 +145,7 @@ def _summary_udf(batch: dict[str, np.ndarray], n_features: int) -> pd.DataFrame:
 class Prepared:
     """The encoded table (``X``, ``y``, ``is_valid``, ``flags``) and what validation found."""
 
-    dataset: Any  # ray.data.Dataset
+    dataset: Any  # ray.data.Dataset; None for a table kept in this process (prepare(ray_dataset=False))
     report: DataReport
     train_rows: int
     valid_rows: int
@@ -171,18 +171,27 @@ def prepare(
     validation_split: float,
     random_state: int,
     materialize: bool = True,
+    ray_dataset: bool = True,
+    before_ray: Callable[[], Any] | None = None,
 ) -> Prepared:
     """Read, encode and validate in one pass; a DataError for the first fatal problem.
 
     The encoded table is kept in Ray's object store by default, so training
     reads it from memory. When a row has a bad value, the raw data is read
     again (error path only) to name the column, the count and the first value.
+
+    ``ray_dataset=False``: a small table read here stays in this process (``Prepared.dataset``
+    None, for boosting in this process); ``before_ray`` is called before the first use of Ray
+    (a table too large, or one that does not read cleanly here: the Ray Data pass names its
+    problem), to connect to or start Ray only then.
     """
     if materialize and source.size_bytes <= LOCAL_PREPARE_MAX_BYTES:
-        local = _prepare_local(source, spec, columns, validation_split, random_state)
+        local = _prepare_local(source, spec, columns, validation_split, random_state, ray_dataset)
         if local is not None:
             encoded, rows, batch = local
-            return _checked(source, spec, columns, encoded, rows, batch)
+            return _checked(source, spec, columns, encoded, rows, batch, before_ray)
+    if before_ray is not None:
+        before_ray()
     encoded = read_raw(source, spec, columns).map_batches(
         encode_batch,
         batch_format="pandas",
@@ -208,26 +217,31 @@ def prepare(
 
 
 def _prepare_local(source: Source, spec: FeatureSpec, columns: list[str], validation_split: float,
-                   random_state: int) -> tuple[Any, list[dict[str, Any]], dict[str, np.ndarray]] | None:
-    """A small table: read, encode and summarise in this process, then one materialized
-    dataset (one block in Ray's object store) -> (dataset, summary rows, the encoded arrays);
-    None when the table does not read cleanly here, so that the Ray Data pass reads it again
-    and reports the problem as it always does."""
-    import ray.data
-    from ray.data.block import BlockAccessor
-
+                   random_state: int, ray_dataset: bool = True,
+                   ) -> tuple[Any, list[dict[str, Any]], dict[str, np.ndarray]] | None:
+    """A small table: read, encode and summarise in this process, then (``ray_dataset``) one
+    materialized dataset (one block in Ray's object store) -> (dataset or None, summary rows,
+    the encoded arrays); None when the table does not read cleanly here, so that the Ray Data
+    pass reads it again and reports the problem as it always does."""
     try:
         df = read_local(source, spec, columns).to_pandas()
         batch = encode_batch(df, spec, columns, validation_split, random_state)
     except Exception:  # noqa: BLE001 - any problem: the usual path finds it and names it
         return None
     rows = _summary_udf(batch, len(spec.feature_names)).to_dict("records")
+    if not ray_dataset:
+        return None, rows, batch
+    import ray.data
+    from ray.data.block import BlockAccessor
+
     return ray.data.from_arrow(BlockAccessor.batch_to_block(batch)), rows, batch
 
 
 def _checked(source: Source, spec: FeatureSpec, columns: list[str], encoded: Any,
-             rows: list[dict[str, Any]], local: dict[str, np.ndarray] | None = None) -> Prepared:
-    """The per-block summaries -> the report; a DataError for the first fatal problem."""
+             rows: list[dict[str, Any]], local: dict[str, np.ndarray] | None = None,
+             before_ray: Callable[[], Any] | None = None) -> Prepared:
+    """The per-block summaries -> the report; a DataError for the first fatal problem (named by
+    ``validate``'s Ray Data pass: ``before_ray`` first)."""
     report = DataReport()
     problems = train_rows = valid_rows = 0
     missing = np.zeros(len(spec.feature_names), dtype=np.int64)
@@ -243,6 +257,8 @@ def _checked(source: Source, spec: FeatureSpec, columns: list[str], encoded: Any
         missing += np.asarray(part["missing"], dtype=np.int64)
     report.missing = {c: int(n) for c, n in zip(spec.feature_names, missing)}
     if problems:
+        if before_ray is not None:
+            before_ray()
         validate(source, spec, columns)  # names the column, count and first value, and raises
         raise DataError(f"{source.uri}: {problems} row(s) with bad values")
     found = report.problems(spec)

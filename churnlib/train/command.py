@@ -25,6 +25,7 @@ from churnlib.runtime import (
     ensure_ray,
     fixed_resources,
     quiet_logs,
+    ray_to_join,
     release_ray,
 )
 from churnlib.tags import TAG_COMMAND, TAG_ENGINE, TAG_RESUMED_FROM
@@ -35,8 +36,8 @@ from churnlib.train.decide import (
     decide,
 )
 from churnlib.train.loop import check_checkpoint, xgb_log_name
-from churnlib.train.progress import ProgressRelay
-from churnlib.train.task import TaskRun, check_fits, engine_line, largest_node_cpus, uses_task
+from churnlib.train.progress import LocalRelay, ProgressRelay
+from churnlib.train.task import TaskRun, boosts_here, check_fits, engine_line, largest_node_cpus, uses_task
 from churnlib.train.trainer import (
     build_trainer,
     fit,
@@ -140,10 +141,17 @@ def train(
         source = resolve_source(data_uri)
     columns = check_columns(source, spec)
 
-    t0 = time.perf_counter()
-    local = ensure_ray(cfg.ray, verbose=verbose, announce=True, workspace=cfg.workspace_path)
-    check_resources(cfg.ray, fixed_resources(local), streaming=not cfg.training.materialize)
-    timings["ray_start_s"] = time.perf_counter() - t0
+    # a small table with no Ray instance to join boosts in this process: no instance to start
+    here = boosts_here(cfg, source.size_bytes, ray_to_join(cfg.ray, cfg.workspace_path))
+
+    def start_ray() -> None:
+        t0 = time.perf_counter()
+        local = ensure_ray(cfg.ray, verbose=verbose, announce=True, workspace=cfg.workspace_path)
+        check_resources(cfg.ray, fixed_resources(local), streaming=not cfg.training.materialize)
+        timings["ray_start_s"] = time.perf_counter() - t0
+
+    if not here:
+        start_ray()
 
     tags = {TAG_COMMAND: "train", "ray_version": package_version("ray"), "xgboost_version": package_version("xgboost")}
     if cfg.training.resume_from:
@@ -157,8 +165,12 @@ def train(
         t0 = time.perf_counter()
         say(f"data: reading and validating {source.uri} ({len(source.files)} {source.format} file(s), {source.size_bytes / 1e6:.1f} MB)")
         prepared = prepare(
-            source, spec, columns, cfg.model.validation_split, cfg.model.random_state, cfg.training.materialize
+            source, spec, columns, cfg.model.validation_split, cfg.model.random_state, cfg.training.materialize,
+            # Ray only if the table cannot be read here after all (its problem is named on Ray Data)
+            ray_dataset=not here, before_ray=start_ray if here else None,
         )
+        if here and prepared.local is None:
+            here = False
         report = prepared.report
         missing = {c: n for c, n in report.missing.items() if n}
         timings["prepare_s"] = time.perf_counter() - t0
@@ -173,12 +185,16 @@ def train(
         profile = prepared.profile(spec, cfg.drift.profile_rows, seed=cfg.model.random_state)
         timings["profile_s"] = time.perf_counter() - t0
 
-        node_cpus = largest_node_cpus()
-        one_task = uses_task(cfg, prepared, node_cpus)
-        if one_task:
-            check_fits(cfg, node_cpus)
-        mlflow.set_tag(TAG_ENGINE, "task" if one_task else "ray_train")
-        say(engine_line(cfg) if one_task else (
+        if here:
+            one_task = True
+        else:
+            node_cpus = largest_node_cpus()
+            one_task = uses_task(cfg, prepared, node_cpus)
+            if one_task:
+                check_fits(cfg, node_cpus)
+        engine = "process" if here else "task" if one_task else "ray_train"
+        mlflow.set_tag(TAG_ENGINE, engine)
+        say(engine_line(cfg, here) if one_task else (
             f"train: Ray Train, {cfg.ray.num_workers} worker(s) x {cfg.ray.cpus_per_worker:g} CPU"
             f"{' + 1 GPU' if cfg.ray.use_gpu else ''}, device {cfg.xgb_device}, up to {cfg.xgboost.num_boost_round} rounds"
         ))
@@ -190,9 +206,9 @@ def train(
                 on_progress(msg)
 
         t0 = time.perf_counter()
-        with ProgressRelay(handle) as relay:
+        with (LocalRelay(handle) if here else ProgressRelay(handle)) as relay:
             if one_task:
-                task = TaskRun(cfg, prepared, loop_config(cfg, spec, relay.sink))
+                task = TaskRun(cfg, prepared, loop_config(cfg, spec, relay.sink), here=here)
                 run_fit, newest = task.fit, task.latest_checkpoint
             else:
                 trainer = build_trainer(cfg, prepared.dataset, loop_config(cfg, spec, relay.sink))
@@ -267,7 +283,7 @@ def train(
             timings=timings,
             data_digest=source.digest,
             restarts=state["restarts"],
-            engine="task" if one_task else "ray_train",
+            engine=engine,
             extra={"logged_model_uri": logged_uri, "checkpoint_path": out.checkpoint_path},
         )
     return result

@@ -75,3 +75,38 @@ class ProgressRelay:
     def _loop(self) -> None:
         while not self._stop.wait(self._interval):
             self._flush()
+
+
+class _Call:
+    """``push.remote(item)`` of the sink actor, done at once in this process."""
+
+    def __init__(self, fn: Callable[[dict[str, Any]], None]):
+        self._fn = fn
+
+    def remote(self, item: dict[str, Any]) -> None:
+        try:
+            self._fn(item)
+        except Exception:  # noqa: BLE001 - progress is best effort
+            pass
+
+
+class _LocalSink:
+    def __init__(self, fn: Callable[[dict[str, Any]], None]):
+        self.push = _Call(fn)
+
+
+class LocalRelay:
+    """``ProgressRelay`` for boosting in this process (``training.engine: process``): the sink
+    hands each message straight to ``on_message``, no actor, no thread."""
+
+    def __init__(self, on_message: Callable[[dict[str, Any]], None]):
+        self.sink = _LocalSink(on_message)
+
+    def __enter__(self) -> "LocalRelay":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Nothing to stop (as ``ProgressRelay.close``)."""

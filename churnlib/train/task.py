@@ -23,8 +23,15 @@ checkpoint, counting the restart, exactly like a Ray Train worker group restored
 after a failure. Inside a Tune trial the trial's own process boosts (no task at
 all) and reports to Tune what Ray Train's ``TuneReportCallback`` would.
 
-``training.engine`` chooses: ``auto`` (this engine for a table read into the
-driver and no GPUs, Ray Train otherwise), ``task`` or ``ray_train``.
+``training.engine`` chooses: ``auto``, ``process``, ``task`` or ``ray_train``. ``process``
+boosts in the command's own process (``TaskRun(here=True)``): the same ``boost_here``,
+checkpoints and early stopping, with no Ray at all, so no instance to start (seconds on a
+laptop, more than the boosting of a 200,000-row table); a process that dies is not run again
+(``churn train --resume-from`` its newest checkpoint). ``auto``: ``process`` for a table read
+into the driver, no GPU and no Ray instance to join (``runtime.ray_to_join``: none recorded by
+``churn up``, no ``ray.address``, no RAY_ADDRESS; a command that would start a private instance
+for one task); this engine (``task``) for such a table on an instance that is there (its CPUs
+are counted beside the instance's other work, a Serve replica); Ray Train otherwise.
 """
 
 from __future__ import annotations
@@ -48,15 +55,34 @@ TABLE_KEYS = ("X", "y", "flags", "is_valid")
 
 
 def uses_task(cfg: Config, prepared: Prepared, node_cpus: float | None = None) -> bool:
-    """Whether ``training.engine`` runs this table in one task. ``auto``: a table read into
-    the driver, no GPUs (several workers' worth only Ray Train's group can use), and one node
-    of the cluster (``node_cpus``: its largest, when known) holding every CPU asked for (a
-    cluster of small nodes spreads Ray Train's workers instead)."""
+    """Whether ``training.engine`` runs this table in one task (a Tune trial: in the trial's
+    own process; ``process`` is taken as ``task`` there, a sweep runs on Ray). ``auto``: a
+    table read into the driver, no GPUs (several workers' worth only Ray Train's group can
+    use), and one node of the cluster (``node_cpus``: its largest, when known) holding every
+    CPU asked for (a cluster of small nodes spreads Ray Train's workers instead)."""
     engine = cfg.training.engine
     if engine == "auto":
         return (prepared.local is not None and not cfg.ray.use_gpu
                 and (node_cpus is None or node_cpus >= cfg.ray.num_workers * cfg.ray.cpus_per_worker))
-    return engine == "task"
+    return engine in ("task", "process")
+
+
+def boosts_here(cfg: Config, size_bytes: int, ray_up: bool) -> bool:
+    """Whether `churn train` boosts in its own process, decided before Ray is started: ``process``,
+    or ``auto`` for a table small enough to be read in the driver (``size_bytes`` on disk), no
+    GPU, and no Ray instance to join (``ray_up``: ``runtime.ray_to_join``). A ResourceError (one
+    line) for ``process`` with a table too large for this process."""
+    from churnlib.data.preparation import LOCAL_PREPARE_MAX_BYTES
+
+    small = cfg.training.materialize and size_bytes <= LOCAL_PREPARE_MAX_BYTES
+    if cfg.training.engine == "process":
+        if not small:
+            raise ResourceError(
+                f"training.engine=process boosts in this process and takes a table of at most "
+                f"{LOCAL_PREPARE_MAX_BYTES // 2**20} MB on disk, read whole (training.materialize: true); "
+                f"this one is {size_bytes / 2**20:.0f} MB: use training.engine=auto, task or ray_train")
+        return True
+    return cfg.training.engine == "auto" and small and not cfg.ray.use_gpu and not ray_up
 
 
 def largest_node_cpus() -> float:
@@ -80,9 +106,13 @@ def threads(cfg: Config) -> int:
     return max(1, int(round(cfg.ray.num_workers * cfg.ray.cpus_per_worker)))
 
 
-def engine_line(cfg: Config) -> str:
-    """How a person is told where the boosting runs."""
+def engine_line(cfg: Config, here: bool = False) -> str:
+    """How a person is told where the boosting runs (``here``: in this process)."""
     gpu = " + 1 GPU" if cfg.ray.use_gpu else ""
+    if here:
+        return (f"train: in this process, {threads(cfg)} XGBoost thread(s){gpu} (a small table and no Ray instance "
+                f"up: none to start; training.engine=task or ray_train for Ray), device {cfg.xgb_device}, "
+                f"up to {cfg.xgboost.num_boost_round} rounds")
     return (f"train: one Ray task, {threads(cfg)} XGBoost thread(s){gpu} (a small table: no worker group to start; "
             f"training.engine=ray_train for Ray Train's), device {cfg.xgb_device}, up to {cfg.xgboost.num_boost_round} rounds")
 
@@ -156,11 +186,13 @@ def _task_main(config: dict[str, Any], table: Any, run_dir: str, keep: int | Non
 
 
 class TaskRun:
-    """One training run on the one-task engine: ``fit()`` and, while or after it runs, ``latest_checkpoint()``."""
+    """One training run on the one-task engine (``here``: in this process, ``training.engine:
+    process``): ``fit()`` and, while or after it runs, ``latest_checkpoint()``."""
 
     def __init__(self, cfg: Config, prepared: Prepared, train_loop_config: dict[str, Any], name: str | None = None,
-                 storage_path: str | None = None):
+                 storage_path: str | None = None, here: bool = False):
         self.cfg = cfg
+        self.here = here
         self.table = task_table(prepared)
         self.name = name or f"churn-train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         self.run_dir = f"{(storage_path or cfg.storage_path).rstrip('/')}/{self.name}"
@@ -182,9 +214,17 @@ class TaskRun:
 
     def fit(self) -> FitOutput:
         """Run the task to the end; the best-iteration booster and the state (see ``trainer.fit``)."""
+        t_fit = time.time()
+        if self.here:
+            # the main thread boosts: a signal interrupts it between two rounds (KeyboardInterrupt,
+            # interrupts.Interrupted), leaving the newest periodic checkpoint
+            try:
+                final = boost_here(self.config, self.table, self.run_dir, self.cfg.training.keep_checkpoints)
+            except Exception as exc:  # noqa: BLE001 - one line for the user, cause chained
+                raise TrainingError(f"training failed: {root_cause(exc)}") from exc
+            return output_of(final, t_fit)
         import ray
 
-        t_fit = time.time()
         ref = self._remote().remote(self.config, ray.put(self.table) if isinstance(self.table, dict) else self.table,
                                     self.run_dir, self.cfg.training.keep_checkpoints)
         try:
