@@ -41,6 +41,7 @@ import uuid
 from typing import TYPE_CHECKING, Any, Callable
 
 from churnlib import interrupts
+from churnlib.data.preparation import LOCAL_PREPARE_MAX_BYTES
 from churnlib.errors import ResourceError, TrainingError, root_cause
 from churnlib.train.checkpoints import latest_in, read_checkpoint, write_checkpoint
 from churnlib.train.loop import boost, build_matrices, new_state, report_metrics
@@ -72,8 +73,6 @@ def boosts_here(cfg: Config, size_bytes: int, ray_up: bool) -> bool:
     or ``auto`` for a table small enough to be read in the driver (``size_bytes`` on disk), no
     GPU, and no Ray instance to join (``ray_up``: ``runtime.ray_to_join``). A ResourceError (one
     line) for ``process`` with a table too large for this process."""
-    from churnlib.data.preparation import LOCAL_PREPARE_MAX_BYTES
-
     small = cfg.training.materialize and size_bytes <= LOCAL_PREPARE_MAX_BYTES
     if cfg.training.engine == "process":
         if not small:
