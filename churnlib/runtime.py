@@ -227,6 +227,40 @@ def free_port(preferred: int | None = None, host: str = "127.0.0.1") -> int:
     raise ResourceError(f"no free port on {host}")
 
 
+# Ray's worker ports (min/max_worker_port) end at 19999; the kernel hands out ports from its
+# ephemeral range (32768-60999 by default) to every bind on port 0, which Ray's processes do.
+RESERVED_RANGE = (20000, 32767)
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def free_reserved_port(host: str = "127.0.0.1") -> int:
+    """A free port that no process gets by asking for any port: for a listener whose port is
+    chosen now and bound later, by a process started after a Ray instance (HAProxy's stats
+    and metrics). A port from ``free_port`` can be taken in between by one of the instance's
+    own processes binding port 0 (seen: HAProxy "cannot bind socket" when Serve started Ray)."""
+    import random
+    import socket
+
+    low, high = RESERVED_RANGE
+    eph_low, eph_high = _ephemeral_range()
+    candidates = [p for p in range(low, high + 1) if not eph_low <= p <= eph_high]
+    for port in random.sample(candidates, min(200, len(candidates))):
+        with socket.socket() as s:
+            try:
+                s.bind((_bindable(host), port))
+                return port
+            except OSError:
+                continue
+    return free_port(host=host)
+
+
 def check_port_free(host: str, port: int) -> None:
     """A one-line ResourceError when a server could not listen on ``host:port``."""
     import socket

@@ -80,6 +80,7 @@ def test_a_ray_instance_to_join_is_found_without_importing_ray(tmp_path, monkeyp
     from churnlib.runtime import Instance, ray_to_join, record_path
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delitem(sys.modules, "ray", raising=False)  # this test process may hold the session's instance
     cfg = make_config(tmp_path)
     assert ray_to_join(cfg.ray, tmp_path) is False
     assert ray_to_join(make_config(tmp_path, ray__address="10.0.0.5:6379").ray, tmp_path) is True

@@ -385,3 +385,20 @@ def test_signature_types_numeric_inputs_as_the_training_table_had_them(tmp_path,
     example = input_example(pd.read_csv(path) if fmt == "csv" else pd.read_parquet(path), spec, types)
     assert str(example["age"].dtype) == "int64" and str(example["spend"].dtype) == "float64"
     assert example["calls"].isna().sum() == 1 and example["plan"].dtype == object
+
+
+def test_haproxys_ports_come_from_a_range_nobody_is_handed_by_the_kernel():
+    """HAProxy's stats and metrics ports are chosen before the Ray instance starts and bound
+    after: from 20000-32767 minus the kernel's ephemeral range (what a bind on port 0 gets, as
+    Ray's processes do) and above Ray's worker ports, free when chosen."""
+    import socket
+
+    from churnlib.runtime import RESERVED_RANGE, _ephemeral_range, free_reserved_port
+
+    low, high = _ephemeral_range()
+    ports = {free_reserved_port() for _ in range(20)}
+    for port in ports:
+        assert RESERVED_RANGE[0] <= port <= RESERVED_RANGE[1] and not low <= port <= high
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+    assert len(ports) > 1  # random, so two servers starting at once rarely pick the same

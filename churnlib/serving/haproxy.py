@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from churnlib.errors import ConfigError
-from churnlib.runtime import free_port, running
+from churnlib.runtime import free_reserved_port, running
 
 if TYPE_CHECKING:
     from churnlib.config import Config
@@ -105,7 +105,7 @@ def prepare_haproxy(host: str) -> Path:
         os.environ[var] = str(state / name) if name else str(state)
     # HAProxy's stats and metrics listeners and Serve's fallback proxy have fixed
     # default ports; free ones let two instances share a machine.
-    ports = {var: free_port(host=host) for var in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+    ports = {var: free_reserved_port(host=host) for var in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
                                                "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT")}
     os.environ.update({var: str(port) for var, port in ports.items()})
     wrapper = state / "haproxy"
