@@ -188,6 +188,27 @@ def test_bad_data_marks_the_run_failed(ray_session, cfg_factory, workspace):
     assert "neither 1 nor 0" in runs.iloc[0]["tags.error"]
 
 
+def test_a_bad_table_with_no_ray_up_is_named_on_ray_data_then_one_line(tmp_path):
+    """`churn train` with no Ray instance up would boost in its own process; a table that does not
+    read cleanly there starts Ray only to name its problem (the Ray Data pass): one line, exit 2,
+    the run FAILED, no model."""
+    path = tmp_path / "bad.csv"
+    df = next(iter_chunks(300, seed=2, chunk_rows=300)).astype(object)
+    df.loc[5, "Age"] = "forty"
+    df.to_csv(path, index=False)
+    ws = tmp_path / ".churn"  # make_config(tmp_path)'s
+    res = run_cli("train", "--data", str(path), "--set", f"workspace={ws}", cwd=tmp_path, timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "Age" in last and "forty" in last and "Traceback" not in res.stderr
+    cfg = make_config(tmp_path)
+    client = MlflowClient(cfg.tracking_uri)
+    exp_id = client.get_experiment_by_name(cfg.mlflow.experiment_name).experiment_id
+    runs = client.search_runs([exp_id])
+    assert [r.info.status for r in runs] == ["FAILED"] and "Age" in runs[0].data.tags["error"]
+    assert len(client.search_logged_models([exp_id])) == 0
+
+
 def test_gpus_on_a_cluster_without_them_fail_at_once(ray_session, cfg_factory):
     """ray.use_gpu on this GPU-less instance: a clear error, no hang, no run left behind."""
     cfg = cfg_factory(ray__use_gpu=True, ray__resources_timeout_s=0)
