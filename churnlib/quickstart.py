@@ -121,7 +121,8 @@ def quickstart(cfg: Config, rows: int | None = None, port: int | None = None, ve
         # half a CPU for the replica: on 2 cores the batch step scores beside it
         serve_sets = [*(sets or []), f"workspace={cfg.workspace_path}",
                       f"serve.cpus_per_replica={min(cfg.serve.cpus_per_replica, 0.5):g}"]
-        out["serve"] = serving.start(cfg, {"config": config_path, "set": serve_sets}, chosen, verbose=verbose)
+        out["serve"] = serving.start(cfg, {"config": config_path, "set": serve_sets}, chosen, verbose=verbose,
+                                     announce=verbose)
         out["url"] = out["serve"].url
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

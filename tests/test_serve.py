@@ -439,22 +439,28 @@ def test_explanations_do_not_starve_predictions(lab, deploy):
     rec = raw(lab, 1)
     assert requests.post(f"{url}/predict", json=rec, timeout=30).status_code == 200
     done_explains: list[float] = []
-    predicted: list[float] = []
+    predicted: list[tuple[float, float]] = []  # (sent, answered)
 
     def explain_once(_):
         r = requests.post(f"{url}/explain", json=big, timeout=300)
         done_explains.append(time.monotonic())
         return r.status_code
 
+    started = time.monotonic()
     with ThreadPoolExecutor(4) as pool:
         explains = [pool.submit(explain_once, i) for i in range(4)]
         while not all(f.done() for f in explains):
+            sent = time.monotonic()
             assert requests.post(f"{url}/predict", json=rec, timeout=60).status_code == 200
-            predicted.append(time.monotonic())
+            predicted.append((sent, time.monotonic()))
         assert [f.result() for f in explains] == [200] * 4
-    # while the explanations were still running, predictions went on answering
-    during = [t for t in predicted if t < max(done_explains)]
-    assert len(during) >= 10, (len(during), len(predicted))
+    # while the explanations were still running, predictions went on answering, each in a
+    # small part of the explanations' time (starved, one waits for all of them: ~the whole
+    # window); a ratio, so that a loaded machine slowing both does not change the verdict
+    window = max(done_explains) - started
+    during = [(a, b) for a, b in predicted if b < max(done_explains)]
+    slowest = max(b - a for a, b in during) if during else window
+    assert len(during) >= 3 and slowest < 0.35 * window, (len(during), slowest, window)
 
 
 def _uri_loader(lab):

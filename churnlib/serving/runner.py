@@ -57,8 +57,10 @@ class Started:
     owns_serve: bool = False  # the workspace instance: Serve (controller, proxies) stops with this server
 
 
-def start(cfg: Config, builder_args: dict[str, Any], port: int, verbose: bool = False) -> Started:
-    """Deploy the application on the local (or configured) Ray instance.
+def start(cfg: Config, builder_args: dict[str, Any], port: int, verbose: bool = False,
+          announce: bool = True) -> Started:
+    """Deploy the application on the local (or configured) Ray instance (``announce``: say which,
+    with its dashboard; the quickstart keeps to its step lines).
 
     Only a hash of ``CHURN_API_KEY`` reaches the application: the key is
     hashed here and removed from this process's environment before Ray
@@ -79,7 +81,7 @@ def start(cfg: Config, builder_args: dict[str, Any], port: int, verbose: bool = 
     try:
         from ray import serve
 
-        local = ensure_ray(cfg.ray, verbose=verbose, announce=True, workspace=cfg.workspace_path) and will_start
+        local = ensure_ray(cfg.ray, verbose=verbose, announce=announce, workspace=cfg.workspace_path) and will_start
         serve.start(http_options={"host": cfg.serve.host, "port": port})
         serve.run(app, name=APP_NAME, route_prefix="/")
     except BaseException:
