@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from churnlib.errors import ConfigError
-from churnlib.runtime import free_reserved_port, running
+from churnlib.runtime import free_reserved_port, ray_to_join
 
 if TYPE_CHECKING:
     from churnlib.config import Config
@@ -37,13 +37,10 @@ def haproxy_binary() -> str | None:
 
 def use_high_throughput(cfg: Config) -> bool:
     """Whether `churn serve` turns on Serve's HAProxy + direct-ingress mode (see serve.high_throughput)."""
-    import ray
-
     mode = cfg.serve.high_throughput
     if mode == "off":
         return False
-    named = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if ray.is_initialized() or (named or "local") != "local" or (not named and running(cfg.workspace_path)):
+    if ray_to_join(cfg.ray, cfg.workspace_path):
         # an existing cluster or the workspace instance (`churn up`): their processes were
         # started without HAProxy's environment, so Serve's Python proxy answers there
         return False

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from churnlib import tracking
 from churnlib.errors import ConfigError, ServeError
 from churnlib.predlog.store import safe_uri
-from churnlib.runtime import check_port_free, ensure_ray, on_workspace_instance, running
+from churnlib.runtime import check_port_free, ensure_ray, on_workspace_instance, ray_to_join, running
 from churnlib.serving.haproxy import (
     haproxy_processes,
     prepare_haproxy,
@@ -69,8 +69,7 @@ def start(cfg: Config, builder_args: dict[str, Any], port: int, verbose: bool = 
     tracking.configure(cfg)
     check_port_free(cfg.serve.host, port)
     high_throughput = use_high_throughput(cfg)
-    named = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    will_start = not ray_is_up() and (named == "local" or (not named and running(cfg.workspace_path) is None))
+    will_start = not ray_to_join(cfg.ray, cfg.workspace_path)
     key = os.environ.pop("CHURN_API_KEY", None)
     if key:
         builder_args = {**builder_args, "api_key_sha256": hashlib.sha256(key.encode()).hexdigest()}
@@ -91,13 +90,6 @@ def start(cfg: Config, builder_args: dict[str, Any], port: int, verbose: bool = 
     host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
     return Started(f"http://{host}:{port}", port, local, high_throughput, state,
                    owns_serve=on_workspace_instance() is not None)
-
-
-def ray_is_up() -> bool:
-    """Whether this process is connected to Ray."""
-    import ray
-
-    return ray.is_initialized()
 
 
 def ray_failure() -> str | None:
