@@ -16,7 +16,10 @@ STEP = re.compile(r"^\[(\d)/9\] (\w+): (.*) \(\d+\.\d s\)$")
 
 
 def _port_is_free(port: int) -> bool:
+    """Whether a server could listen on the port now (as servers bind: a connection HAProxy
+    closed is left in TIME_WAIT on the port for a minute, and owns nothing)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
             return True
