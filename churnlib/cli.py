@@ -29,9 +29,10 @@ from churnlib.errors import (
     MonitorAlert,
     RegistryError,
     last_line,
+    one_line,
     telling_line,
 )
-from churnlib.runtime import auth_token_hint, ensure_ray, quiet_logs
+from churnlib.runtime import auth_token_hint, ensure_ray, quiet_logs, release_ray
 
 
 class _Parser(argparse.ArgumentParser):
@@ -364,11 +365,17 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """`churn train`: train on Ray Train and log the run and the model to MLflow."""
-    from churnlib.train.command import train
+    from churnlib.train import warm
 
     sets = args.sets + ([f"training.resume_from={args.resume_from}"] if args.resume_from else [])
     cfg = load_config(args.config, sets)
-    result = train(cfg, data_path=args.data, run_name=args.run_name, verbose=args.verbose, say=say)
+    result = None
+    if warm.eligible(cfg) is not None:  # `churn up`'s instance: its warm trainer boosts a small table
+        result = warm.train(cfg, data_path=args.data, run_name=args.run_name, verbose=args.verbose, say=say)
+    if result is None:
+        from churnlib.train.command import train
+
+        result = train(cfg, data_path=args.data, run_name=args.run_name, verbose=args.verbose, say=say)
 
     def human() -> None:
         m = result.metrics
@@ -706,15 +713,33 @@ def cmd_up(args: argparse.Namespace) -> int:
         if value is not None and value < 0:
             raise ConfigError(f"churn up {flag} {value:g}: must be 0 or more")
     inst, started = up(cfg.workspace_path, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+    trainer = _start_trainer(cfg)
 
     def human() -> None:
         what = "started" if started else "already up:"
         say(f"ray: {what} the workspace instance at {inst.address} (dashboard {inst.dashboard_url}, "
             f"metrics {inst.metrics_url}){auth_token_hint()}")
         say(f"ray: commands in this workspace ({cfg.workspace_path}) now run on it; `churn down` stops it")
+        if trainer is not None:
+            say(f"ray: the workspace trainer (churn train, warm) did not start: {trainer}")
 
-    _emit(args, {**_instance_payload(inst), "started": started}, human)
+    _emit(args, {**_instance_payload(inst), "started": started, "trainer": trainer or "started"}, human)
     return 0
+
+
+def _start_trainer(cfg: Any) -> str | None:
+    """Start the warm trainer on the workspace instance (``churnlib.train.warm``), not waiting for
+    its imports -> None, or why it could not (the instance stays up; `churn train` retries)."""
+    from churnlib.train import warm
+
+    try:
+        ensure_ray(cfg.ray, workspace=cfg.workspace_path, data=False)
+        warm.start_trainer()
+    except Exception as exc:  # noqa: BLE001 - an optimisation: said, not fatal
+        return one_line(exc, 200)
+    finally:
+        release_ray()
+    return None
 
 
 def cmd_down(args: argparse.Namespace) -> int:

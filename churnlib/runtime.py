@@ -57,7 +57,7 @@ LOCAL_FOOTER_ACTORS = 1
 
 
 def ensure_ray(ray_cfg: RayConfig, verbose: bool = False, announce: bool = False,
-               workspace: Path | None = None) -> bool:
+               workspace: Path | None = None, data: bool = True) -> bool:
     """Connect to ``ray.address`` (or RAY_ADDRESS), else to the workspace's instance
     (``churn up``) when it is up, else start a private local instance.
 
@@ -66,8 +66,10 @@ def ensure_ray(ray_cfg: RayConfig, verbose: bool = False, announce: bool = False
     dashboard, metrics and ``ray status`` are, and where the auth token is, or
     that the workspace instance is used. The long-running commands (train,
     tune, serve) announce; short ones (validate, evaluate, predict, drift) keep
-    their output to their result or their one line. Returns True when this
-    process started a local instance (it stops with this process).
+    their output to their result or their one line. ``data``: Ray Data's
+    settings too (quiet progress; its import costs half a second a process that
+    runs no Ray Data need not pay). Returns True when this process started a
+    local instance (it stops with this process).
     """
     global _STARTED_HERE, _CONNECTED_HERE, _WORKSPACE_INSTANCE
     import ray
@@ -126,6 +128,8 @@ def ensure_ray(ray_cfg: RayConfig, verbose: bool = False, announce: bool = False
                         + ("; `churn up` keeps one up for every command" if workspace is not None else ""))
     # ray.init took SIGTERM (sys.exit, then a C++ handler that aborts): ours again.
     interrupts.install()
+    if not data:  # a process that runs no Ray Data (the workspace trainer's command side)
+        return _STARTED_HERE
     import ray.data
 
     ctx = ray.data.DataContext.get_current()

@@ -40,8 +40,10 @@ RANKS = {
 HEAVY = ("ray", "mlflow", "xgboost", "shap", "matplotlib", "sklearn", "optuna")
 LAZY_OWN = ("churnlib.model.pyfunc",)  # pulls in MLflow: scoring processes never import it
 # The CLI imports a command's module when the command runs (they pull in pandas, numpy and
-# pyarrow): `churn --help` and a bad flag answer at once. Those imports still count above.
-LAZY_IMPORTERS = ("churnlib.cli",)
+# pyarrow): `churn --help` and a bad flag answer at once. The workspace trainer's module runs
+# in two processes: the command's side stays as light (it only attaches and prints), the
+# trainer imports the training command. Those imports still count above.
+LAZY_IMPORTERS = ("churnlib.cli", "churnlib.train.warm")
 
 
 def _modules() -> dict[str, Path]:

@@ -7,8 +7,8 @@ from the latest complete checkpoint).
 
 from __future__ import annotations
 
+import contextlib
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -37,6 +37,7 @@ from churnlib.train.decide import (
 )
 from churnlib.train.loop import check_checkpoint, xgb_log_name
 from churnlib.train.progress import LocalRelay, ProgressRelay
+from churnlib.train.result import TrainResult
 from churnlib.train.task import TaskRun, boosts_here, check_fits, engine_line, largest_node_cpus, uses_task
 from churnlib.train.trainer import (
     build_trainer,
@@ -49,38 +50,9 @@ from churnlib.train.trainer import (
 if TYPE_CHECKING:
     from churnlib.config import Config
 
-@dataclass
-class TrainResult:
-    """What `churn train` did: run, metrics, rounds, rows, restarts, timings, model URI."""
-    run_id: str
-    experiment_id: str
-    model_uri: str
-    booster_uri: str
-    metrics: dict[str, float]
-    best_iteration: int
-    num_boosted_rounds: int
-    rows: dict[str, int]
-    timings: dict[str, float]
-    data_digest: str
-    restarts: int
-    engine: str = "ray_train"  # where the boosting ran: "task" (one Ray task) or "ray_train"
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "run_id": self.run_id,
-            "experiment_id": self.experiment_id,
-            "model_uri": self.model_uri,
-            "booster_uri": self.booster_uri,
-            "metrics": self.metrics,
-            "best_iteration": self.best_iteration,
-            "num_boosted_rounds": self.num_boosted_rounds,
-            "rows": self.rows,
-            "timings": {k: round(v, 3) for k, v in self.timings.items()},
-            "data_digest": self.data_digest,
-            "restarts": self.restarts,
-            "engine": self.engine,
-        }
+class NotInProcess(Exception):
+    """The workspace trainer declines a table it should not boost in process (``train(in_trainer=True)``):
+    the command runs it on the instance as any other command would."""
 
 
 def default_data_path(cfg: Config) -> Path:
@@ -117,9 +89,16 @@ def train(
     verbose: bool = False,
     say: Callable[[str], None] = say,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
+    in_trainer: bool = False,
+    reserve: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
 ) -> TrainResult:
     """Data -> validation -> boosting on Ray (Ray Train, or one task for a small table:
-    ``churnlib.train.task``) -> MLflow run with the model. The `churn train` command."""
+    ``churnlib.train.task``) -> MLflow run with the model. The `churn train` command.
+
+    ``in_trainer``: called by the workspace trainer (``churnlib.train.warm``), a process that
+    is part of a Ray instance and boosts a small table itself (``engine: auto``, as with no Ray
+    up); a table it should not boost in process raises ``NotInProcess`` before any run is made.
+    ``reserve``: entered around the boosting in process (the trainer holds the CPUs there)."""
     import mlflow
 
     timings: dict[str, float] = {}
@@ -142,7 +121,9 @@ def train(
     columns = check_columns(source, spec)
 
     # a small table with no Ray instance to join boosts in this process: no instance to start
-    here = boosts_here(cfg, source.size_bytes, ray_to_join(cfg.ray, cfg.workspace_path))
+    here = boosts_here(cfg, source.size_bytes, False if in_trainer else ray_to_join(cfg.ray, cfg.workspace_path))
+    if in_trainer and not here:
+        raise NotInProcess(f"{source.uri}: {source.size_bytes / 2**20:.0f} MB on disk, over what is boosted in process")
 
     def start_ray() -> None:
         t0 = time.perf_counter()
@@ -194,7 +175,7 @@ def train(
                 check_fits(cfg, node_cpus)
         engine = "process" if here else "task" if one_task else "ray_train"
         mlflow.set_tag(TAG_ENGINE, engine)
-        say(engine_line(cfg, here) if one_task else (
+        say(engine_line(cfg, here, in_trainer) if one_task else (
             f"train: Ray Train, {cfg.ray.num_workers} worker(s) x {cfg.ray.cpus_per_worker:g} CPU"
             f"{' + 1 GPU' if cfg.ray.use_gpu else ''}, device {cfg.xgb_device}, up to {cfg.xgboost.num_boost_round} rounds"
         ))
@@ -214,7 +195,8 @@ def train(
                 trainer = build_trainer(cfg, prepared.dataset, loop_config(cfg, spec, relay.sink))
                 run_fit, newest = (lambda: fit(trainer)), (lambda: latest_checkpoint(trainer))
             try:
-                out = run_fit()
+                with (reserve() if here and reserve is not None else contextlib.nullcontext()):
+                    out = run_fit()
             except KeyboardInterrupt:
                 relay.close()
                 release_ray()  # the workers stop now, before a newer checkpoint replaces this one

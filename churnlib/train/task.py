@@ -105,9 +105,14 @@ def threads(cfg: Config) -> int:
     return max(1, int(round(cfg.ray.num_workers * cfg.ray.cpus_per_worker)))
 
 
-def engine_line(cfg: Config, here: bool = False) -> str:
-    """How a person is told where the boosting runs (``here``: in this process)."""
+def engine_line(cfg: Config, here: bool = False, in_trainer: bool = False) -> str:
+    """How a person is told where the boosting runs (``here``: in this process; ``in_trainer``: this
+    process is the workspace trainer, ``churnlib.train.warm``)."""
     gpu = " + 1 GPU" if cfg.ray.use_gpu else ""
+    if here and in_trainer:
+        return (f"train: in the workspace trainer (churn up's warm process), {threads(cfg)} XGBoost thread(s){gpu}, "
+                f"its CPUs reserved on the instance (training.engine=task or ray_train for Ray's), device "
+                f"{cfg.xgb_device}, up to {cfg.xgboost.num_boost_round} rounds")
     if here:
         return (f"train: in this process, {threads(cfg)} XGBoost thread(s){gpu} (a small table and no Ray instance "
                 f"up: none to start; training.engine=task or ray_train for Ray), device {cfg.xgb_device}, "
