@@ -15,10 +15,11 @@ MLflow logging, the Ray engines each starting their own local Ray instance as
 ``--commands`` also times the real ``churn train --data ... --json`` as a user
 runs it, in a fresh process each: cold (no Ray instance up: ``auto`` boosts in
 the command's process), cold on the one task (``training.engine=task``: the
-command starts its own local Ray instance, what ``auto`` did before) and warm
-(on the workspace's instance, ``churn up`` run before and not counted: ``auto``
-runs the one task there), against plain XGBoost in a fresh process (imports
-included).
+command starts its own local Ray instance, what ``auto`` did before) and, on the
+workspace's instance (``churn up`` run before and not counted), the first and the
+next command (``auto``: the workspace trainer, ``churnlib.train.warm``) and the one
+task there (what ``auto`` ran before the trainer), against plain XGBoost in a fresh
+process (imports included).
 
 Prints a table and writes JSON (default benchmarks/results/train_overhead.json):
 wall time, boosting time per round, fixed cost (wall minus boosting), AUC.
@@ -122,6 +123,13 @@ print(json.dumps(r))
 """
 
 
+# cold: no Ray instance up (auto boosts in the command's process); cold_task: the command starts its
+# own instance for one task; on `churn up`'s instance: warm_first (the first command the workspace
+# trainer takes, just after `churn up`), warm (the next: what a team iterating sees) and warm_task
+# (the one Ray task, what auto ran there before the trainer)
+MODES = ("cold", "cold_task", "warm_first", "warm", "warm_task")
+
+
 def commands(path: Path, rounds: int, depth: int, plain_round_ms: float) -> dict:
     """``churn train`` as a user runs it, cold and warm, each in a fresh process; plain likewise."""
     import subprocess
@@ -146,22 +154,28 @@ def commands(path: Path, rounds: int, depth: int, plain_round_ms: float) -> dict
                                                                    depth=depth)], ws)
         out["plain_process"] = {"wall_s": wall, "boosting_s": r["boosting_s"], "per_round_ms": r["per_round_ms"],
                                 "fixed_s": wall - r["boosting_s"]}
-        for mode in ("cold", "cold_task", "warm"):
-            if mode == "warm":
-                up = subprocess.run([sys.executable, "-m", "churnlib", "up"], cwd=ws, env=env, capture_output=True,
-                                    text=True)
-                if up.returncode != 0:
-                    raise SystemExit(f"churn up failed: {up.stderr.strip()}")
-            try:
-                wall, r = timed(train + (["--set", "training.engine=task"] if mode == "cold_task" else []), ws)
-            finally:
-                if mode == "warm":
-                    subprocess.run([sys.executable, "-m", "churnlib", "down"], cwd=ws, env=env, capture_output=True)
-            boost = r["timings"]["boosting_s"]
-            out[mode] = {"wall_s": wall, "boosting_s": boost, "per_round_ms": 1000 * boost / r["num_boosted_rounds"],
-                         "fixed_s": wall - boost, "stages_s": r["timings"], "engine": r["engine"]}
+        started = False
+        try:
+            for mode in MODES:
+                if mode == "warm_first":
+                    t0 = time.perf_counter()
+                    started = True
+                    up = subprocess.run([sys.executable, "-m", "churnlib", "up"], cwd=ws, env=env,
+                                        capture_output=True, text=True)
+                    if up.returncode != 0:
+                        raise SystemExit(f"churn up failed: {up.stderr.strip()}")
+                    out["churn_up_s"] = time.perf_counter() - t0
+                extra = ["--set", "training.engine=task"] if mode.endswith("_task") else []
+                wall, r = timed(train + extra, ws)
+                boost = r["timings"]["boosting_s"]
+                out[mode] = {"wall_s": wall, "boosting_s": boost, "per_round_ms": 1000 * boost / r["num_boosted_rounds"],
+                             "fixed_s": wall - boost, "stages_s": r["timings"], "engine": r["engine"],
+                             "trainer": r.get("trainer")}
+        finally:
+            if started:
+                subprocess.run([sys.executable, "-m", "churnlib", "down"], cwd=ws, env=env, capture_output=True)
     base = out["plain_process"]
-    for mode in ("cold", "cold_task", "warm"):
+    for mode in MODES:
         out[mode]["wall_ratio"] = out[mode]["wall_s"] / base["wall_s"]
         out[mode]["per_round_ratio"] = out[mode]["per_round_ms"] / base["per_round_ms"]
     return out
@@ -238,12 +252,14 @@ def main() -> int:
         c = commands(path, args.rounds, args.depth, p["per_round_ms"])
         result["commands"] = c
         print(f"\n{'fresh process':24}{'wall (s)':>12}{'fixed (s)':>12}{'per round':>12}{'wall ratio':>12}")
-        for mode in ("plain_process", "cold", "cold_task", "warm"):
+        for mode in ("plain_process", *MODES):
             m = c[mode]
             print(f"{mode:24}{m['wall_s']:12.2f}{m['fixed_s']:12.2f}{m['per_round_ms']:10.1f}ms"
                   f"{m.get('wall_ratio', 1.0):12.2f}")
-        for mode in ("cold", "cold_task", "warm"):
-            print(f"{mode} ({c[mode]['engine']}) stages (s): {c[mode]['stages_s']}")
+        for mode in MODES:
+            print(f"{mode} ({c[mode]['engine']}{', trainer' if c[mode].get('trainer') else ''}) stages (s): "
+                  f"{c[mode]['stages_s']}")
+        print(f"churn up: {c['churn_up_s']:.1f} s (not counted above)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=float))

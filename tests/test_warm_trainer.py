@@ -5,6 +5,7 @@ the instance while it boosts, and stops, fails and dies the way a command's own 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -73,6 +74,9 @@ def test_the_workspace_trainer_is_warm_right_and_stops_like_a_command(tmp_path):
         # same model as the command's own process gives (engine=process boosts in the command)
         first = _train(tmp_path, env)
         assert first["engine"] == "process" and "train: in the workspace trainer" in first["stderr"]
+        # XGBoost keeps to OMP_NUM_THREADS whatever its nthread: Ray's 1 for a 0-CPU actor would
+        # halve the trainer's speed on 2 cores
+        assert psutil.Process(first["trainer"]["pid"]).environ()["OMP_NUM_THREADS"] == str(os.cpu_count())
         second = _train(tmp_path, env)
         assert second["trainer"]["pid"] == first["trainer"]["pid"] and second["trainer"]["warm"]
         own = _train(tmp_path, env, "--set", "training.engine=process")
