@@ -720,7 +720,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         say(f"ray: {what} the workspace instance at {inst.address} (dashboard {inst.dashboard_url}, "
             f"metrics {inst.metrics_url}){auth_token_hint()}")
         say(f"ray: commands in this workspace ({cfg.workspace_path}) now run on it; `churn down` stops it")
-        if trainer is not None:
+        if trainer is None:
+            say("ray: the workspace trainer is starting: `churn train` on a small table boosts there, warm")
+        else:
             say(f"ray: the workspace trainer (churn train, warm) did not start: {trainer}")
 
     _emit(args, {**_instance_payload(inst), "started": started, "trainer": trainer or "started"}, human)

@@ -76,6 +76,8 @@ def ensure_ray(ray_cfg: RayConfig, verbose: bool = False, announce: bool = False
 
     quiet_logs(verbose)
     if ray.is_initialized():
+        if data and _CONNECTED_HERE:  # attached earlier without Ray Data's settings
+            _quiet_data(verbose)
         return _STARTED_HERE
     _CONNECTED_HERE = True
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS") or None
@@ -128,15 +130,19 @@ def ensure_ray(ray_cfg: RayConfig, verbose: bool = False, announce: bool = False
                         + ("; `churn up` keeps one up for every command" if workspace is not None else ""))
     # ray.init took SIGTERM (sys.exit, then a C++ handler that aborts): ours again.
     interrupts.install()
-    if not data:  # a process that runs no Ray Data (the workspace trainer's command side)
-        return _STARTED_HERE
+    if data:  # not for a process that runs no Ray Data (the workspace trainer's command side)
+        _quiet_data(verbose)
+    return _STARTED_HERE
+
+
+def _quiet_data(verbose: bool) -> None:
+    """Ray Data's progress bars and execution notices only when verbose."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = verbose
     ctx.print_on_execution_start = verbose
     quiet_logs(verbose)  # ray.data configures its loggers on import
-    return _STARTED_HERE
 
 
 def _use_auth_mode(mode: str) -> None:

@@ -186,6 +186,7 @@ def test_the_trainer_takes_one_run_at_a_time_and_only_of_its_own_code(trainer):
     assert trainer.claim("a", "other code", 1) == "stale"
     assert trainer.claim("a", trainer.code, 1) == "ok"
     assert trainer.claim("b", trainer.code, 1) == "busy"
+    assert trainer.claim("c", "other code", 1) == "busy"  # not replaced under a run
     assert trainer.info()["busy"]
     trainer._busy = None  # what the end of run "a" does
     assert trainer.claim("b", trainer.code, 1) == "ok"

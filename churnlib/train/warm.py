@@ -113,7 +113,7 @@ def _warm_up() -> None:
 
     rng = np.random.default_rng(0)
     x = rng.random((256, 4), dtype=np.float32)
-    xgb.train({"tree_method": "hist", "nthread": 1, "verbosity": 0}, xgb.QuantileDMatrix(x, label=x[:, 0] > 0.5),
+    xgb.train({"tree_method": "hist", "verbosity": 0}, xgb.QuantileDMatrix(x, label=x[:, 0] > 0.5),
               num_boost_round=2)
 
 
@@ -172,10 +172,10 @@ class WorkspaceTrainer:
     def claim(self, token: str, code: str, cli_pid: int) -> str:
         """``ok`` (the run is this token's), ``busy`` (another run is on) or ``stale`` (other code)."""
         with self._lock:
+            if self._busy is not None:  # never replaced under another command's run
+                return "busy"
             if code != self.code:
                 return "stale"
-            if self._busy is not None:
-                return "busy"
             self._busy = token
             self._runs[token] = _Run(cli_pid)
             return "ok"
