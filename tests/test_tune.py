@@ -263,7 +263,7 @@ def test_a_sweep_on_ray_train_workers(ray_session, tmp_path):
     """training.engine=ray_train: every trial is a Ray Train run (two workers) reporting through
     Ray Train's TuneReportCallback; the trial ends in its MLflow child run with its metrics,
     and its checkpoint loads."""
-    from churnlib.tune.trials import load_trial_checkpoint
+    from churnlib.tune.trials import load_trial_checkpoint, trial_state
 
     cfg = make_config(tmp_path, **{**SWEEP, "tune.num_samples": 1, "training.engine": "ray_train"})
     result = tune(cfg, say=lambda m: None)
@@ -272,6 +272,9 @@ def test_a_sweep_on_ray_train_workers(ray_session, tmp_path):
     assert done[0]["checkpoint_path"]
     out = load_trial_checkpoint(done[0]["checkpoint_path"])
     assert out.booster.num_boosted_rounds() == out.state["best_iteration"] + 1
+    # the trial's end is logged from its state alone: the rounds it counts are the booster's
+    state, rounds = trial_state(done[0]["checkpoint_path"])
+    assert rounds == out.full_rounds and state["best_iteration"] == out.state["best_iteration"]
     assert out.state["worker_rows"]["train"] < 3000  # one worker's shard: the table was split between two
     client = MlflowClient(cfg.tracking_uri)
     for t in result.trials:

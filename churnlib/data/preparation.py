@@ -151,6 +151,17 @@ class Prepared:
     valid_rows: int
     local: dict[str, np.ndarray] | None = None  # the encoded table, when prepared in the driver
 
+    def ray_dataset(self) -> Any:
+        """The encoded table as a Ray Dataset (Ray Train's workers read their shards from it):
+        made from the driver's copy on first use when it was prepared without one (one block in
+        Ray's object store; 0.9 s for 100,000 rows that only Ray Train needs)."""
+        if self.dataset is None and self.local is not None:
+            import ray.data
+            from ray.data.block import BlockAccessor
+
+            self.dataset = ray.data.from_arrow(BlockAccessor.batch_to_block(self.local))
+        return self.dataset
+
     def profile(self, spec: FeatureSpec, max_rows: int, seed: int = 0) -> dict[str, Any]:
         """The training profile (the drift reference) of a seeded sample of the usable rows: from
         the driver's copy when the table was prepared here, else from the dataset."""
@@ -231,10 +242,7 @@ def _prepare_local(source: Source, spec: FeatureSpec, columns: list[str], valida
     rows = _summary_udf(batch, len(spec.feature_names)).to_dict("records")
     if not ray_dataset:
         return None, rows, batch
-    import ray.data
-    from ray.data.block import BlockAccessor
-
-    return ray.data.from_arrow(BlockAccessor.batch_to_block(batch)), rows, batch
+    return Prepared(None, DataReport(), 0, 0, batch).ray_dataset(), rows, batch
 
 
 def _checked(source: Source, spec: FeatureSpec, columns: list[str], encoded: Any,

@@ -86,6 +86,13 @@ def write_checkpoint(run_dir: str, booster: Any, state: dict[str, Any], keep: in
     return uri
 
 
+def read_checkpoint_state(uri: str) -> dict[str, Any]:
+    """The training state of a checkpoint folder alone (no booster: no XGBoost to import)."""
+    fs, root = filesystem(uri)
+    with fs.open_input_stream(f"{root.rstrip('/')}/{STATE_FILE}") as f:
+        return json.loads(f.read())
+
+
 def read_checkpoint(uri: str) -> tuple[Any, dict[str, Any]]:
     """The booster and training state of a checkpoint folder (either engine's), without Ray Train."""
     import xgboost as xgb

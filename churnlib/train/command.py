@@ -147,8 +147,9 @@ def train(
         say(f"data: reading and validating {source.uri} ({len(source.files)} {source.format} file(s), {source.size_bytes / 1e6:.1f} MB)")
         prepared = prepare(
             source, spec, columns, cfg.model.validation_split, cfg.model.random_state, cfg.training.materialize,
-            # Ray only if the table cannot be read here after all (its problem is named on Ray Data)
-            ray_dataset=not here, before_ray=start_ray if here else None,
+            # Ray only if the table cannot be read here after all (its problem is named on Ray Data);
+            # a Ray Dataset only for Ray Train (below): the one task takes the driver's arrays
+            ray_dataset=False, before_ray=start_ray if here else None,
         )
         if here and prepared.local is None:
             here = False
@@ -192,7 +193,7 @@ def train(
                 task = TaskRun(cfg, prepared, loop_config(cfg, spec, relay.sink), here=here)
                 run_fit, newest = task.fit, task.latest_checkpoint
             else:
-                trainer = build_trainer(cfg, prepared.dataset, loop_config(cfg, spec, relay.sink))
+                trainer = build_trainer(cfg, prepared.ray_dataset(), loop_config(cfg, spec, relay.sink))
                 run_fit, newest = (lambda: fit(trainer)), (lambda: latest_checkpoint(trainer))
             try:
                 with (reserve() if here and reserve is not None else contextlib.nullcontext()):

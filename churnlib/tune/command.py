@@ -193,7 +193,9 @@ def tune(
 
     t0 = time.perf_counter()
     say(f"data: reading and validating {source.uri}")
-    prepared = prepare(source, spec, columns, cfg.model.validation_split, cfg.model.random_state, True)
+    # a Ray Dataset only for Ray Train trials (below): one-task trials take the driver's arrays
+    prepared = prepare(source, spec, columns, cfg.model.validation_split, cfg.model.random_state, True,
+                       ray_dataset=False)
     timings["prepare_s"] = time.perf_counter() - t0
     rows = {"train": float(prepared.train_rows), "valid": float(prepared.valid_rows)}
     # A small table: every trial boosts in its own process (the one-task engine, no Ray Train
@@ -246,7 +248,8 @@ def tune(
     os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", str(TRIAL_STOP_GRACE_S))
     trainable = ray_tune.with_resources(
         ray_tune.with_parameters(run_trial, base=cfg.model_dump(mode="json"), spec=spec.to_dict(),
-                                 dataset=None if one_task else prepared.dataset, train_storage=f"{sweep_path}/train",
+                                 dataset=None if one_task else prepared.ray_dataset(),
+                                 train_storage=f"{sweep_path}/train",
                                  table=task_table(prepared) if one_task else None),
         resources=trial_resources(cfg, one_task),
     )

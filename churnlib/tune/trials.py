@@ -15,6 +15,7 @@ from churnlib.data.features import FeatureSpec
 from churnlib.figures import log_figure, pyplot
 from churnlib.tags import TAG_COMMAND, TAG_SWEEP, TAG_TRIAL, TAG_TRIAL_STATUS
 from churnlib.tracking import grouped, history_key, log_params_flat
+from churnlib.train.checkpoints import read_checkpoint_state
 from churnlib.train.loop import score_key
 from churnlib.errors import TrainingError
 from churnlib.train.task import boost_here, output_of, threads
@@ -202,14 +203,16 @@ class MlflowTrials:
         rounds = int(last.get("rounds", 0))
         score = last.get(_score(self.stopping_metric))
         if last.get("finished") and last.get("checkpoint_path"):
-            out = load_trial_checkpoint(last["checkpoint_path"])
-            _, summary = outcome_metrics(out.state, out.full_rounds)
-            _log_history_except(client, run_id, out.state["history"], self.logged_steps.get(trial.trial_id, set()))
+            # the state alone: the booster (and XGBoost's import in this process, a second) is
+            # for the best trial's model only
+            state, full_rounds = trial_state(last["checkpoint_path"])
+            _, summary = outcome_metrics(state, full_rounds)
+            _log_history_except(client, run_id, state["history"], self.logged_steps.get(trial.trial_id, set()))
             summary.update({f"{k}_rows": v for k, v in self.rows.items()})
             _log_final(client, run_id, list(summary.items()))
             score = summary.get(_score(self.stopping_metric), score)
-            status = (f"completed: early-stopped by XGBoost at round {out.full_rounds}" if out.state["stopped_early"]
-                      else f"completed: all {out.full_rounds} rounds")
+            status = (f"completed: early-stopped by XGBoost at round {full_rounds}" if state["stopped_early"]
+                      else f"completed: all {full_rounds} rounds")
         else:
             status = f"stopped early by ASHA at round {rounds}"
         client.set_tag(run_id, TAG_TRIAL_STATUS, status)
@@ -260,6 +263,16 @@ def trial_run_name(trial_id: str, config: dict[str, Any]) -> str:
 
 def _score(metric: str) -> str:
     return score_key(metric)
+
+
+def trial_state(path: str) -> tuple[dict[str, Any], int]:
+    """A trial's final checkpoint -> its training state and the rounds it boosted (one history
+    entry per round; the booster is read only when the history is empty)."""
+    state = read_checkpoint_state(path)
+    rounds = max((len(values) for values in state.get("history", {}).values()), default=0)
+    if rounds == 0:
+        return state, load_trial_checkpoint(path).full_rounds
+    return state, rounds
 
 
 def load_trial_checkpoint(path: str):
