@@ -178,7 +178,19 @@ def ray_to_join(ray_cfg: RayConfig, workspace: Path | None = None) -> bool:
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS") or None
     if address:
         return address != "local"
-    return workspace is not None and running(workspace) is not None
+    return workspace_to_join(ray_cfg, workspace) is not None
+
+
+def workspace_to_join(ray_cfg: RayConfig, workspace: Path | None = None) -> Instance | None:
+    """The workspace's instance (``churn up``) when it is the one ``ensure_ray`` would join: it is
+    up, no ``ray.address``/RAY_ADDRESS names another, and this process has no Ray connection of
+    its own. Ray is not imported for the answer."""
+    ray = sys.modules.get("ray")
+    if workspace is None or (ray is not None and ray.is_initialized()):
+        return None
+    if ray_cfg.address or os.environ.get("RAY_ADDRESS"):
+        return None
+    return running(workspace)
 
 
 def on_workspace_instance() -> Instance | None:

@@ -141,6 +141,14 @@ def _summary_udf(batch: dict[str, np.ndarray], n_features: int) -> pd.DataFrame:
     return pd.DataFrame({"summary": [json.dumps(out)]})
 
 
+def _to_dataset(batch: dict[str, np.ndarray]) -> Any:
+    """Encoded arrays as a materialized Ray Dataset (one block in Ray's object store)."""
+    import ray.data
+    from ray.data.block import BlockAccessor
+
+    return ray.data.from_arrow(BlockAccessor.batch_to_block(batch))
+
+
 @dataclass
 class Prepared:
     """The encoded table (``X``, ``y``, ``is_valid``, ``flags``) and what validation found."""
@@ -156,10 +164,7 @@ class Prepared:
         made from the driver's copy on first use when it was prepared without one (one block in
         Ray's object store; 0.9 s for 100,000 rows that only Ray Train needs)."""
         if self.dataset is None and self.local is not None:
-            import ray.data
-            from ray.data.block import BlockAccessor
-
-            self.dataset = ray.data.from_arrow(BlockAccessor.batch_to_block(self.local))
+            self.dataset = _to_dataset(self.local)
         return self.dataset
 
     def profile(self, spec: FeatureSpec, max_rows: int, seed: int = 0) -> dict[str, Any]:
@@ -242,7 +247,7 @@ def _prepare_local(source: Source, spec: FeatureSpec, columns: list[str], valida
     rows = _summary_udf(batch, len(spec.feature_names)).to_dict("records")
     if not ray_dataset:
         return None, rows, batch
-    return Prepared(None, DataReport(), 0, 0, batch).ray_dataset(), rows, batch
+    return _to_dataset(batch), rows, batch
 
 
 def _checked(source: Source, spec: FeatureSpec, columns: list[str], encoded: Any,

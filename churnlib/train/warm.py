@@ -38,7 +38,6 @@ import hashlib
 import os
 import pickle
 import signal
-import sys
 import threading
 import time
 import uuid
@@ -47,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from churnlib import interrupts
 from churnlib.errors import ChurnError, ResourceError, TrainingError, one_line, root_cause
-from churnlib.runtime import ensure_ray, on_workspace_instance, running
+from churnlib.runtime import ensure_ray, on_workspace_instance, workspace_to_join
 from churnlib.train.result import TrainResult
 
 if TYPE_CHECKING:
@@ -79,12 +78,7 @@ def eligible(cfg: Config) -> Instance | None:
     trainer's to judge (it declines a large one)."""
     if cfg.training.engine != "auto" or cfg.ray.use_gpu or not cfg.training.materialize:
         return None
-    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
-        return None
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        return None
-    return running(cfg.workspace_path)
+    return workspace_to_join(cfg.ray, cfg.workspace_path)
 
 
 # The trainer (a detached Ray actor on the workspace instance) -----------------------------------
@@ -135,16 +129,6 @@ def _environment(env: dict[str, str], cwd: str) -> Iterator[None]:
         os.environ.update(saved)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _portable(exc: BaseException) -> BaseException:
     """``exc`` as it can travel to the command: itself if it pickles, else a TrainingError line."""
     try:
@@ -191,7 +175,9 @@ class WorkspaceTrainer:
 
     def _check(self, run: _Run) -> None:
         """Between two rounds (and at every line): the command's signal, or the command gone."""
-        if run.stop is None and not _alive(run.cli_pid):
+        import psutil
+
+        if run.stop is None and not psutil.pid_exists(run.cli_pid):
             run.stop = signal.SIGTERM
         if run.stop is not None and run.stop > 0:
             signum, run.stop = run.stop, -run.stop  # raised once; the cleanup's own lines still pass
