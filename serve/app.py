@@ -327,7 +327,8 @@ class ChurnService:
             )
             self._log = LogWriter(log["uri"], log["spool_dir"], batch_rows=log["batch_rows"],
                                   flush_interval_s=log["flush_interval_s"], queue_max=log["queue_max"],
-                                  retry_s=log["retry_s"], on_count=lambda kind, n: rows.inc(n, tags={"kind": kind}))
+                                  retry_s=log["retry_s"], on_count=lambda kind, n: rows.inc(n, tags={"kind": kind}),
+                                  close_timeout_s=self._close_timeout_s())
         self._live: Optional[LiveWindow] = None
         self._live_version: Optional[str] = None
         self._live_psi = metrics.Gauge(
@@ -633,6 +634,10 @@ class ChurnService:
             contact=None if decided is None else decided[1], expected_value=None if decided is None else decided[0],
             X=X, latency_ms=latency_ms))
 
+    def _close_timeout_s(self) -> float:
+        """How long the log's loader may load what is left as the replica stops."""
+        return max(5.0, float(self._settings.get("shutdown_grace_s") or 0))
+
     def __del__(self):
         """Serve calls this when the replica stops: the alias poll ends, the log's queue is flushed
         (into the database, or the spool when it is down)."""
@@ -640,7 +645,7 @@ class ChurnService:
         if stop is not None:
             stop.set()
         if getattr(self, "_log", None) is not None:
-            counts = self._log.close(timeout=max(5.0, float(self._settings.get("shutdown_grace_s") or 0)))
+            counts = self._log.close(timeout=self._close_timeout_s())
             logger.info("churn: prediction log closed: %s", counts)
             self._log = None
 

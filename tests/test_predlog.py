@@ -262,6 +262,41 @@ def test_a_full_buffer_goes_to_disk_and_nothing_is_dropped(tmp_path):
             str(i) for i in [*range(10), 11]]
 
 
+def test_what_a_stopping_server_finds_in_the_spool_is_loaded_within_its_time_or_said(tmp_path):
+    """`churn serve`'s last step (``serving.runner.load_what_is_left``): rows the replicas' loaders
+    had not loaded are loaded by the stopping process; past its deadline, or with the database
+    down, they stay in the spool and one line says how many and where; the stop never raises."""
+    from churnlib.predlog.writer import spooled_rows
+    from churnlib.serving.runner import load_what_is_left
+
+    dead_uri = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"
+    writer = LogWriter(dead_uri, tmp_path / "spool", batch_rows=10, flush_interval_s=0.05, retry_s=60)
+    for k in range(3):
+        writer.record(_answered(10 * k))
+        assert writer.flush(10, loaded=False)  # one file per request
+    writer.close(timeout=0.5)
+    _wait_unlocked(tmp_path / "spool")
+    assert spooled_rows(tmp_path / "spool") == 30
+    said: list[str] = []
+    # the database down: nothing loaded, nothing lost, said in one line without a traceback
+    assert load_what_is_left(dead_uri, str(tmp_path / "spool"), time.monotonic() + 5, said.append) == 0
+    assert len(said) == 1 and "30 answered records wait in the spool" in said[0] and "\n" not in said[0]
+    assert spooled_rows(tmp_path / "spool") == 30
+    uri = f"sqlite:///{tmp_path / 'log.db'}"
+    # the time already up: nothing loaded (a file is never started past the deadline)
+    said.clear()
+    assert load_what_is_left(uri, str(tmp_path / "spool"), time.monotonic() - 1, said.append) == 0
+    assert spooled_rows(tmp_path / "spool") == 30 and "30 answered records wait" in said[0]
+    # in time: every row, once, in answer order, and the spool empty
+    said.clear()
+    assert load_what_is_left(uri, str(tmp_path / "spool"), time.monotonic() + 30, said.append) == 30
+    assert said == ["serve: the prediction log took the last 30 records its loaders had left in the spool"]
+    assert spooled_rows(tmp_path / "spool") == 0
+    with LogStore(uri).engine.connect() as conn:
+        got = [r[0] for r in conn.execute(sa.text("SELECT customer_id FROM predictions ORDER BY id"))]
+    assert got == [str(i) for i in range(30)]
+
+
 def test_a_batch_still_loading_at_close_stays_on_disk_and_lands_once(tmp_path):
     """The database holds the loader's insert (another connection keeps SQLite's write lock) when
     the writer closes: the loader is stopped, its file stays in the spool; loaded later, every row

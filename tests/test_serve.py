@@ -839,7 +839,9 @@ def test_churn_serve_stops_cleanly_under_load(lab, champion, signame, group):
         logged = conn.execute(sa.select(sa.func.count()).select_from(predictions)
                               .where(predictions.c.request_id == tag)).scalar()
     store.close()
-    assert logged == 50 * traffic.ok
+    from churnlib.predlog.writer import spooled_rows
+    assert logged == 50 * traffic.ok, (logged, 50 * traffic.ok, spooled_rows(make_config(lab["ws"]).spool_path),
+                                       err[-2000:])
 
 
 def test_a_killed_replica_loses_no_request(lab, champion):

@@ -42,6 +42,7 @@ counted, never silent.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime as dt
 import fcntl
 import json
@@ -290,7 +291,7 @@ class LogWriter:
 
     def __init__(self, uri: str, spool_dir: str | os.PathLike, batch_rows: int = 500, flush_interval_s: float = 0.5,
                  queue_max: int = 100_000, retry_s: float = 2.0,
-                 on_count: Callable[[str, int], None] | None = None):
+                 on_count: Callable[[str, int], None] | None = None, close_timeout_s: float = 5.0):
         LogStore(uri).close()  # a URI that is not one: one line now, not in the loader later
         self.uri = uri
         self.spool = Spool(spool_dir)
@@ -299,6 +300,7 @@ class LogWriter:
         self.queue_max = queue_max
         self.retry_s = retry_s
         self.on_count = on_count
+        self.close_timeout_s = close_timeout_s  # loading at an exit without close (see _at_exit)
         self.counts = dict.fromkeys(COUNTS, 0)
         self.down: str | None = None  # why the database is unavailable, as the loader last said
         self._count_lock = threading.Lock()
@@ -323,7 +325,7 @@ class LogWriter:
 
     def _at_exit(self) -> None:
         if not self._closed:
-            self.close(timeout=5.0)  # durable within milliseconds; then loading for up to 5 s
+            self.close(timeout=self.close_timeout_s)  # durable within milliseconds; then loading
 
     def _count(self, kind: str, n: int) -> None:
         if n <= 0:
@@ -490,10 +492,11 @@ class LogWriter:
                 logger.exception("churn: prediction log writer failed")
 
 
-def replay_orphans(uri: str, spool_dir: str | os.PathLike) -> int:
+def replay_orphans(uri: str, spool_dir: str | os.PathLike, until: float | None = None) -> int:
     """Load what writers that are gone left in ``spool_dir`` into the log, oldest first -> how
     many rows (0 when there is nothing). For readers of the log (``churn monitor``) on the
-    machine that served. A database that fails leaves the rest for the next writer."""
+    machine that served, and for `churn serve` as it stops. A database that fails, or
+    ``time.monotonic()`` past ``until`` before a file, leaves the rest for the next writer."""
     root = Path(spool_dir)
     if not root.is_dir() or not any(p.is_dir() and p.name != "rejected" for p in root.iterdir()):
         return 0
@@ -504,6 +507,8 @@ def replay_orphans(uri: str, spool_dir: str | os.PathLike) -> int:
         if spool.files():
             store.migrate()
             for path in spool.files():
+                if until is not None and time.monotonic() > until:
+                    break
                 batch = spool.read(path)
                 try:
                     store.insert_prediction_rows(batch.rows(store.dialect == "sqlite"))
@@ -516,3 +521,17 @@ def replay_orphans(uri: str, spool_dir: str | os.PathLike) -> int:
         spool.close()
         store.close()
     return done
+
+
+def spooled_rows(spool_dir: str | os.PathLike) -> int:
+    """Rows waiting on disk in ``spool_dir``, in every writer's folder (the rejected aside)."""
+    root = Path(spool_dir)
+    if not root.is_dir():
+        return 0
+    n = 0
+    for path in root.glob("*/*.npz"):
+        if path.parent.name == "rejected":
+            continue
+        with contextlib.suppress(OSError, ValueError, KeyError), np.load(path, allow_pickle=False) as z:
+            n += len(z["probability"])
+    return n

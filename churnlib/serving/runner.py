@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from churnlib import tracking
-from churnlib.errors import ConfigError, ServeError
+from churnlib.errors import ConfigError, LogStoreError, ServeError, first_line
 from churnlib.predlog.store import safe_uri
+from churnlib.predlog.writer import replay_orphans, spooled_rows
 from churnlib.runtime import check_port_free, ensure_ray, on_workspace_instance, ray_to_join, running
 from churnlib.serving.haproxy import (
     haproxy_processes,
@@ -55,6 +56,7 @@ class Started:
     high_throughput: bool
     state_dir: Path | None = None  # HAProxy's private state folder
     owns_serve: bool = False  # the workspace instance: Serve (controller, proxies) stops with this server
+    log: tuple[str, str] | None = None  # the prediction log's (URI, spool folder) when answers are recorded
 
 
 def start(cfg: Config, builder_args: dict[str, Any], port: int, verbose: bool = False,
@@ -89,7 +91,8 @@ def start(cfg: Config, builder_args: dict[str, Any], port: int, verbose: bool = 
         raise
     host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
     return Started(f"http://{host}:{port}", port, local, high_throughput, state,
-                   owns_serve=on_workspace_instance() is not None)
+                   owns_serve=on_workspace_instance() is not None,
+                   log=(cfg.log_uri, str(cfg.spool_path)) if cfg.monitoring.log_serving else None)
 
 
 def ray_failure() -> str | None:
@@ -143,7 +146,31 @@ def stop(started: Started, grace_s: float, say: Callable[[str], None]) -> dict[s
         with contextlib.suppress(Exception):
             serve.delete(APP_NAME)
     cleanup(started)
+    if started.local and started.log is not None:
+        load_what_is_left(*started.log, until=time.monotonic() + max(2.0, grace_s), say=say)
     return {"seconds": time.monotonic() - t0, "unfinished": unfinished}
+
+
+def load_what_is_left(uri: str, spool_dir: str, until: float, say: Callable[[str], None]) -> int:
+    """After the replicas of this process's own instance are gone: load into the prediction log
+    what their loaders had not loaded yet (Ray kills a worker's children as it exits; a loader
+    started again at the writer's close can run out of time on a loaded machine), within
+    ``until``. What is left then (time up, the database down) stays in the spool for the next
+    writer or `churn monitor`, and is said. -> rows loaded here."""
+    done, why = 0, ""
+    try:
+        done = replay_orphans(uri, spool_dir, until=until)
+    except LogStoreError as exc:
+        why = f" ({exc})"
+    except Exception as exc:  # noqa: BLE001 - the database unreachable: the rows wait on disk, the stop goes on
+        why = f" (prediction log at {safe_uri(uri)}: {first_line(exc)})"
+    if done:
+        say(f"serve: the prediction log took the last {done} records its loaders had left in the spool")
+    left = spooled_rows(spool_dir)
+    if left:
+        say(f"serve: {left} answered records wait in the spool {spool_dir}{why}; the next `churn serve` "
+            "or `churn monitor` loads them")
+    return done
 
 
 def end_replicas(timeout_s: float) -> int:
