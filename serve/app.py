@@ -490,12 +490,9 @@ class ChurnService:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _records(self, request: Request, explain: bool = False):
+    async def _records(self, request: Request):
         self._authorize(request)
-        body = await self._body(request)
-        if explain:
-            return self._validator.parse(body, self._validator.limits.max_explain_records, "serve.max_explain_records")
-        return self._validator.parse(body)
+        return self._validator.parse(await self._body(request))
 
     def _matrix(self, model: LoadedVersion, records: list[dict]) -> np.ndarray:
         try:
@@ -819,15 +816,26 @@ class ChurnService:
               responses=_answers(ExplainAnswer, "P(churn) with its SHAP contributions and top reasons"))
     async def explain_records(self, request: Request):
         try:
-            parsed = await self._records(request, explain=True)
+            self._authorize(request)
+            body = await self._body(request)
+        except RequestError as exc:
+            return self._error(exc)
+        # Everything after the read runs on the explain thread: validating thousands of records,
+        # building their matrix and writing their answers hold the GIL for as long as SHAP itself,
+        # and on the event loop they would hold up every /predict behind them.
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._explain_pool, self._explain_body, body, request)
+
+    def _explain_body(self, body: bytes, request: Request) -> Response:
+        try:
+            parsed = self._validator.parse(body, self._validator.limits.max_explain_records,
+                                           "serve.max_explain_records")
             model = self._ready_model()
             started = time.perf_counter()
             X = self._matrix(model, parsed.records)
         except RequestError as exc:
             return self._error(exc)
-        loop = asyncio.get_running_loop()
-        answers = await loop.run_in_executor(self._explain_pool, self._explain, model, X, parsed.ids, started,
-                                             request)
+        answers = self._explain(model, X, parsed.ids, started, request)
         return _json(answers[0] if parsed.single else answers)
 
     def _describe_rollout(self) -> Optional[dict[str, Any]]:
