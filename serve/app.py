@@ -478,7 +478,9 @@ class ChurnService:
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     async def _body(self, request: Request) -> bytes:
-        """The body, refused (413) past ``serve.max_body_bytes`` before more of it is read."""
+        """The body of an authorized request (401 first), refused (413) past
+        ``serve.max_body_bytes`` before more of it is read."""
+        self._authorize(request)
         declared = request.headers.get("content-length")
         if declared and declared.isdigit():
             self._validator.check_size(int(declared))
@@ -491,7 +493,6 @@ class ChurnService:
         return b"".join(chunks)
 
     async def _records(self, request: Request):
-        self._authorize(request)
         return self._validator.parse(await self._body(request))
 
     def _matrix(self, model: LoadedVersion, records: list[dict]) -> np.ndarray:
@@ -816,7 +817,6 @@ class ChurnService:
               responses=_answers(ExplainAnswer, "P(churn) with its SHAP contributions and top reasons"))
     async def explain_records(self, request: Request):
         try:
-            self._authorize(request)
             body = await self._body(request)
         except RequestError as exc:
             return self._error(exc)
