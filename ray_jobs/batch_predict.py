@@ -6,7 +6,7 @@ give s3:// paths for --input and --output on more than one node.
 
 import sys
 
-from churnlib.cli import main
+from churnlib.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main(["predict", *sys.argv[1:]]))
+    run(["predict", *sys.argv[1:]])

@@ -6,7 +6,7 @@ A failed gate exits 3 (after logging), so a pipeline can stop on it.
 
 import sys
 
-from churnlib.cli import main
+from churnlib.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main(["evaluate", *sys.argv[1:]]))
+    run(["evaluate", *sys.argv[1:]])

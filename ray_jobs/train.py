@@ -5,7 +5,7 @@ Inside a Ray job, RAY_ADDRESS is set, so training joins the job's cluster.
 
 import sys
 
-from churnlib.cli import main
+from churnlib.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    run(["train", *sys.argv[1:]])

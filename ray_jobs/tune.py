@@ -6,7 +6,7 @@ on more than one node, training.storage_path must be shared storage (s3://).
 
 import sys
 
-from churnlib.cli import main
+from churnlib.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main(["tune", *sys.argv[1:]]))
+    run(["tune", *sys.argv[1:]])

@@ -176,6 +176,41 @@ def test_sigterm_asks_a_librarys_own_sigint_handler_first():
 
 # HAProxy, private to one server -------------------------------------------------------------------
 
+def test_the_quick_exit_still_does_what_an_ordinary_exit_does_for_the_outside(tmp_path):
+    """`churn` ends without the interpreter's teardown, but what others see of an exit is there:
+    a non-daemon thread finishes, a ThreadPoolExecutor's queued work runs (its exit hook ends
+    the workers; a plain join of its threads would wait for ever), atexit handlers run, the
+    buffered stdout and stderr arrive, and the exit code is the command's."""
+    script = textwrap.dedent(f"""
+        import atexit, sys, threading, time
+        from concurrent.futures import ThreadPoolExecutor
+        from pathlib import Path
+        from churnlib.cli import exit_without_teardown
+        out = Path({str(tmp_path)!r})
+        threading.Thread(target=lambda: (time.sleep(0.3), (out / "thread").write_text("done"))).start()
+        pool = ThreadPoolExecutor(2)
+        pool.submit(lambda: (time.sleep(0.3), (out / "pool").write_text("done")))
+        atexit.register(lambda: (out / "atexit").write_text(str((out / "thread").exists())))
+        sys.stdout.write("result on stdout, no newline, not flushed")
+        sys.stderr.write("a line on stderr")
+        exit_without_teardown(3)
+    """)
+    res = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 3, res.stderr
+    assert res.stdout == "result on stdout, no newline, not flushed"
+    assert res.stderr == "a line on stderr"
+    assert (tmp_path / "thread").read_text() == "done"
+    assert (tmp_path / "pool").read_text() == "done"
+    assert (tmp_path / "atexit").read_text() == "True"  # after the threads, as at an ordinary exit
+
+
+def test_churn_exits_with_mains_code_for_usage_errors_and_help():
+    for args, code in ((["--help"], 0), (["train", "--no-such-flag"], 2), (["models", "list", "--set", "x"], 2)):
+        res = subprocess.run([sys.executable, "-m", "churnlib", *args], cwd=REPO, capture_output=True, text=True,
+                             timeout=60)
+        assert res.returncode == code, (args, res.stderr)
+        assert (res.stdout if code == 0 else res.stderr).strip(), args
+
 def test_haproxy_state_is_private_and_its_listeners_on_loopback(tmp_path, monkeypatch):
     from churnlib.serving import haproxy
 
