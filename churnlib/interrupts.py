@@ -97,18 +97,33 @@ def run_in_thread(fn: Any, *args: Any, name: str = "churn-work", **kwargs: Any) 
     here, in the main thread; the helper thread is a daemon and is abandoned
     (its Ray work ends with this process's Ray connection).
     """
-    box: dict[str, Any] = {}
+    return start_in_thread(fn, *args, name=name, **kwargs).result()
 
-    def target() -> None:
+
+class Beside:
+    """Work started on a daemon helper thread (``start_in_thread``) while the main thread does other work."""
+
+    def __init__(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], name: str):
+        self._box: dict[str, Any] = {}
+        self._thread = threading.Thread(target=self._target, args=(fn, args, kwargs), name=name, daemon=True)
+        self._thread.start()
+
+    def _target(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         try:
-            box["result"] = fn(*args, **kwargs)
+            self._box["result"] = fn(*args, **kwargs)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller
-            box["error"] = exc
+            self._box["error"] = exc
 
-    thread = threading.Thread(target=target, name=name, daemon=True)
-    thread.start()
-    while thread.is_alive():
-        thread.join(0.2)
-    if "error" in box:
-        raise box["error"]
-    return box.get("result")
+    def result(self) -> Any:
+        """Wait for it (in short joins: a signal still raises ``Interrupted`` here) and return its
+        result or raise its error."""
+        while self._thread.is_alive():
+            self._thread.join(0.2)
+        if "error" in self._box:
+            raise self._box["error"]
+        return self._box.get("result")
+
+
+def start_in_thread(fn: Any, *args: Any, name: str = "churn-work", **kwargs: Any) -> Beside:
+    """``fn(*args, **kwargs)`` started now on a daemon helper thread; ``.result()`` waits for it."""
+    return Beside(fn, args, kwargs, name)
