@@ -92,7 +92,7 @@ def run(folder: Path, uri: str, retry_s: float, poll_s: float) -> int:
                     _emit(rejected=0, unreadable=f"{path.name}: {first_line(exc)}")
                     continue
                 try:
-                    new = store.insert_prediction_rows(batch.rows(sqlite))
+                    store.insert_prediction_rows(batch.rows(sqlite))
                 except TRANSIENT:
                     raise
                 except sa.exc.SQLAlchemyError as exc:  # the rows themselves: kept aside, counted
@@ -104,7 +104,11 @@ def run(folder: Path, uri: str, retry_s: float, poll_s: float) -> int:
                 path.unlink(missing_ok=True)
                 # a file that waited (the database down) or came from a dead writer: a replay
                 late = path.name in waiting or path.name.startswith("0-")
-                _emit(**{"replayed" if late else "written": new})
+                # Every row of the file counts, the ones the insert skipped too: they are there from
+                # an earlier try whose commit the database took but whose answer was cut (or from a
+                # loader killed before it deleted the file); no loader counted them, since a file's
+                # rows are counted once, here, after it is gone.
+                _emit(**{"replayed" if late else "written": len(batch)})
                 waiting.discard(path.name)
             said_down = False
         except Exception as exc:  # noqa: BLE001 - the database down (or any failure): wait, retry

@@ -19,7 +19,8 @@ reach the database in the order they were answered, whatever happens to it.
 While the database is down (or slower than the traffic) the files wait on
 disk and memory stays bounded; rows carry their ``prediction_id`` (made once,
 with the batch) and inserts skip ids already present, so a file whose commit
-was cut after the database took it is not inserted twice. A batch the
+was cut after the database took it is not inserted twice (and its rows are
+counted once, when the file is gone). A batch the
 database refuses for what it holds (not for being down) is moved to
 ``spool_dir/rejected`` and counted. Loading in the replica's own thread cost
 the service about three times the loading's CPU (the two threads trading the
