@@ -78,6 +78,11 @@ def _unit_starts_no_ray(request: pytest.FixtureRequest):
     yield
     if request.node.get_closest_marker("unit") and not before:
         assert not connected(), f"{request.node.nodeid} is marked unit but connected to Ray"
+    # A command run in this process must leave the caller's Ray connection alone: one that shut
+    # the session's instance down (a sweep's early release did) made later tests' plain
+    # ray.init() (Ray Data's own) attach to a dead recorded cluster and hang for 900 s in CI.
+    if before and "ray_session" in request.fixturenames:
+        assert connected(), f"{request.node.nodeid} disconnected this process from the session's Ray instance"
 
 
 def free_port() -> int:

@@ -187,6 +187,9 @@ def tune(
         say(f"tune: warning: resuming on other data than the sweep started with (--force): digest "
             f"{previous['data_digest']} -> {source.digest}")
     columns = check_columns(source, spec)
+    import ray
+
+    connected_before = ray.is_initialized()  # a caller's instance (an earlier command, a notebook) is theirs
     local = ensure_ray(cfg.ray, verbose=verbose, announce=True, workspace=cfg.workspace_path)
     check_resources(cfg.ray, fixed_resources(local))
     metric, mode = objective(cfg)
@@ -349,7 +352,7 @@ def tune(
     client.set_tag(parent_id, TAG_BEST_TRIAL, best["trial_id"] or "")
     client.log_dict(parent_id, {"metric": metric, "mode": mode, "best": best, "trials": trials}, "tune/trials.json")
     plots = interrupts.start_in_thread(log_plots, client, parent_id, grid, trials, cfg, metric, name="churn-plots")
-    if local and prepared.local is not None:
+    if local and not connected_before and prepared.local is not None:
         # Nothing past the sweep needs the private instance this command started (--register-best
         # scores the validation rows held here): it stops now, waiting for its processes to exit
         # (about 1.5 s) while the plots are drawn, instead of after everything at the exit.
