@@ -138,10 +138,10 @@ def _table(tmp_path, name="t.csv", rows=300, seed=4, edit=None):
     return path
 
 
-def _validate(path, spec=SPEC):
+def _validate(path, spec=SPEC, local=False):
     src = resolve_source(str(path))
     cols = check_columns(src, spec)
-    return validate(src, spec, cols)
+    return validate(src, spec, cols, local=local)
 
 
 def _prepare(path, spec=SPEC):
@@ -163,7 +163,7 @@ BAD_CASES = [
     ("non-numeric", _set("Age", [5, 17, 250], "forty"), r"'Age': 3 row\(s\) with a non-numeric value \(first: 'forty'\)"),
     ("unknown category", _set("Contract Length", [9, 10], "Weekly"), r"'Contract Length': 2 row\(s\) with an unknown category \(first: 'Weekly'"),
     ("bad label", _set("Churn", [3], "maybe"), r"target 'Churn': 1 row\(s\) with a value that is neither 1 nor 0 \(first: 'maybe'\)"),
-    ("empty label", _set("Churn", [3, 4], None), r"target 'Churn': 2 row\(s\)"),
+    ("empty label", _set("Churn", [3, 4], None), r"target 'Churn': 2 row\(s\) .* \(first: an empty cell\)$"),
     ("single class", _set("Churn", slice(None), 0), r"every row is negative \(300 rows\)"),
     ("header only", lambda df: df.head(0), r"the table has no rows"),
 ]
@@ -176,6 +176,10 @@ def test_each_bad_case_is_one_line(ray_session, tmp_path, case, edit, pattern, f
     with pytest.raises(DataError, match=pattern) as err:
         _validate(path)
     assert "\n" not in str(err.value)
+    # in the command's own process (a small table evaluated there): the same line
+    with pytest.raises(DataError) as here:
+        _validate(path, local=True)
+    assert str(here.value) == str(err.value)
     # training's one-pass path reports the same problem
     with pytest.raises(DataError, match=pattern):
         _prepare(path)
@@ -199,6 +203,7 @@ def test_blank_cells_are_missing_and_empty_rows_dropped(ray_session, tmp_path):
     path = _table(tmp_path, edit=edit)
     report = _validate(path)
     assert report.rows == 300 and report.empty_rows == 2 and report.usable_rows == 298
+    assert _validate(path, local=True).to_dict() == report.to_dict()
     assert report.missing["Total Spend"] == 3 and report.missing["Gender"] == 1 and report.missing["Age"] == 0
     prepared = _prepare(path)
     assert prepared.report.empty_rows == 2 and prepared.report.missing == report.missing

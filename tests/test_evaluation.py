@@ -366,6 +366,32 @@ def test_bad_input_is_one_line_and_leaves_no_running_run(store, case):
     assert no_running_runs(cfg)
 
 
+@pytest.mark.parametrize("case", ["non_numeric", "unknown_category"])
+def test_cli_bad_values_in_a_small_table_are_named_without_ray(store, case):
+    """A small table is scored in the command's own process; when a value is bad, finding and naming
+    it stays there too. Ray's auto-connect is off in this command: had the check gone to Ray Data
+    (CI: Ray Data's own plain ray.init() attached to a dead recorded cluster and hung for 900 s),
+    the command would fail for that, not name the value."""
+    raw = next(iter_chunks(400, seed=5, chunk_rows=400))
+    if case == "non_numeric":
+        raw = raw.astype({"Age": object})
+        raw.loc[9, "Age"] = "forty"
+        raw.loc[31, "Age"] = "fifty"
+        want = "column 'Age': 2 row(s) with a non-numeric value (first: 'forty')"
+    else:
+        raw = raw.astype({"Gender": object})
+        raw.loc[7, "Gender"] = "Robot"
+        want = "column 'Gender': 1 row(s) with an unknown category (first: 'Robot'; allowed: "
+    path = _bad_data(store, f"cli-{case}.csv", raw)
+    res = run_cli("evaluate", "--model-uri", store["good"], "--data", str(path),
+                  "--set", f"workspace={store['ws'] / '.churn'}", cwd=store["ws"],
+                  env={"RAY_ENABLE_AUTO_CONNECT": "0", "RAY_ADDRESS": ""})
+    assert res.returncode == 2, res.stderr[-2000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {path}: {want}") and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert no_running_runs(store["cfg"])
+
+
 def test_cli_missing_model_exits_2_before_anything_starts(store):
     res = run_cli("evaluate", "--model-uri", "models:/no_such_model/3", "--data", str(store["test"]),
                   "--set", f"workspace={store['ws'] / '.churn'}", cwd=store["ws"])

@@ -21,7 +21,7 @@ from churnlib.data.features import (
     encode_target,
     parse_numeric,
 )
-from churnlib.data.sources import Source, read_raw
+from churnlib.data.sources import Source, iter_frames, read_raw
 from churnlib.errors import DataError, strip_ansi
 
 
@@ -66,7 +66,7 @@ class DataReport:
         if n:
             out.append(
                 f"target {spec.target!r}: {n} row(s) with a value that is neither "
-                f"{spec.positive!r} nor {spec.negative!r} (first: {first!r})"
+                f"{spec.positive!r} nor {spec.negative!r} (first: {'an empty cell' if first is None else repr(first)})"
             )
         if not out and (self.positives == 0 or self.negatives == 0):
             only = "positive" if self.positives else "negative"
@@ -107,6 +107,8 @@ def _first(series: pd.Series, mask: np.ndarray) -> Any:
     if not len(idx):
         return None
     value = series.iloc[idx[0]]
+    if value is None or (not isinstance(value, str) and bool(pd.isna(value))):
+        return None  # an empty cell, however the reader holds it (None, NaN, pd.NA)
     return value.item() if hasattr(value, "item") else value
 
 
@@ -158,8 +160,28 @@ def _collect_stats(ds, spec: FeatureSpec, columns: list[str], with_target: bool)
     return report
 
 
-def validate(source: Source, spec: FeatureSpec, columns: list[str], with_target: bool = True) -> DataReport:
-    """One pass over the data; a DataError (one line) for the first fatal problem."""
+LOCAL_BATCH_ROWS = 65_536
+
+
+def _collect_local(source: Source, spec: FeatureSpec, columns: list[str], with_target: bool) -> DataReport:
+    """The same counts, in this process: the table as ``read_raw(typed=False)`` reads it (numeric
+    cells as text, so that every non-numeric cell is counted), batch after batch."""
+    report = DataReport()
+    for df in iter_frames(source, spec, columns, LOCAL_BATCH_ROWS):
+        report.merge(batch_stats(df, spec, columns, with_target))
+    return report
+
+
+def validate(source: Source, spec: FeatureSpec, columns: list[str], with_target: bool = True,
+             local: bool = False) -> DataReport:
+    """One pass over the data; a DataError (one line) for the first fatal problem.
+
+    ``local``: in this process, without Ray (a small table the caller read here, on a path that
+    started no Ray instance: Ray Data would otherwise start one by itself with a plain
+    ``ray.init()``, which attaches to whatever cluster this machine has on record, even a dead one)."""
+    if local:
+        report = _collect_local(source, spec, columns, with_target)
+        return _raise_problems(source, spec, report, with_target)
     try:
         report = _collect_stats(read_raw(source, spec, columns), spec, columns, with_target)
     except Exception as exc:  # noqa: BLE001
@@ -171,6 +193,10 @@ def validate(source: Source, spec: FeatureSpec, columns: list[str], with_target:
             report = _collect_stats(read_raw(source, spec, columns, typed=False), spec, columns, with_target)
         except Exception as exc2:  # noqa: BLE001
             raise as_data_error(exc2, source) from None
+    return _raise_problems(source, spec, report, with_target)
+
+
+def _raise_problems(source: Source, spec: FeatureSpec, report: DataReport, with_target: bool) -> DataReport:
     problems = report.problems(spec, with_target)
     if problems:
         more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""

@@ -156,11 +156,11 @@ def evaluate(
         if source.format == "csv":
             # the typed read fails on a non-numeric cell: name the column, count and value as
             # `churn train` does (a text read that counts; raises when it finds the problem)
-            validate(source, spec, columns)
+            validate(source, spec, columns, local=local)
         raise as_data_error(exc, source) from None
     timings["score_s"] = time.perf_counter() - t0
     if counts["problems"]:
-        validate(source, spec, columns)  # names the column, the count and the first value
+        validate(source, spec, columns, local=local)  # names the column, the count and the first value
         raise DataError(f"{source.uri}: {counts['problems']} row(s) with bad values")
     raw_sums = sums.pop() if calibrated else None
     if calibrated:
