@@ -454,13 +454,17 @@ def test_explanations_do_not_starve_predictions(lab, deploy):
             assert requests.post(f"{url}/predict", json=rec, timeout=60).status_code == 200
             predicted.append((sent, time.monotonic()))
         assert [f.result() for f in explains] == [200] * 4
-    # while the explanations were still running, predictions went on answering, each in a
-    # small part of the explanations' time (starved, one waits for all of them: ~the whole
-    # window); a ratio, so that a loaded machine slowing both does not change the verdict
+    # While the explanations were still running, predictions went on answering, many of them,
+    # each in a small part of the explanations' time. Starved (the explanations on the event
+    # loop), a prediction gets through only between two explanations, after waiting for one:
+    # a handful in the window, the typical one a quarter of it. Ratios, so that a loaded machine
+    # slowing both does not change the verdict; the median, as one request can be held up by
+    # the machine (CI: the first one, racing the four 700 kB uploads through the proxy, once
+    # took 1.8 s of a 3.9 s window, while 97 others took 12-50 ms).
     window = max(done_explains) - started
-    during = [(a, b) for a, b in predicted if b < max(done_explains)]
-    slowest = max(b - a for a, b in during) if during else window
-    assert len(during) >= 3 and slowest < 0.35 * window, (len(during), slowest, window)
+    waits = sorted(b - a for a, b in predicted if b < max(done_explains))
+    median = waits[len(waits) // 2] if waits else window
+    assert len(waits) >= 10 and median < 0.05 * window, (len(waits), median, window, waits[-5:])
 
 
 def _uri_loader(lab):
