@@ -342,6 +342,7 @@ def cmd_data_generate(args: argparse.Namespace) -> int:
 def cmd_data_validate(args: argparse.Namespace) -> int:
     """`churn data validate`: count every problem per column; exit 2 when the table cannot be used."""
     from churnlib.data.features import FeatureSpec
+    from churnlib.data.preparation import LOCAL_PREPARE_MAX_BYTES
     from churnlib.data.sources import check_columns, resolve_source
     from churnlib.data.validation import validate
 
@@ -349,8 +350,13 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
     spec = FeatureSpec.from_config(cfg.features)
     source = resolve_source(args.path)
     columns = check_columns(source, spec, need_target=not args.no_target)
-    ensure_ray(cfg.ray, verbose=args.verbose, workspace=cfg.workspace_path)
-    report = validate(source, spec, columns, with_target=not args.no_target)
+    # a small table (what `churn train` and `churn evaluate` read in their own process) is counted
+    # here: starting Ray and a Ray Data pass cost more than the counting; scoring.engine: ray_data
+    # sends it to Ray Data as it sends evaluate's scoring
+    local = cfg.scoring.engine != "ray_data" and source.size_bytes <= LOCAL_PREPARE_MAX_BYTES
+    if not local:
+        ensure_ray(cfg.ray, verbose=args.verbose, workspace=cfg.workspace_path)
+    report = validate(source, spec, columns, with_target=not args.no_target, local=local)
     payload = {"path": source.uri, "format": source.format, "files": len(source.files), "digest": source.digest, "valid": True, **report.to_dict()}
 
     def human() -> None:

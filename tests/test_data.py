@@ -270,16 +270,24 @@ def test_a_small_table_prepared_in_the_driver_equals_the_ray_data_pass(ray_sessi
 
 
 def test_cli_validate_exit_codes(ray_session, tmp_path):
-    good = _table(tmp_path, "good.csv")
-    res = run_cli("data", "validate", str(good), "--json", cwd=tmp_path, attach=True)
+    # a small table is counted in the command's process (Ray's auto-connect off: no Ray at all);
+    # scoring.engine=ray_data sends it to Ray Data, with the same answer
+    no_ray = {"RAY_ENABLE_AUTO_CONNECT": "0", "RAY_ADDRESS": ""}
+    good = _table(tmp_path, "good.csv", edit=_set("Total Spend", [4, 5], None))
+    res = run_cli("data", "validate", str(good), "--json", cwd=tmp_path, env=no_ray)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
-    assert out["valid"] and out["rows"] == 300
+    assert out["valid"] and out["rows"] == 300 and out["missing"]["Total Spend"] == 2
+    on_ray = run_cli("data", "validate", str(good), "--json", "--set", "scoring.engine=ray_data", cwd=tmp_path,
+                     attach=True)
+    assert on_ray.returncode == 0 and json.loads(on_ray.stdout) == out, on_ray.stderr
     bad = _table(tmp_path, "bad.csv", edit=_set("Gender", [2], "Other"))
-    res = run_cli("data", "validate", str(bad), cwd=tmp_path, attach=True)
+    res = run_cli("data", "validate", str(bad), cwd=tmp_path, env=no_ray)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [res.stderr.strip()]
     assert res.stderr.startswith("error: ") and "'Gender'" in res.stderr and "'Other'" in res.stderr
+    on_ray = run_cli("data", "validate", str(bad), "--set", "scoring.engine=ray_data", cwd=tmp_path, attach=True)
+    assert on_ray.returncode == 2 and on_ray.stderr == res.stderr
     res = run_cli("data", "validate", str(tmp_path / "nope.csv"), cwd=tmp_path, attach=True)
     assert res.returncode == 2 and "not found" in res.stderr
 
