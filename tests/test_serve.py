@@ -456,15 +456,16 @@ def test_explanations_do_not_starve_predictions(lab, deploy):
         assert [f.result() for f in explains] == [200] * 4
     # While the explanations were still running, predictions went on answering, many of them,
     # each in a small part of the explanations' time. Starved (the explanations on the event
-    # loop), a prediction gets through only between two explanations, after waiting for one:
-    # a handful in the window, the typical one a quarter of it. Ratios, so that a loaded machine
-    # slowing both does not change the verdict; the median, as one request can be held up by
-    # the machine (CI: the first one, racing the four 700 kB uploads through the proxy, once
-    # took 1.8 s of a 3.9 s window, while 97 others took 12-50 ms).
+    # loop, queued ahead of the predictions), a prediction waits for them:
+    # one in the window, waiting 93% of it (measured). Ratios, so that a loaded machine slowing
+    # both does not change the verdict; the median, as one request can be held up by the machine
+    # (CI: the first one, racing the four 700 kB uploads through the proxy, once took 1.8 s of a
+    # 3.9 s window while 97 others took 12-50 ms; another CI run, the other test worker busy:
+    # 14 answered, median 6% of the window). Here, alone: ~100 answered, median under 1%.
     window = max(done_explains) - started
     waits = sorted(b - a for a, b in predicted if b < max(done_explains))
     median = waits[len(waits) // 2] if waits else window
-    assert len(waits) >= 10 and median < 0.05 * window, (len(waits), median, window, waits[-5:])
+    assert len(waits) >= 5 and median < 0.2 * window, (len(waits), median, window, waits[-5:])
 
 
 def _uri_loader(lab):
