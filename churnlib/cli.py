@@ -342,7 +342,7 @@ def cmd_data_generate(args: argparse.Namespace) -> int:
 def cmd_data_validate(args: argparse.Namespace) -> int:
     """`churn data validate`: count every problem per column; exit 2 when the table cannot be used."""
     from churnlib.data.features import FeatureSpec
-    from churnlib.data.preparation import LOCAL_PREPARE_MAX_BYTES
+    from churnlib.data.preparation import reads_locally
     from churnlib.data.sources import check_columns, resolve_source
     from churnlib.data.validation import validate
 
@@ -353,7 +353,7 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
     # a small table (what `churn train` and `churn evaluate` read in their own process) is counted
     # here: starting Ray and a Ray Data pass cost more than the counting; scoring.engine: ray_data
     # sends it to Ray Data as it sends evaluate's scoring
-    local = cfg.scoring.engine != "ray_data" and source.size_bytes <= LOCAL_PREPARE_MAX_BYTES
+    local = reads_locally(source, cfg.scoring.engine)
     if not local:
         ensure_ray(cfg.ray, verbose=args.verbose, workspace=cfg.workspace_path)
     report = validate(source, spec, columns, with_target=not args.no_target, local=local)

@@ -363,6 +363,18 @@ def test_id_column_is_optional_but_read_only_when_every_file_has_it(tmp_path):
     assert check_columns(src_a, SPEC)[0] == "CustomerID"
 
 
+@pytest.mark.unit
+def test_evaluate_and_validate_read_a_table_in_their_process_only_when_small_and_not_sent_to_ray_data(tmp_path, monkeypatch):
+    from churnlib.data import preparation
+    from churnlib.data.preparation import reads_locally
+
+    src = resolve_source(str(_table(tmp_path, "small.csv", rows=200, seed=3)))
+    assert reads_locally(src, "auto") and reads_locally(src, "task")
+    assert not reads_locally(src, "ray_data")  # the user asked for Ray Data
+    monkeypatch.setattr(preparation, "LOCAL_PREPARE_MAX_BYTES", src.size_bytes - 1)
+    assert not reads_locally(src, "auto")  # one byte over: Ray Data's pass
+
+
 # Edge cases of real tables (no Ray needed) ----------------------------------------------------------------
 
 

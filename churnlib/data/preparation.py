@@ -39,6 +39,13 @@ ROW_PROBLEM = 2  # a non-numeric value, unknown level or bad label: fails valida
 LOCAL_PREPARE_MAX_BYTES = 64 * 1024 * 1024
 
 
+def reads_locally(source: Source, scoring_engine: str) -> bool:
+    """Whether `churn evaluate` and `churn data validate` read ``source`` in their own process:
+    a small table (as `churn train` reads it) unless ``scoring.engine`` asks for Ray Data. Starting
+    Ray and a Ray Data pass cost more than reading a few megabytes."""
+    return scoring_engine != "ray_data" and source.size_bytes <= LOCAL_PREPARE_MAX_BYTES
+
+
 def canonical_ids(ids: pd.Series) -> pd.Series:
     """Ids as the split hashes them: integers as int64, whatever the column's dtype in this
     block (an empty cell turns a block's integer ids into floats: 17.0 is still 17), anything

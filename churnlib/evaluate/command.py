@@ -28,7 +28,7 @@ import numpy as np
 
 from churnlib import tracking
 from churnlib.console import say as default_say
-from churnlib.data.preparation import LOCAL_PREPARE_MAX_BYTES
+from churnlib.data.preparation import reads_locally
 from churnlib.data.sources import check_columns, resolve_source
 from churnlib.data.validation import as_data_error, validate
 from churnlib.decision.value import Decision, contact, decision_metrics, row_value
@@ -137,7 +137,7 @@ def evaluate(
     calibrated = model.predictor.calibrator is not None  # then also the scores before calibration
     scoring = {"with_target": True, "keep_features": cfg.evaluation.shap.enabled, "raw_score": calibrated}
     # a small table is scored here: starting Ray and an actor pool would cost more than the scoring
-    local = cfg.scoring.engine != "ray_data" and source.size_bytes <= LOCAL_PREPARE_MAX_BYTES
+    local = reads_locally(source, cfg.scoring.engine)
     files = f"{len(source.files)} {source.format} file(s)"
     if local:
         say(f"data: scoring {source.uri} ({files}) in this process (a small table; scoring.engine: ray_data for "
