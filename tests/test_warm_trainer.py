@@ -79,6 +79,10 @@ def test_the_workspace_trainer_is_warm_right_and_stops_like_a_command(tmp_path):
         assert psutil.Process(first["trainer"]["pid"]).environ()["OMP_NUM_THREADS"] == str(os.cpu_count())
         second = _train(tmp_path, env)
         assert second["trainer"]["pid"] == first["trainer"]["pid"] and second["trainer"]["warm"]
+        # every run boosts in one thread of the trainer: a run on another of the actor's threads
+        # would start another OpenMP pool, and libgomp, with more threads than CPUs, sleeps at its
+        # barriers (33-35 ms a round instead of 29 on 2 cores)
+        assert second["trainer"]["thread"] == first["trainer"]["thread"]
         own = _train(tmp_path, env, "--set", "training.engine=process")
         assert "trainer" not in own and "train: in this process" in own["stderr"]
         for key in ("best_valid_auc", "best_valid_logloss", "best_iteration", "decision_contact_threshold"):
