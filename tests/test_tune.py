@@ -280,3 +280,70 @@ def test_a_sweep_on_ray_train_workers(ray_session, tmp_path):
     for t in result.trials:
         metrics = client.get_run(t["run_id"]).data.metrics
         assert "valid/auc" in metrics, metrics
+
+
+# The trials' MLflow writer (no Ray: Tune's callbacks called as its controller calls them) ----------------
+
+
+def _logger(tmp_path, tracking_uri):
+    from churnlib.tune.trials import MlflowTrials
+
+    client = MlflowClient(tracking_uri)
+    experiment_id = client.create_experiment("sweep")
+    parent = client.create_run(experiment_id, run_name="sweep").info.run_id
+    state = str(tmp_path / "sweep.state.json")
+    return MlflowTrials(tracking_uri, experiment_id, parent, {"xgboost.max_depth": 3}, "sweep", "logloss", state,
+                        {}, {"train": 80.0, "valid": 20.0}), client, parent, state
+
+
+@pytest.mark.unit
+def test_the_callbacks_hand_their_writes_to_one_thread_that_keeps_their_order(tmp_path):
+    from types import SimpleNamespace
+
+    from churnlib.tune.state import read_state
+
+    logger, client, parent, state_path = _logger(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    trials = [SimpleNamespace(trial_id=f"sweep_0000{i}", config={"eta": 0.1 * (i + 1)}, last_result=None)
+              for i in range(2)]
+    for trial in trials:
+        logger.on_trial_start(0, trials, trial)
+        logger.on_trial_start(0, trials, trial)  # Tune starting it again (a restart): still one run
+        for rounds in (5, 10, 15):
+            logger.on_trial_result(0, trials, trial, {"rounds": rounds, "valid_logloss": 1.0 / rounds})
+        trial.last_result = {"rounds": 15}
+        logger.on_trial_complete(0, trials, trial)  # stopped by ASHA (not finished)
+    assert logger.flush(timeout_s=60)
+    runs = client.search_runs([client.get_run(parent).info.experiment_id],
+                              filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert len(runs) == 2
+    for run in runs:
+        assert run.info.status == "FINISHED" and run.data.tags["churn.trial.status"] == "stopped early by ASHA at round 15"
+        history = client.get_metric_history(run.info.run_id, "valid/logloss")
+        assert sorted(m.step for m in history) == [4, 9, 14]
+        assert run.data.params["xgboost.eta"] in ("0.1", "0.2")
+    recorded = read_state(state_path)
+    assert sorted(recorded["trial_runs"]) == [t.trial_id for t in trials]
+    assert recorded["ended_trials"] == [t.trial_id for t in trials]
+    # what Tune pickles with the sweep carries the record, not the thread
+    import pickle
+
+    again = pickle.loads(pickle.dumps(logger))
+    assert again.trial_runs == logger.trial_runs and "_writer" not in again.__dict__
+
+
+@pytest.mark.unit
+def test_a_store_that_fails_stops_the_sweep_at_the_next_callback_in_one_line(tmp_path):
+    from types import SimpleNamespace
+
+    from churnlib.errors import TrainingError
+
+    logger, client, parent, _ = _logger(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (tmp_path / "gone").write_text("")  # the store goes away: its folder is now a file
+    logger.tracking_uri = f"sqlite:///{tmp_path / 'gone' / 'mlflow.db'}"
+    trial = SimpleNamespace(trial_id="sweep_00000", config={"eta": 0.1}, last_result=None)
+    logger.on_trial_start(0, [trial], trial)
+    with pytest.raises(TrainingError, match=r"^writing the trials' runs to MLflow failed: .+") as err:
+        logger.flush(timeout_s=60)
+    assert "\n" not in str(err.value)
+    with pytest.raises(TrainingError, match="writing the trials' runs to MLflow failed"):
+        logger.on_trial_result(0, [trial], trial, {"rounds": 5, "valid_logloss": 0.5})

@@ -102,6 +102,8 @@ TRIAL_STOP_GRACE_S = 5
 # Shortest wait for a trial's CPUs in Tune's queue (a trial ASHA stopped frees them within
 # TRIAL_STOP_GRACE_S).
 TRIAL_QUEUE_FLOOR_S = 10
+# How long a stopped or failed sweep waits for its trials' MLflow writes before ending its run
+FLUSH_ON_STOP_S = 30
 
 
 @dataclass
@@ -288,19 +290,25 @@ def tune(
                     verbose=1 if verbose else 0),
             )
         if resume:
-            attach_logger(tuner, logger)
+            logger = attach_logger(tuner, logger)
         # Tune prints its own tables, config box and TensorBoard hint even at verbose=0: with
         # --verbose they go to stderr with the rest of the human output (stdout stays for
         # --json); without, nowhere (the trial lines above say what a person needs).
         with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(sys.stderr if verbose else devnull):
             grid = tuner.fit()
+        logger.flush()  # every trial's run written and ended before the sweep's is
     except KeyboardInterrupt:
+        # what the trials' runs were given so far lands (their writes are quick), then the sweep ends
+        with contextlib.suppress(Exception):
+            logger.flush(timeout_s=FLUSH_ON_STOP_S)
         write_state(state_path, {"sweep_s": float(read_state(state_path).get("sweep_s", 0.0))
                                   + time.perf_counter() - t0})
         client.set_terminated(parent_id, "KILLED")
         say(f"tune: interrupted; resume with: {resume_command(cfg, name)}")
         raise
     except Exception as exc:  # noqa: BLE001
+        with contextlib.suppress(Exception):
+            logger.flush(timeout_s=FLUSH_ON_STOP_S)
         client.set_tag(parent_id, "error", str(exc)[:5000])
         client.set_terminated(parent_id, "FAILED")
         ours = _ours(exc)  # the resource watch's own line, through Tune's wrapping

@@ -7,6 +7,8 @@ per-iteration history and the summary metrics when it finishes, and its status.
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from typing import Any, Callable
 
@@ -17,7 +19,7 @@ from churnlib.tags import TAG_COMMAND, TAG_SWEEP, TAG_TRIAL, TAG_TRIAL_STATUS
 from churnlib.tracking import grouped, history_key, log_params_flat
 from churnlib.train.checkpoints import read_checkpoint_state
 from churnlib.train.loop import score_key
-from churnlib.errors import TrainingError
+from churnlib.errors import TrainingError, one_line
 from churnlib.train.task import boost_here, output_of, threads
 from churnlib.train.trainer import (
     build_trainer,
@@ -103,11 +105,58 @@ class ResourceWatch:
 # MLflow, from the Tune driver --------------------------------------------------------------------
 
 
+class _Writer:
+    """One thread that makes the sweep's MLflow writes, in the order they were asked for.
+
+    Tune's controller calls the callbacks in its own loop, and a trial (which reports
+    synchronously) waits for that loop: each write made there, a round trip to the store
+    (~10 ms on SQLite per report, ~0.2 s at a trial's start and end), was time every trial
+    spent waiting. The first failure is kept and raised at the next callback and at ``flush``,
+    so a store that goes away still stops the sweep in one line."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="churn-tune-mlflow", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                if self.error is None:
+                    job()
+            except BaseException as exc:  # noqa: BLE001 - kept for the controller's thread
+                self.error = exc
+            finally:
+                self._jobs.task_done()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self.check()
+        self._jobs.put(job)
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise TrainingError(f"writing the trials' runs to MLflow failed: {one_line(self.error)}")
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait for every write asked for so far (at most ``timeout_s``); raise the first failure.
+        False when the writes did not end in time."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while self._jobs.unfinished_tasks:
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        self.check()
+        return True
+
+
 class MlflowTrials:
     """Tune callback: one MLflow child run per trial, nested under the sweep's parent run.
 
     Runs in this (the driver's) process; picklable, as Tune keeps it in the
-    sweep's state for a resume.
+    sweep's state for a resume. The callbacks print at once and hand their MLflow
+    writes to one thread (``_Writer``); ``flush`` waits for them.
     """
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, base_params: dict[str, Any],
@@ -129,9 +178,27 @@ class MlflowTrials:
         self._last_said: dict[str, float] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
+        with self._lock():
+            state = {k: v for k, v in self.__dict__.items() if k not in ("_writer", "_state_lock", "_starting")}
+            state["trial_runs"] = dict(self.trial_runs)
+            state["logged_steps"] = {k: set(v) for k, v in self.logged_steps.items()}
         state["say"] = None
         return state
+
+    def _lock(self) -> threading.Lock:
+        if "_state_lock" not in self.__dict__:
+            self.__dict__["_state_lock"] = threading.Lock()
+        return self.__dict__["_state_lock"]
+
+    def _submit(self, job: Callable[[], None]) -> None:
+        if "_writer" not in self.__dict__:  # made here, not pickled: an unpickled one makes its own
+            self.__dict__["_writer"] = _Writer()
+        self.__dict__["_writer"].submit(job)
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait for the MLflow writes asked for so far; raise the first that failed."""
+        writer = self.__dict__.get("_writer")
+        return True if writer is None else writer.flush(timeout_s)
 
     def _client(self):
         from mlflow import MlflowClient
@@ -145,95 +212,136 @@ class MlflowTrials:
 
     def _persist(self) -> None:
         recorded = read_state(self.state_path).get("trial_runs", {})
-        write_state(self.state_path, {"trial_runs": {**recorded, **self.trial_runs}})
+        with self._lock():
+            runs = dict(self.trial_runs)
+        write_state(self.state_path, {"trial_runs": {**recorded, **runs}})
 
     # tune.Callback interface (duck-typed: ray.tune.Callback subclass made in callback())
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        if trial.trial_id not in self.trial_runs:
+        starting = self.__dict__.setdefault("_starting", set())  # asked of the writer, maybe not made yet
+        if trial.trial_id not in self.trial_runs and trial.trial_id not in starting:
             # the state file is the record across sessions (this object may be an older pickle)
-            self.trial_runs.update(read_state(self.state_path).get("trial_runs", {}))
-        if trial.trial_id in self.trial_runs:
-            return  # a resumed trial carries on in its run
-        client = self._client()
-        parent = client.get_run(self.parent_run_id)
-        tags = {**inherited_tags(parent.data.tags), "mlflow.parentRunId": self.parent_run_id, TAG_SWEEP: self.sweep,
-                TAG_TRIAL: trial.trial_id, TAG_COMMAND: "tune-trial", TAG_TRIAL_STATUS: "running"}
-        run = client.create_run(self.experiment_id, run_name=trial_run_name(trial.trial_id, trial.config), tags=tags)
-        if parent.inputs and parent.inputs.dataset_inputs:  # the sweep's table, on each trial too
-            client.log_inputs(run.info.run_id, datasets=list(parent.inputs.dataset_inputs))
-        params = dict(self.base_params)
-        params.update({f"xgboost.{k}": v for k, v in trial.config.items()})
-        import mlflow
+            recorded = read_state(self.state_path).get("trial_runs", {})
+            with self._lock():
+                self.trial_runs.update(recorded)
+        if trial.trial_id in self.trial_runs or trial.trial_id in starting:
+            return  # a resumed (or restarted) trial carries on in its run
+        starting.add(trial.trial_id)
+        trial_id, config = trial.trial_id, dict(trial.config)
 
-        mlflow.set_tracking_uri(self.tracking_uri)
-        log_params_flat(params, run_id=run.info.run_id)
-        self.trial_runs[trial.trial_id] = run.info.run_id
-        self._persist()
+        def create() -> None:
+            client = self._client()
+            parent = client.get_run(self.parent_run_id)
+            tags = {**inherited_tags(parent.data.tags), "mlflow.parentRunId": self.parent_run_id,
+                    TAG_SWEEP: self.sweep, TAG_TRIAL: trial_id, TAG_COMMAND: "tune-trial",
+                    TAG_TRIAL_STATUS: "running"}
+            run = client.create_run(self.experiment_id, run_name=trial_run_name(trial_id, config), tags=tags)
+            if parent.inputs and parent.inputs.dataset_inputs:  # the sweep's table, on each trial too
+                client.log_inputs(run.info.run_id, datasets=list(parent.inputs.dataset_inputs))
+            params = dict(self.base_params)
+            params.update({f"xgboost.{k}": v for k, v in config.items()})
+            import mlflow
+
+            mlflow.set_tracking_uri(self.tracking_uri)
+            log_params_flat(params, run_id=run.info.run_id)
+            with self._lock():
+                self.trial_runs[trial_id] = run.info.run_id
+            self._persist()
+
+        self._submit(create)
         if self.say:
-            self.say(f"  [{trial_label(trial.trial_id)}] started: {_shown_config(trial.config)}")
+            self.say(f"  [{trial_label(trial_id)}] started: {_shown_config(config)}")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict[str, Any], **info: Any) -> None:
         from mlflow.entities import Metric
 
-        run_id = self.trial_runs.get(trial.trial_id)
-        if run_id is None or "rounds" not in result:
+        trial_id = trial.trial_id
+        if "rounds" not in result or (trial_id not in self.trial_runs
+                                      and trial_id not in self.__dict__.get("_starting", ())):
             return
         step = int(result["rounds"]) - 1
         now = int(time.time() * 1000)
         metrics = [Metric(grouped(k), float(v), now, step) for k, v in result.items()
                    if k.startswith(("train_", "valid_", "best_")) and isinstance(v, (int, float)) and v == v]
-        if metrics:
-            self._client().log_batch(run_id, metrics=metrics, synchronous=True)
-        self.logged_steps.setdefault(trial.trial_id, set()).add(step)
+
+        def log() -> None:
+            run_id = self.trial_runs.get(trial_id)
+            if run_id is None:
+                return
+            if metrics:
+                self._client().log_batch(run_id, metrics=metrics, synchronous=True)
+            with self._lock():
+                self.logged_steps.setdefault(trial_id, set()).add(step)
+
+        self._submit(log)
         last = getattr(self, "_last_said", None)
-        if self.say and last is not None and time.monotonic() - last.get(trial.trial_id, 0.0) >= getattr(
+        if self.say and last is not None and time.monotonic() - last.get(trial_id, 0.0) >= getattr(
                 self, "progress_every_s", 5.0):
-            last[trial.trial_id] = time.monotonic()
+            last[trial_id] = time.monotonic()
             score = result.get(_score(self.stopping_metric))
             shown = f", {_score(self.stopping_metric)} {score:.4f}" if isinstance(score, float) else ""
-            self.say(f"  [{trial_label(trial.trial_id)}] round {step + 1}{shown}")
+            self.say(f"  [{trial_label(trial_id)}] round {step + 1}{shown}")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        run_id = self.trial_runs.get(trial.trial_id)
-        if run_id is None:
+        trial_id = trial.trial_id
+        if trial_id not in self.trial_runs and trial_id not in self.__dict__.get("_starting", ()):
             return
-        client = self._client()
         last = trial.last_result or {}
         rounds = int(last.get("rounds", 0))
         score = last.get(_score(self.stopping_metric))
+        finished = None
         if last.get("finished") and last.get("checkpoint_path"):
             # the state alone: the booster (and XGBoost's import in this process, a second) is
             # for the best trial's model only
             state, full_rounds = trial_state(last["checkpoint_path"])
             _, summary = outcome_metrics(state, full_rounds)
-            _log_history_except(client, run_id, state["history"], self.logged_steps.get(trial.trial_id, set()))
             summary.update({f"{k}_rows": v for k, v in self.rows.items()})
-            _log_final(client, run_id, list(summary.items()))
+            finished = (state["history"], list(summary.items()))
             score = summary.get(_score(self.stopping_metric), score)
             status = (f"completed: early-stopped by XGBoost at round {full_rounds}" if state["stopped_early"]
                       else f"completed: all {full_rounds} rounds")
         else:
             status = f"stopped early by ASHA at round {rounds}"
-        client.set_tag(run_id, TAG_TRIAL_STATUS, status)
-        client.set_terminated(run_id, "FINISHED")
-        self._ended(trial.trial_id)
+
+        def end() -> None:
+            run_id = self.trial_runs.get(trial_id)
+            if run_id is None:
+                return
+            client = self._client()
+            if finished is not None:
+                with self._lock():
+                    done = set(self.logged_steps.get(trial_id, set()))
+                _log_history_except(client, run_id, finished[0], done)
+                _log_final(client, run_id, finished[1])
+            client.set_tag(run_id, TAG_TRIAL_STATUS, status)
+            client.set_terminated(run_id, "FINISHED")
+            self._ended(trial_id)
+
+        self._submit(end)
         if self.say:
             shown = f"{score:.4f}" if isinstance(score, float) else "-"
-            self.say(f"  {trial_label(trial.trial_id)}: {status}; {_score(self.stopping_metric)} {shown}")
+            self.say(f"  {trial_label(trial_id)}: {status}; {_score(self.stopping_metric)} {shown}")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        run_id = self.trial_runs.get(trial.trial_id)
-        if run_id is None:
+        trial_id = trial.trial_id
+        if trial_id not in self.trial_runs and trial_id not in self.__dict__.get("_starting", ()):
             return
-        client = self._client()
         error = str(getattr(trial, "error_msg", "") or "trial failed")
-        client.set_tag(run_id, TAG_TRIAL_STATUS, "failed")
-        client.set_tag(run_id, "error", error[:5000])
-        client.set_terminated(run_id, "FAILED")
-        self._ended(trial.trial_id)
+
+        def end() -> None:
+            run_id = self.trial_runs.get(trial_id)
+            if run_id is None:
+                return
+            client = self._client()
+            client.set_tag(run_id, TAG_TRIAL_STATUS, "failed")
+            client.set_tag(run_id, "error", error[:5000])
+            client.set_terminated(run_id, "FAILED")
+            self._ended(trial_id)
+
+        self._submit(end)
         if self.say:
-            self.say(f"  {trial_label(trial.trial_id)}: failed")
+            self.say(f"  {trial_label(trial_id)}: failed")
 
 
 # A trial's run carries its sweep's lineage: where it was started from (source,
@@ -335,14 +443,16 @@ def watch_callback(watch: ResourceWatch):
     return _Watch(watch)
 
 
-def attach_logger(tuner: Any, logger: MlflowTrials) -> None:
-    """A restored sweep keeps the callback pickled with it; give it this session's printer."""
+def attach_logger(tuner: Any, logger: MlflowTrials) -> MlflowTrials:
+    """A restored sweep keeps the callback pickled with it; give it this session's printer.
+    Returns the logger Tune calls (the restored one; else ``logger``)."""
     internal = getattr(tuner, "_local_tuner", None)
     run_config = internal.get_run_config() if internal is not None else None
     for cb in getattr(run_config, "callbacks", None) or []:
         if isinstance(getattr(cb, "inner", None), MlflowTrials):
             cb.inner.say = logger.say
-            return
+            return cb.inner
+    return logger
 
 
 def summarise(grid: Any, trial_runs: dict[str, str], metric: str) -> list[dict[str, Any]]:
