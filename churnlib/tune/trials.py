@@ -142,11 +142,10 @@ class _Writer:
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait for every write asked for so far (at most ``timeout_s``); raise the first failure.
         False when the writes did not end in time."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while self._jobs.unfinished_tasks:
-            if deadline is not None and time.monotonic() > deadline:
+        jobs = self._jobs
+        with jobs.all_tasks_done:  # Queue.join(), with a timeout
+            if not jobs.all_tasks_done.wait_for(lambda: not jobs.unfinished_tasks, timeout_s):
                 return False
-            time.sleep(0.01)
         self.check()
         return True
 
@@ -176,29 +175,40 @@ class MlflowTrials:
         # a progress line per running trial at most this often (a trial reports every tune.report_every rounds)
         self.progress_every_s = progress_every_s
         self._last_said: dict[str, float] = {}
+        self._process_state()
+
+    def _process_state(self) -> None:
+        """What lives in this process only, never pickled: the lock over the writer's records and
+        the trials asked of the writer (their runs maybe not made yet); the writer itself is made
+        at the first write."""
+        self._state_lock = threading.Lock()
+        self._starting: set[str] = set()
 
     def __getstate__(self) -> dict[str, Any]:
-        with self._lock():
+        with self._state_lock:
             state = {k: v for k, v in self.__dict__.items() if k not in ("_writer", "_state_lock", "_starting")}
             state["trial_runs"] = dict(self.trial_runs)
             state["logged_steps"] = {k: set(v) for k, v in self.logged_steps.items()}
         state["say"] = None
         return state
 
-    def _lock(self) -> threading.Lock:
-        if "_state_lock" not in self.__dict__:
-            self.__dict__["_state_lock"] = threading.Lock()
-        return self.__dict__["_state_lock"]
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._process_state()
 
     def _submit(self, job: Callable[[], None]) -> None:
-        if "_writer" not in self.__dict__:  # made here, not pickled: an unpickled one makes its own
-            self.__dict__["_writer"] = _Writer()
-        self.__dict__["_writer"].submit(job)
+        if "_writer" not in self.__dict__:
+            self._writer = _Writer()
+        self._writer.submit(job)
 
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait for the MLflow writes asked for so far; raise the first that failed."""
         writer = self.__dict__.get("_writer")
         return True if writer is None else writer.flush(timeout_s)
+
+    def _has_run(self, trial_id: str) -> bool:
+        """The trial has its run, or the writer was asked to make it."""
+        return trial_id in self.trial_runs or trial_id in self._starting
 
     def _client(self):
         from mlflow import MlflowClient
@@ -212,22 +222,21 @@ class MlflowTrials:
 
     def _persist(self) -> None:
         recorded = read_state(self.state_path).get("trial_runs", {})
-        with self._lock():
+        with self._state_lock:
             runs = dict(self.trial_runs)
         write_state(self.state_path, {"trial_runs": {**recorded, **runs}})
 
     # tune.Callback interface (duck-typed: ray.tune.Callback subclass made in callback())
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        starting = self.__dict__.setdefault("_starting", set())  # asked of the writer, maybe not made yet
-        if trial.trial_id not in self.trial_runs and trial.trial_id not in starting:
+        if not self._has_run(trial.trial_id):
             # the state file is the record across sessions (this object may be an older pickle)
             recorded = read_state(self.state_path).get("trial_runs", {})
-            with self._lock():
+            with self._state_lock:
                 self.trial_runs.update(recorded)
-        if trial.trial_id in self.trial_runs or trial.trial_id in starting:
+        if self._has_run(trial.trial_id):
             return  # a resumed (or restarted) trial carries on in its run
-        starting.add(trial.trial_id)
+        self._starting.add(trial.trial_id)
         trial_id, config = trial.trial_id, dict(trial.config)
 
         def create() -> None:
@@ -245,7 +254,7 @@ class MlflowTrials:
 
             mlflow.set_tracking_uri(self.tracking_uri)
             log_params_flat(params, run_id=run.info.run_id)
-            with self._lock():
+            with self._state_lock:
                 self.trial_runs[trial_id] = run.info.run_id
             self._persist()
 
@@ -257,8 +266,7 @@ class MlflowTrials:
         from mlflow.entities import Metric
 
         trial_id = trial.trial_id
-        if "rounds" not in result or (trial_id not in self.trial_runs
-                                      and trial_id not in self.__dict__.get("_starting", ())):
+        if "rounds" not in result or not self._has_run(trial_id):
             return
         step = int(result["rounds"]) - 1
         now = int(time.time() * 1000)
@@ -271,7 +279,7 @@ class MlflowTrials:
                 return
             if metrics:
                 self._client().log_batch(run_id, metrics=metrics, synchronous=True)
-            with self._lock():
+            with self._state_lock:
                 self.logged_steps.setdefault(trial_id, set()).add(step)
 
         self._submit(log)
@@ -285,7 +293,7 @@ class MlflowTrials:
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         trial_id = trial.trial_id
-        if trial_id not in self.trial_runs and trial_id not in self.__dict__.get("_starting", ()):
+        if not self._has_run(trial_id):
             return
         last = trial.last_result or {}
         rounds = int(last.get("rounds", 0))
@@ -310,7 +318,7 @@ class MlflowTrials:
                 return
             client = self._client()
             if finished is not None:
-                with self._lock():
+                with self._state_lock:
                     done = set(self.logged_steps.get(trial_id, set()))
                 _log_history_except(client, run_id, finished[0], done)
                 _log_final(client, run_id, finished[1])
@@ -325,7 +333,7 @@ class MlflowTrials:
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         trial_id = trial.trial_id
-        if trial_id not in self.trial_runs and trial_id not in self.__dict__.get("_starting", ()):
+        if not self._has_run(trial_id):
             return
         error = str(getattr(trial, "error_msg", "") or "trial failed")
 
