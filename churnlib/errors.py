@@ -32,8 +32,11 @@ def one_line(exc: BaseException, limit: int = 500) -> str:
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:
-    """The first line of a multi-line error (its type when it has no text)."""
+    """The first line of a multi-line error (its type when it has no text); of an error whose text
+    is a formatted traceback (Tune's ``TuneError`` carries one), the last, where Python puts the error."""
     lines = _lines(exc)
+    if lines and lines[0].startswith("Traceback (most recent call last)"):
+        return lines[-1][:limit]
     return (lines[0] if lines else type(exc).__name__)[:limit]
 
 

@@ -39,7 +39,8 @@ def test_first_last_and_telling_lines():
     from churnlib.errors import first_line, last_line, telling_line
 
     exc = RuntimeError("\n  Traceback (most recent call last):\n  boom\nValueError: the real one\n")
-    assert first_line(exc) == "Traceback (most recent call last):"
+    assert first_line(exc) == "ValueError: the real one"  # a traceback's first line says nothing
+    assert first_line(RuntimeError("worker died\nTraceback (most recent call last):\nx")) == "worker died"
     assert last_line(exc) == "ValueError: the real one"
     wrapped = RuntimeError("API request failed\n(Background on this error at: x)\nConnection refused by 1.2.3.4")
     assert telling_line(wrapped) == "Connection refused by 1.2.3.4"
@@ -273,6 +274,42 @@ def test_sweep_state_merges_updates_and_resumes_with_todays_mlflow(tmp_path):
     assert resume_command(other, "my sweep") == f"churn tune --resume 'my sweep' --set workspace={tmp_path}/ws"
 
 
+
+
+def test_sweep_state_is_never_read_half_written_nor_loses_a_threads_update(tmp_path):
+    """The trials' MLflow writer thread records trial -> run while Tune's loop reads the record at
+    the next trial's start (issue: the loop read an empty file, JSONDecodeError, the sweep failed)."""
+    import threading
+
+    from churnlib.tune.state import read_state, write_state
+
+    path = str(tmp_path / "s.churn_sweep.json")
+    write_state(path, {"config": {"k": "v" * 200_000}})  # big enough that a write takes a while
+    stop, bad = threading.Event(), []
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                read_state(path)
+            except ValueError as exc:  # JSONDecodeError
+                bad.append(exc)
+
+    def writer(key: str) -> None:
+        for i in range(40):
+            write_state(path, {key: i})
+
+    threads = [threading.Thread(target=reader), threading.Thread(target=writer, args=("a",)),
+               threading.Thread(target=writer, args=("b",))]
+    for t in threads:
+        t.start()
+    for t in threads[1:]:
+        t.join()
+    stop.set()
+    threads[0].join()
+    assert bad == []
+    state = read_state(path)
+    assert state["a"] == 39 and state["b"] == 39 and len(state["config"]["k"]) == 200_000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.churn_sweep.json"]  # no staging file left
 # A version's copy of its evaluation -----------------------------------------------------------------
 
 def test_version_tags_carry_the_gate_its_source_and_the_headline_metrics():

@@ -6,8 +6,11 @@ far; a resume on other data is refused unless ``--force``.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shlex
+import threading
 from typing import Any
 
 from churnlib.config import Config, load_config
@@ -17,6 +20,9 @@ from churnlib.data.sources import filesystem
 # Tune's experiment folder, not in it: Tune syncs that folder from its staging
 # copy, which would put back an old version of a file kept there.
 STATE_SUFFIX = ".churn_sweep.json"
+
+# write_state reads, merges and writes; the Tune loop and the trials' MLflow writer thread both do
+_WRITING = threading.Lock()
 
 
 def state_filesystem(path: str):
@@ -36,12 +42,31 @@ def read_state(path: str) -> dict[str, Any]:
 
 
 def write_state(path: str, update: dict[str, Any]) -> None:
-    """Merge ``update`` into the sweep record at ``path``."""
-    state = {**read_state(path), **update}
-    fs, p = state_filesystem(path)
-    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(p) as f:
-        f.write(json.dumps(state, indent=2).encode())
+    """Merge ``update`` into the sweep record at ``path``.
+
+    A reader (another thread, or a resume) sees the old record or the new one, never a file
+    cut short: a local record is written beside and renamed over; an object store makes the
+    object whole when the upload ends."""
+    import pyarrow.fs as pafs
+
+    with _WRITING:
+        state = {**read_state(path), **update}
+        fs, p = state_filesystem(path)
+        fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+        data = json.dumps(state, indent=2).encode()
+        if not isinstance(fs, pafs.LocalFileSystem):
+            with fs.open_output_stream(p) as f:
+                f.write(data)
+            return
+        staging = f"{p}.{os.getpid()}.tmp"
+        try:
+            with fs.open_output_stream(staging) as f:
+                f.write(data)
+            fs.move(staging, p)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                fs.delete_file(staging)
+            raise
 
 
 def resumed_config(current: Config, previous: dict[str, Any]) -> Any:
