@@ -225,3 +225,15 @@ def test_a_restart_carries_on_from_the_newest_checkpoint_and_counts_it(tmp_path)
     assert again.state["history"]["valid-auc"] == pytest.approx(resumed.state["history"]["valid-auc"], abs=1e-9)
     X = enc["X"][:500]
     np.testing.assert_allclose(resumed.booster.inplace_predict(X), again.booster.inplace_predict(X), atol=1e-6)
+
+
+def test_a_max_bin_other_than_xgboosts_default_trains(tmp_path):
+    """xgboost.max_bin (tunable) reaches both matrices: the validation one, built with the
+    training one as reference, failed XGBoost's check against its own default 256."""
+    cfg, spec, enc = _encoded()
+    config = loop_config(cfg, spec)
+    config["params"] = {**config["params"], "nthread": 1, "max_bin": 16}
+    table = {k: enc[k] for k in ("X", "y", "flags", "is_valid")}
+    out = output_of(boost_here(config, table, str(tmp_path / "run"), keep=None))
+    assert out.full_rounds > 0 and out.state["worker_rows"]["valid"] > 0
+

@@ -246,10 +246,12 @@ def build_matrices(local: Any, config: dict[str, Any]) -> tuple[Any, Any]:
     import xgboost as xgb
 
     names, types, batch = config["feature_names"], config["feature_types"], config["batch_size"]
-    dtrain = xgb.QuantileDMatrix(
-        _split_iter(local, False, batch, names, types), max_bin=config["params"]["max_bin"], enable_categorical=True
-    )
-    dvalid = xgb.QuantileDMatrix(_split_iter(local, True, batch, names, types), ref=dtrain, enable_categorical=True)
+    max_bin = config["params"]["max_bin"]
+    dtrain = xgb.QuantileDMatrix(_split_iter(local, False, batch, names, types), max_bin=max_bin,
+                                 enable_categorical=True)
+    # the same max_bin again: XGBoost checks it against the reference's (a default 256 fails any other)
+    dvalid = xgb.QuantileDMatrix(_split_iter(local, True, batch, names, types), ref=dtrain, max_bin=max_bin,
+                                 enable_categorical=True)
     return dtrain, dvalid
 
 
