@@ -237,3 +237,28 @@ def test_a_max_bin_other_than_xgboosts_default_trains(tmp_path):
     out = output_of(boost_here(config, table, str(tmp_path / "run"), keep=None))
     assert out.full_rounds > 0 and out.state["worker_rows"]["valid"] > 0
 
+
+def test_trials_in_one_process_reuse_the_tables_matrices_and_train_the_same_model(tmp_path):
+    """A sweep's trials run one after another in the same process on the same table: the second
+    takes the first's matrices (no pass over the table) and its model is the one fresh matrices
+    give; other binning, or another table, builds its own."""
+    from churnlib.train.task import matrices_of
+
+    cfg, spec, enc = _encoded()
+    config = loop_config(cfg, spec)
+    config["params"] = {**config["params"], "nthread": 1}
+    table = {k: enc[k] for k in ("X", "y", "flags", "is_valid")}
+    first = matrices_of(table, config, "sweep-a")
+    again = matrices_of(table, config, "sweep-a")
+    assert first[2] is False and again[2] is True and again[0] is first[0] and again[1] is first[1]
+    assert matrices_of(table, config, None)[0] is not first[0]  # no key: never shared
+    assert matrices_of(table, config, "sweep-b")[2] is False  # another table
+    coarse = {**config, "params": {**config["params"], "max_bin": 16}}
+    assert matrices_of(table, coarse, "sweep-b")[2] is False  # other binning
+
+    shared = output_of(boost_here(config, table, str(tmp_path / "a"), keep=None, table_key="sweep-c"))
+    reused = output_of(boost_here(config, table, str(tmp_path / "b"), keep=None, table_key="sweep-c"))
+    fresh = output_of(boost_here(config, table, str(tmp_path / "c"), keep=None))
+    assert reused.state["history"] == fresh.state["history"] == shared.state["history"]
+    X = enc["X"][:500]
+    np.testing.assert_allclose(reused.booster.inplace_predict(X), fresh.booster.inplace_predict(X), atol=1e-7)

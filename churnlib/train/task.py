@@ -54,6 +54,11 @@ if TYPE_CHECKING:
 # what the task needs of the driver's encoded table
 TABLE_KEYS = ("X", "y", "flags", "is_valid")
 
+# The matrices of the last table boosted in this process, by table and by what shapes them.
+# Tune runs trial after trial in one process (``reuse_actors``) on the same table; each built
+# its own, a few passes over the table per trial. Only the last is kept.
+_MATRICES: dict[tuple, tuple[Any, Any]] = {}
+
 
 def uses_task(cfg: Config, prepared: Prepared, node_cpus: float | None = None) -> bool:
     """Whether ``training.engine`` runs this table in one task (a Tune trial: in the trial's
@@ -149,15 +154,38 @@ def output_of(uri: str, t_fit: float | None = None) -> FitOutput:
 # The boosting, in the task's process (or a Tune trial's) ----------------------------------------
 
 
-def boost_here(config: dict[str, Any], table: Any, run_dir: str, keep: int | None,
-               report: Callable[[dict[str, Any], str | None], None] | None = None) -> str:
-    """Build the matrices, restore the newest checkpoint of ``run_dir`` (a restart: counted) or
-    ``resume_from``, boost, write the final checkpoint -> its URI. ``report(metrics,
-    checkpoint)``: intermediate results and checkpoints for Tune."""
-    timeline = {"loop_start": time.time()}
+def matrices_of(table: Any, config: dict[str, Any], table_key: str | None = None,
+                timeline: dict[str, float] | None = None) -> tuple[Any, Any, bool]:
+    """The training and validation matrices of ``table`` -> (dtrain, dvalid, reused). With a
+    ``table_key`` (the same table for every call that gives it: a sweep's), the last matrices
+    this process built for that key and the same binning are reused (XGBoost reads a matrix,
+    never changes it; each booster keeps its own prediction cache)."""
+    timeline = {} if timeline is None else timeline
+    key = None
+    if table_key is not None:
+        key = (table_key, config["params"].get("max_bin"), tuple(config["feature_names"]),
+               tuple(config["feature_types"]), config["batch_size"])
+        if key in _MATRICES:
+            timeline["shard_ready"] = time.time()
+            return (*_MATRICES[key], True)
     local = _Arrays(table) if isinstance(table, dict) else table.materialize()
     timeline["shard_ready"] = time.time()
     dtrain, dvalid = build_matrices(local, config)
+    if key is not None:
+        _MATRICES.clear()
+        _MATRICES[key] = (dtrain, dvalid)
+    return dtrain, dvalid, False
+
+
+def boost_here(config: dict[str, Any], table: Any, run_dir: str, keep: int | None,
+               report: Callable[[dict[str, Any], str | None], None] | None = None,
+               table_key: str | None = None) -> str:
+    """Build the matrices (or reuse this process's, ``matrices_of``), restore the newest
+    checkpoint of ``run_dir`` (a restart: counted) or ``resume_from``, boost, write the final
+    checkpoint -> its URI. ``report(metrics, checkpoint)``: intermediate results and
+    checkpoints for Tune."""
+    timeline = {"loop_start": time.time()}
+    dtrain, dvalid, _ = matrices_of(table, config, table_key, timeline)
     timeline["matrices_ready"] = time.time()
 
     start_model, state = None, new_state()

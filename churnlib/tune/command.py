@@ -33,6 +33,7 @@ import contextlib
 import os
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -255,7 +256,9 @@ def tune(
         ray_tune.with_parameters(run_trial, base=cfg.model_dump(mode="json"), spec=spec.to_dict(),
                                  dataset=None if one_task else prepared.ray_dataset(),
                                  train_storage=f"{sweep_path}/train",
-                                 table=task_table(prepared) if one_task else None),
+                                 table=task_table(prepared) if one_task else None,
+                                 # this session's table: a trial process reuses its matrices
+                                 table_key=uuid.uuid4().hex if one_task else None),
         resources=trial_resources(cfg, one_task),
     )
     # A trial waiting for its CPUs: Ray Train's worker group times out by itself (at least

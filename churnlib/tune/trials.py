@@ -37,11 +37,12 @@ CHECKPOINT_PATH_KEY = "checkpoint_path"
 
 
 def run_trial(params: dict[str, Any], *, base: dict[str, Any], spec: dict[str, Any], dataset: Any,
-              train_storage: str, table: dict[str, Any] | None = None) -> None:
+              train_storage: str, table: dict[str, Any] | None = None, table_key: str | None = None) -> None:
     """A Tune function trainable: the training of ``churn train`` with this trial's parameters.
 
     With ``table`` (the one-task engine, ``churnlib.train.task``: a small table's encoded
-    arrays) the trial's own process boosts and reports to Tune; otherwise one Ray Train run,
+    arrays; ``table_key`` names it, so that the next trial in the same process reuses its
+    matrices) the trial's own process boosts and reports to Tune; otherwise one Ray Train run,
     whose ``TuneReportCallback`` reports. Either way the trial's checkpoints are under
     ``<train_storage>/trial-<id>``, so a resumed sweep's trial continues from its last one."""
     from ray import tune
@@ -57,7 +58,8 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], spec: dict[str, A
         def report(metrics: dict[str, Any], checkpoint: str | None) -> None:
             tune.report({**metrics, CHECKPOINT_PATH_KEY: checkpoint} if checkpoint else metrics)
 
-        boost_here(config, table, f"{train_storage.rstrip('/')}/{name}", cfg.training.keep_checkpoints, report)
+        boost_here(config, table, f"{train_storage.rstrip('/')}/{name}", cfg.training.keep_checkpoints, report,
+                   table_key=table_key)
         return
     from ray.tune.integration.ray_train import TuneReportCallback
 
