@@ -155,8 +155,8 @@ def output_of(uri: str, t_fit: float | None = None) -> FitOutput:
 
 
 def matrices_of(table: Any, config: dict[str, Any], table_key: str | None = None,
-                timeline: dict[str, float] | None = None) -> tuple[Any, Any, bool]:
-    """The training and validation matrices of ``table`` -> (dtrain, dvalid, reused). With a
+                timeline: dict[str, float] | None = None) -> tuple[Any, Any]:
+    """The training and validation matrices of ``table``. With a
     ``table_key`` (the same table for every call that gives it: a sweep's), the last matrices
     this process built for that key and the same binning are reused (XGBoost reads a matrix,
     never changes it; each booster keeps its own prediction cache)."""
@@ -167,14 +167,14 @@ def matrices_of(table: Any, config: dict[str, Any], table_key: str | None = None
                tuple(config["feature_types"]), config["batch_size"])
         if key in _MATRICES:
             timeline["shard_ready"] = time.time()
-            return (*_MATRICES[key], True)
+            return _MATRICES[key]
     local = _Arrays(table) if isinstance(table, dict) else table.materialize()
     timeline["shard_ready"] = time.time()
     dtrain, dvalid = build_matrices(local, config)
     if key is not None:
         _MATRICES.clear()
         _MATRICES[key] = (dtrain, dvalid)
-    return dtrain, dvalid, False
+    return dtrain, dvalid
 
 
 def boost_here(config: dict[str, Any], table: Any, run_dir: str, keep: int | None,
@@ -185,7 +185,7 @@ def boost_here(config: dict[str, Any], table: Any, run_dir: str, keep: int | Non
     checkpoint -> its URI. ``report(metrics, checkpoint)``: intermediate results and
     checkpoints for Tune."""
     timeline = {"loop_start": time.time()}
-    dtrain, dvalid, _ = matrices_of(table, config, table_key, timeline)
+    dtrain, dvalid = matrices_of(table, config, table_key, timeline)
     timeline["matrices_ready"] = time.time()
 
     start_model, state = None, new_state()
