@@ -177,3 +177,57 @@ def test_up_commands_attach_down_stops_only_it(ray_session, tmp_path: Path):
     # the suite's own instance never noticed
     assert ray.is_initialized() and ray.cluster_resources().get("CPU", 0) >= 1
     assert ray.get(ray.remote(lambda: 41 + 1).remote(), timeout=60) == 42
+
+
+_PRIVATE_INSTANCE = r'''
+import json, sys, time
+import ray
+from churnlib import runtime
+from churnlib.config import load_config
+
+runtime.ensure_ray(load_config(env={}, overrides={"ray.address": "local"}).ray)
+ray.get(ray.remote(lambda: 1).remote())
+node = ray._private.worker._global_node
+procs = {kind: [i.process for i in infos] for kind, infos in node.all_processes.items()}
+pids = [p.pid for ps in procs.values() for p in ps]
+kill_all = type(node).kill_all_processes
+
+def seen(self, *args, **kwargs):  # what Ray's shutdown finds when it begins stopping processes
+    print(json.dumps({"monitor_alive_at_ray_shutdown": procs["monitor"][0].poll() is None}), flush=True)
+    return kill_all(self, *args, **kwargs)
+
+type(node).kill_all_processes = seen
+print(json.dumps({"pids": pids}), flush=True)
+if sys.argv[1] == "release":
+    runtime.release_ray()
+    print(json.dumps({"codes": {kind: [p.returncode for p in ps] for kind, ps in procs.items()}}), flush=True)
+# else: the end of the process does it (atexit), as at the end of a command
+'''
+
+
+@pytest.mark.parametrize("how", ["release", "exit"])
+def test_a_private_instance_stops_whole_its_monitor_killed_first(ray_session, tmp_path: Path, how: str):
+    """A command's own instance, beside the suite's: at its release (or at the process's exit)
+    every process of it is gone, the suite's instance untouched. Its autoscaler monitor is
+    killed before Ray's shutdown, not sent SIGTERM after the GCS (where it tried to report its
+    own death to the stopped GCS and Ray waited a second for it before SIGKILL)."""
+    import signal as _signal
+
+    suite = ray_session._private.worker._global_node
+    suite_pids = [i.process.pid for infos in suite.all_processes.values() for i in infos]
+    res = subprocess.run([sys.executable, "-c", _PRIVATE_INSTANCE, how], cwd=tmp_path, env=cli_env(),
+                         capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = {k: v for line in res.stdout.strip().splitlines() for k, v in json.loads(line).items()}
+    assert set(out["pids"]).isdisjoint(suite_pids) and len(out["pids"]) >= 4
+    assert alive(out["pids"]) == []
+    assert all(psutil.pid_exists(pid) for pid in suite_pids)  # the suite's instance is untouched
+    assert ray_session.get(ray_session.remote(lambda: 2).remote()) == 2
+    assert out["monitor_alive_at_ray_shutdown"] is False
+    if how == "release":
+        codes = out["codes"]
+        assert codes["monitor"] == [-_signal.SIGKILL]
+        assert all(c is not None for kind, cs in codes.items() for c in cs)  # each one waited for
+        # the others still end as Ray ends them: SIGTERM, in its order (the raylet first)
+        assert codes["raylet"][0] in (0, -_signal.SIGTERM, 128 + _signal.SIGTERM)
+    assert "Traceback" not in res.stderr
