@@ -105,11 +105,12 @@ def redact(uri: str) -> str:
 API_PROBE_TIMEOUT_S = 30
 
 
-def check_reachable(cfg: Config) -> None:
+def check_reachable(cfg: Config, api: bool = True) -> None:
     """Fail fast, in one line, when the tracking store cannot be reached.
 
-    An HTTP server must answer its health check; a database store (MLflow
-    can track straight into PostgreSQL) must accept a connection.
+    An HTTP server must answer its health check, and (``api``) its API a first
+    request; a database store (MLflow can track straight into PostgreSQL) must
+    accept a connection.
     """
     uri = cfg.tracking_uri
     if uri.startswith(("http://", "https://")):
@@ -119,6 +120,8 @@ def check_reachable(cfg: Config) -> None:
             requests.get(uri.rstrip("/") + "/health", timeout=5)
         except requests.RequestException:
             raise TrackingError(f"MLflow tracking server unreachable at {uri}") from None
+        if not api:
+            return
         # Up is not enough: its API needs its database. One request, no retries, a
         # bounded wait (the client's own retries would take minutes to say the same). The
         # bound is generous: a server's first API request opens its store, which took over
@@ -201,6 +204,13 @@ def check_artifact_store(cfg: Config, experiment_id: str) -> None:
             raise TrackingError(
                 f"artifact store behind the MLflow server at {cfg.tracking_uri} ({location}) failed: {_server_message(exc)}"
             ) from None
+
+
+def probe(cfg: Config) -> None:
+    """The quick part of ``preflight``, which imports no MLflow: a tracking server that does not
+    answer, a database store that refuses a connection. For a command that runs the rest of
+    ``preflight`` beside its own slow start (``churn tune``, beside Ray's)."""
+    check_reachable(cfg, api=False)
 
 
 def preflight(cfg: Config) -> str:

@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from churnlib.data.generation import iter_chunks
 from churnlib.registry.registry import Registry
 from churnlib.tune.command import tune
-from tests.conftest import make_config, run_cli
+from tests.conftest import S3_KEYS, make_config, run_cli
 
 SWEEP = {
     "tune.num_samples": 4,
@@ -347,3 +347,52 @@ def test_a_store_that_fails_stops_the_sweep_at_the_next_callback_in_one_line(tmp
     assert "\n" not in str(err.value)
     with pytest.raises(TrainingError, match="writing the trials' runs to MLflow failed"):
         logger.on_trial_result(0, [trial], trial, {"rounds": 5, "valid_logloss": 0.5})
+
+
+def test_an_artifact_store_that_takes_no_writes_stops_the_sweep_in_one_line_before_any_data(
+        ray_session, s3_endpoint, tmp_path):
+    """The store's check beside Ray's start (a server that does not answer is refused before it:
+    tests/test_infrastructure.py): an S3 bucket that does not exist ends the sweep in one line,
+    exit 1, before any table is generated or read and any run or sweep record is made."""
+    location = "s3://no-such-bucket/sweeps"
+    res = run_cli("tune", "--set", f"mlflow.artifact_location={location}", "--set",
+                  f"mlflow.s3_endpoint_url={s3_endpoint}", "--set", "tune.name=never", cwd=tmp_path, attach=True,
+                  env=S3_KEYS, timeout=300)
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"error: artifact store {location}: no such bucket (S3 404 on bucket 'no-such-bucket')")
+    assert "data: generating" not in res.stderr
+    ws = tmp_path / ".churn"
+    assert not (ws / "data").exists()
+    assert not list(ws.glob("ray_results/never*"))
+    cfg = make_config(tmp_path)
+    client = MlflowClient(cfg.tracking_uri)
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+
+
+@pytest.mark.unit
+def test_the_store_check_beside_rays_start_is_done_again_after_an_import_deadlock(monkeypatch):
+    """CPython 3.11 refuses an import two threads' module locks would deadlock on (importlib's
+    _DeadlockError, a RuntimeError): the check beside Ray's start is then done again, once; any
+    other error is the check's own."""
+    from importlib._bootstrap import _DeadlockError
+
+    from churnlib.tune import command
+
+    calls = []
+
+    def flaky(cfg):
+        calls.append(cfg)
+        if len(calls) == 1:
+            raise _DeadlockError("deadlock detected by _ModuleLock('x')")
+
+    monkeypatch.setattr(command.tracking, "preflight", flaky)
+    command._preflight("cfg")
+    assert calls == ["cfg", "cfg"]
+
+    def broken(cfg):
+        raise RuntimeError("the store said no")
+
+    monkeypatch.setattr(command.tracking, "preflight", broken)
+    with pytest.raises(RuntimeError, match="the store said no"):
+        command._preflight("cfg")

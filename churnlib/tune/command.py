@@ -145,9 +145,6 @@ def tune(
     everything it recorded when it started (its data, configuration, trial count and
     ``register_best``); ``data_path`` then must be the same table (same digest) unless
     ``force``."""
-    import mlflow
-    from ray import tune as ray_tune
-
     t_start = time.perf_counter()
     quiet_logs(verbose)
     timings: dict[str, float] = {}
@@ -175,26 +172,28 @@ def tune(
     state_path = f"{sweep_path}{STATE_SUFFIX}"
 
     data_uri = data_path or previous.get("data") or cfg.data.path
+    # A given table is checked first (a missing path, its columns, a resumed sweep's digest):
+    # one line, before any network.
+    source = columns = None
     if data_uri is not None:
-        resolve_source(data_uri)  # a missing path: one line, before any network
-    tracking.preflight(cfg)
-    if data_uri is None:
-        say(f"data: generating {cfg.data.generate_rows} synthetic rows (seed {cfg.data.generate_seed})")
-        data_uri = str(default_data_path(cfg))
-    source = resolve_source(data_uri)
-    if resume and previous.get("data_digest") not in (None, source.digest):
-        what = "--data is not the table" if data_path else "the table changed since"
-        if not force:
-            raise ConfigError(f"--resume {resume}: {what} the sweep started on ({previous.get('data', '?')}, digest "
-                              f"{previous['data_digest']}; now {source.digest}); give --force to resume on it anyway")
-        say(f"tune: warning: resuming on other data than the sweep started with (--force): digest "
-            f"{previous['data_digest']} -> {source.digest}")
-    columns = check_columns(source, spec)
+        source, columns = _checked_table(data_uri, spec, resume, previous, data_path, force, say)
+    # A store that does not answer at all: one line, before Ray starts.
+    tracking.probe(cfg)
     import ray
 
     connected_before = ray.is_initialized()  # a caller's instance (an earlier command, a notebook) is theirs
+    # The rest of the store's check runs while Ray starts: its imports and its own start
+    # (MLflow, its SQL store, Ray Tune: ~2-3 s cold) overlap Ray's (~5 s, spent mostly waiting
+    # on its processes), so a cold sweep starts that much sooner. What it finds (a server whose
+    # API fails, an artifact store that takes no writes) still stops the sweep in one line
+    # before any table is generated or read and any run made, once Ray is up.
+    checked = interrupts.start_in_thread(_preflight, cfg, name="churn-preflight")
     local = ensure_ray(cfg.ray, verbose=verbose, announce=True, workspace=cfg.workspace_path)
+    checked.result()
     check_resources(cfg.ray, fixed_resources(local))
+    if data_uri is None:
+        say(f"data: generating {cfg.data.generate_rows} synthetic rows (seed {cfg.data.generate_seed})")
+        source, columns = _checked_table(str(default_data_path(cfg)), spec, resume, previous, data_path, force, say)
     metric, mode = objective(cfg)
 
     t0 = time.perf_counter()
@@ -212,6 +211,9 @@ def tune(
         check_fits(cfg, node_cpus)
 
     profile = prepared.profile(spec, cfg.drift.profile_rows, seed=cfg.model.random_state)
+
+    import mlflow
+    from ray import tune as ray_tune
 
     experiment_id = tracking.ensure_experiment(cfg)
     client = mlflow.MlflowClient()
@@ -382,6 +384,34 @@ def tune(
     say(f"tune: best trial {best['trial_id']} ({metric} {best['score']:.4f}): "
         + ", ".join(f"{k2}={_fmt(v)}" for k2, v in best["config"].items()))
     return TuneResult(name, sweep_path, parent_id, experiment_id, metric, mode, best, trials, registered, timings)
+
+
+def _checked_table(data_uri: str, spec: FeatureSpec, resume: str | None, previous: dict[str, Any],
+                   data_path: str | None, force: bool, say: Callable[[str], None]) -> tuple[Any, list[str]]:
+    """The sweep's table resolved, its columns checked, and (resuming) its digest against the sweep's."""
+    source = resolve_source(data_uri)
+    if resume and previous.get("data_digest") not in (None, source.digest):
+        what = "--data is not the table" if data_path else "the table changed since"
+        if not force:
+            raise ConfigError(f"--resume {resume}: {what} the sweep started on ({previous.get('data', '?')}, digest "
+                              f"{previous['data_digest']}; now {source.digest}); give --force to resume on it anyway")
+        say(f"tune: warning: resuming on other data than the sweep started with (--force): digest "
+            f"{previous['data_digest']} -> {source.digest}")
+    return source, check_columns(source, spec)
+
+
+def _preflight(cfg: Config) -> None:
+    """``tracking.preflight`` and the import of Ray Tune, on a helper thread while Ray starts."""
+    try:
+        tracking.preflight(cfg)
+        import ray.tune  # noqa: F401 - imported here, beside Ray's start, rather than after it
+    except RuntimeError as exc:
+        # CPython 3.11 refuses an import that two threads' module locks would deadlock on
+        # (importlib's _DeadlockError): Ray's start imported a module this thread was waiting
+        # for. Rare; done again, it finds the module complete.
+        if type(exc).__name__ != "_DeadlockError":
+            raise
+        tracking.preflight(cfg)
 
 
 def _per_trial(cfg: Config, one_task: bool) -> str:
