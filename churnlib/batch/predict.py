@@ -258,6 +258,7 @@ def _score_to(source: Any, spec: Any, columns: list[str], predictor: Any, scorin
                 name=f"churn-predict:{final.rstrip('/').rsplit('/', 1)[-1]}")
             ref = task.remote(udf_kwargs, source, batch_size, (fs, staging))
             counts, drift_parts = interrupts.run_in_thread(ray.get, ref, name="churn-predict")
+            ref = None  # the task has ended: nothing of it to stop below
         else:
             # blocks of ~16 MB (~150,000 rows) rather than Ray Data's 128 MB: every actor
             # gets work, and writing overlaps scoring instead of waiting for the last block
@@ -314,10 +315,18 @@ def _score_to(source: Any, spec: Any, columns: list[str], predictor: Any, scorin
 
 
 def _cancel(ref: Any) -> None:
-    """Stop the scoring task (its process killed) and wait until it has ended."""
+    """Stop the scoring task (its process killed) and wait until it has ended.
+
+    Only a task still running: a force-cancel of one that had ended (a header-only table is
+    refused after its task returned) could crash the command's Ray core worker at its exit
+    (a C++ check in ``TaskManager::CompletePendingTask``, exit 1 with a stack dump instead of
+    the one-line error; seen twice in CI)."""
     import ray
 
     try:
+        ready, _ = ray.wait([ref], timeout=0)
+        if ready:  # ended, with its result or its error
+            return
         ray.cancel(ref, force=True)
         ray.wait([ref], timeout=30)
     except Exception:  # noqa: BLE001 - already ended, or Ray is going away with it
