@@ -226,8 +226,7 @@ def release_ray() -> None:
     import ray
 
     if _CONNECTED_HERE and ray.is_initialized():
-        if _STARTED_HERE:
-            end_monitor()
+        end_monitor()  # a no-op unless this process started the instance
         ray.shutdown()
     if _STARTED_HERE or _WORKSPACE_INSTANCE is not None:
         # the address of that dashboard must not steer anything started later

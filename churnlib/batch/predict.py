@@ -258,7 +258,6 @@ def _score_to(source: Any, spec: Any, columns: list[str], predictor: Any, scorin
                 name=f"churn-predict:{final.rstrip('/').rsplit('/', 1)[-1]}")
             ref = task.remote(udf_kwargs, source, batch_size, (fs, staging))
             counts, drift_parts = interrupts.run_in_thread(ray.get, ref, name="churn-predict")
-            ref = None  # the task has ended: nothing of it to stop below
         else:
             # blocks of ~16 MB (~150,000 rows) rather than Ray Data's 128 MB: every actor
             # gets work, and writing overlaps scoring instead of waiting for the last block
