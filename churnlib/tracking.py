@@ -225,7 +225,7 @@ def preflight(cfg: Config) -> str:
 
 
 # What kind of experiment this is, in MLflow 3's own vocabulary (a model-training
-# one, not GenAI). MLflow 3.17's UI still opens every experiment on its GenAI
+# one, not GenAI). MLflow 3.17 and 3.18's UI still open every experiment on its GenAI
 # overview (its switch is the browser's): the README and `churn quickstart` link
 # the runs table (#/experiments/<id>/runs) instead.
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"

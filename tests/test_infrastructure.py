@@ -172,14 +172,47 @@ def test_compose_holds_no_secret_literal():
     assert ".env" in (REPO / ".gitignore").read_text().split()
 
 
+def _requirement(name: str):
+    """The project's own requirement on `name`, from pyproject.toml."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    return next(r for r in map(Requirement, deps) if r.name == name)
+
+
+def _minor(version: str) -> tuple[int, int]:
+    from packaging.version import Version
+
+    return Version(version).release[:2]
+
+
 @pytest.mark.unit
 def test_images_match_the_pinned_versions():
+    """The images ship what pyproject.toml allows and the suite runs: the same minor version as
+    the installed Ray and MLflow (a patch release upstream changes neither side's minor)."""
     import ray
 
     ray_df = (REPO / "docker" / "ray.Dockerfile").read_text()
-    assert f"rayproject/ray:{ray.__version__}-py311" in ray_df and "pip install --no-cache-dir -e ." in ray_df
+    ray_image = re.search(r"^ARG RAY_IMAGE=rayproject/ray:(\d+\.\d+\.\d+)-py311-cpu$", ray_df, re.M)
+    assert ray_image and "pip install --no-cache-dir -e ." in ray_df
+    assert f"rayproject/ray:{ray_image[1]}-py311-gpu" in ray_df  # the GPU build is the same version
     mlflow_df = (REPO / "docker" / "mlflow.Dockerfile").read_text()
-    assert f"MLFLOW_VERSION={mlflow.__version__}" in mlflow_df and "psycopg[binary]" in mlflow_df and "boto3" in mlflow_df
+    mlflow_image = re.search(r"^ARG MLFLOW_VERSION=(\d+\.\d+\.\d+)$", mlflow_df, re.M)
+    assert mlflow_image and '"mlflow==${MLFLOW_VERSION}"' in mlflow_df
+    assert "psycopg[binary]" in mlflow_df and "boto3" in mlflow_df
+    for name, image_version, installed in (("ray", ray_image[1], ray.__version__), ("mlflow", mlflow_image[1], mlflow.__version__)):
+        assert _requirement(name).specifier.contains(image_version), f"{name} {image_version} of the image is outside pyproject.toml"
+        assert _minor(image_version) == _minor(installed), f"{name}: image {image_version}, installed {installed}"
+
+
+@pytest.mark.unit
+def test_the_image_check_catches_a_version_pyproject_does_not_allow():
+    assert _requirement("mlflow").specifier.contains(mlflow.__version__)
+    assert not _requirement("mlflow").specifier.contains("3.5.0")  # the range is one minor, not all of 3.x
+    assert not _requirement("ray").specifier.contains("2.61.0")
+    assert _minor("3.18.1") == _minor("3.18.0") != _minor("3.19.0")
 
 
 # cluster.yaml ---------------------------------------------------------------------------------------
