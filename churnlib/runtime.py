@@ -276,6 +276,22 @@ def free_port(preferred: int | None = None, host: str = "127.0.0.1") -> int:
     raise ResourceError(f"no free port on {host}")
 
 
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct free ports on ``host``: each socket is held until all are chosen (one
+    ``free_port`` after another can be given the same port twice, and Ray refuses an instance
+    whose components share one: seen, object manager and agent both on the same port)."""
+    import contextlib
+    import socket
+
+    with contextlib.ExitStack() as held:
+        ports = []
+        for _ in range(n):
+            s = held.enter_context(socket.socket())
+            s.bind((_bindable(host), 0))
+            ports.append(s.getsockname()[1])
+    return ports
+
+
 # Ray's worker ports (min/max_worker_port) end at 19999; the kernel hands out ports from its
 # ephemeral range (32768-60999 by default) to every bind on port 0, which Ray's processes do.
 RESERVED_RANGE = (20000, 32767)
@@ -460,10 +476,10 @@ def up(workspace: Path, num_cpus: float | None = None, num_gpus: float | None = 
         return current, False
     folder = workspace / "ray"
     folder.mkdir(parents=True, exist_ok=True)
-    gcs, dashboard, metrics = free_port(), free_port(), free_port()
-    ports = {name: free_port() for name in ("ray-client-server-port", "dashboard-agent-listen-port",
-                                            "dashboard-agent-grpc-port", "runtime-env-agent-port",
-                                            "node-manager-port", "object-manager-port")}
+    names = ("ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+             "runtime-env-agent-port", "node-manager-port", "object-manager-port")
+    gcs, dashboard, metrics, *rest = free_ports(3 + len(names))
+    ports = dict(zip(names, rest))
     ray_cli = Path(sys.executable).with_name("ray")  # the ray of this environment, not another on PATH
     cmd = [
         str(ray_cli) if ray_cli.exists() else "ray",

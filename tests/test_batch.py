@@ -422,8 +422,15 @@ def test_sigterm_mid_job_is_143_with_nothing_left_and_the_run_killed(store):
 
     from tests.conftest import alive, signal_cli
 
+    import pandas as pd
+
+    # a table long enough that the job is still scoring when the signal lands (the store's 3,000
+    # rows were all scored before it once, on a slow run: exit 0)
+    big = store["ws"] / "sigterm_input.csv"
+    small = pd.read_csv(store["csv"])
+    pd.concat([small] * 100, ignore_index=True).assign(**{store["cfg"].features.id_column: lambda d: [f"c{i}" for i in range(len(d))]}).to_csv(big, index=False)
     out = store["ws"] / "sigterm_scores"
-    args = ["predict", "--input", store["csv"], "--output", out, "--set", f"workspace={store['cfg'].workspace}"]
+    args = ["predict", "--input", big, "--output", out, "--set", f"workspace={store['cfg'].workspace}"]
     rc, err, took, tree = signal_cli(args, "predict: ", signal.SIGTERM, False, store["ws"])
     assert rc == 143, err[-3000:]
     assert err.strip().splitlines()[-1] == "error: interrupted" and "cannot read" not in err

@@ -231,3 +231,17 @@ def test_a_private_instance_stops_whole_its_monitor_killed_first(ray_session, tm
         # the others still end as Ray ends them: SIGTERM, in its order (the raylet first)
         assert codes["raylet"][0] in (0, -_signal.SIGTERM, 128 + _signal.SIGTERM)
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.unit
+def test_the_instances_ports_are_distinct_and_free():
+    import socket
+
+    from churnlib.runtime import free_ports
+
+    for _ in range(50):  # one free_port after another gave the same port twice (CI: Ray refused to start)
+        ports = free_ports(9)
+        assert len(set(ports)) == 9
+    for port in ports:  # none still held
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
